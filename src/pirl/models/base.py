@@ -1,0 +1,143 @@
+"""The policy interface every flow-matching VLA in pirl implements.
+
+Conventions (pi0 / openpi):
+
+- ``t = 1`` is pure noise, ``t = 0`` is the action.  ``x_t = t * eps + (1 - t) * a``.
+- The network predicts the velocity ``v(x_t, t) ~ eps - a`` (so ``dx/dt = v`` and integrating
+  from ``t=1`` down to ``t=0`` with ``x_{t-dt} = x_t - v * dt`` turns noise into an action).
+- Training times are drawn from a Beta distribution (pi0: ``t = 0.999 * Beta(1.5, 1) + 0.001``),
+  which puts more weight on the noisy end.
+
+A policy splits into
+
+- a **prefix** (images + instruction + proprio state -> context), computed once per env step and
+  cached: :meth:`FlowPolicy.encode_prefix`;
+- an **action expert**: the velocity field over an action chunk ``[B, H, A]`` given the cached
+  prefix: :meth:`FlowPolicy.velocity`, which also returns the expert's per-token features
+  ``[B, H, D]`` (what the Flow-Noise noise network and an expert-side value head read);
+- a **value head** (critic): :meth:`FlowPolicy.value`, reading either the prefix features or the
+  action expert's features (configurable per model);
+- the flow-matching SFT loss: :meth:`FlowPolicy.sft_loss`.
+
+Observations are batched dicts (see :mod:`pirl.envs.base`): ``images [B, C, 3, H, W] uint8``,
+``state [B, S] float32``, ``instruction: list[str]`` of length B.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+Obs = dict[str, Any]
+
+
+@dataclass
+class VelocityOut:
+    """Output of one action-expert evaluation.
+
+    velocity: ``[B, H, A]`` predicted ``eps - a``.
+    features: ``[B, H, D]`` the expert's last hidden states (``D = policy.feature_dim``).
+    """
+
+    velocity: torch.Tensor
+    features: torch.Tensor
+
+
+def sample_flow_time(batch: int, *, generator: torch.Generator | None = None, device=None,
+                     alpha: float = 1.5, beta: float = 1.0, t_min: float = 0.001) -> torch.Tensor:
+    """pi0's training-time distribution: ``t = (1 - t_min) * Beta(alpha, beta) + t_min``, ``[B]``.
+
+    Sampled through two Gamma draws so that a ``torch.Generator`` makes it reproducible.
+    """
+    # Beta(a, b) = Ga / (Ga + Gb); torch's _standard_gamma takes no generator, so use the
+    # inverse-CDF for the default Beta(1.5, 1): F(x) = x^1.5 -> x = u^(1/1.5).  General (alpha, 1)
+    # also has a closed form; other shapes fall back to torch.distributions (global RNG).
+    if beta == 1.0:
+        u = torch.rand(batch, generator=generator, device=device)
+        b = u.pow(1.0 / alpha)
+    else:
+        b = torch.distributions.Beta(alpha, beta).sample((batch,)).to(device)
+    return (1.0 - t_min) * b + t_min
+
+
+def flow_matching_loss(policy: "FlowPolicy", prefix: Any, actions: torch.Tensor,
+                       noise: torch.Tensor | None = None, time: torch.Tensor | None = None,
+                       mask: torch.Tensor | None = None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Conditional flow-matching loss ``|| v(x_t, t) - (eps - a) ||^2`` averaged over the batch.
+
+    actions: ``[B, H, A]``; noise: ``[B, H, A]`` (drawn if None); time: ``[B]`` (Beta if None);
+    mask: optional ``[B, H, A]`` or ``[B, H]`` weights (1 = counts), e.g. for padded chunks.
+    """
+    b = actions.shape[0]
+    if noise is None:
+        noise = torch.randn(actions.shape, generator=generator, device=actions.device,
+                            dtype=actions.dtype)
+    if time is None:
+        time = sample_flow_time(b, generator=generator, device=actions.device).to(actions.dtype)
+    tt = time.view(b, 1, 1)
+    x_t = tt * noise + (1.0 - tt) * actions
+    target = noise - actions
+    v = policy.velocity(prefix, x_t, time).velocity
+    err = (v - target).pow(2)
+    if mask is None:
+        return err.mean()
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(-1).expand_as(err)
+    mask = mask.to(err.dtype)
+    return (err * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+class FlowPolicy(nn.Module):
+    """Abstract flow-matching VLA.  Subclasses set ``action_horizon`` (H), ``action_dim`` (A)
+    and ``feature_dim`` (D) and implement the three abstract methods.
+    """
+
+    action_horizon: int
+    action_dim: int
+    feature_dim: int
+
+    def encode_prefix(self, obs: Obs) -> Any:
+        """Run the prefix (VLM) once for a batch of observations; return a cache object that
+        :meth:`velocity` and :meth:`value` accept.  The cache must support
+        :meth:`prefix_index` (row selection) so runners can minibatch it."""
+        raise NotImplementedError
+
+    def velocity(self, prefix: Any, x_t: torch.Tensor, t: torch.Tensor) -> VelocityOut:
+        """Action-expert velocity.  x_t: ``[B, H, A]``; t: ``[B]`` in (0, 1]."""
+        raise NotImplementedError
+
+    def value(self, prefix: Any) -> torch.Tensor:
+        """Critic estimate ``[B]`` of the return from this observation (chunk-level MDP)."""
+        raise NotImplementedError
+
+    def prefix_index(self, prefix: Any, index: torch.Tensor) -> Any:
+        """Rows ``index`` of a prefix cache (default: index every tensor / list field)."""
+        return index_batch(prefix, index)
+
+    def sft_loss(self, obs: Obs, actions: torch.Tensor, mask: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Flow-matching loss on a batch of (obs, action chunk ``[B, H, A]``)."""
+        return flow_matching_loss(self, self.encode_prefix(obs), actions, mask=mask,
+                                  generator=generator)
+
+
+def index_batch(x: Any, index: torch.Tensor) -> Any:
+    """Select rows ``index`` of a (nested) batch: tensors, lists, tuples, dicts, dataclasses."""
+    import dataclasses
+
+    if isinstance(x, torch.Tensor):
+        return x.index_select(0, index.to(x.device))
+    if isinstance(x, dict):
+        return {k: index_batch(v, index) for k, v in x.items()}
+    if isinstance(x, list):
+        return [x[i] for i in index.tolist()]
+    if isinstance(x, tuple):
+        return tuple(index_batch(v, index) for v in x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: index_batch(getattr(x, f.name), index)
+                                         for f in dataclasses.fields(x)})
+    return x
