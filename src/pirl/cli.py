@@ -1,0 +1,136 @@
+"""Command line: ``pirl train | sft | eval | demos``.
+
+Configs are typed dataclasses (:class:`pirl.runners.config.TrainConfig`); ``--config FILE.yaml``
+loads a preset and trailing ``section.field=value`` arguments override single fields, e.g.
+``pirl train rl.algo=grpo sampler.kind=flow_sde env.num_envs=128``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML preset (see configs/); fields not given keep defaults")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides")
+
+
+def _presets_dir() -> Path:
+    return Path(__file__).parent / "configs"
+
+
+def _resolve_preset(name: str | None) -> str | None:
+    if name is None or Path(name).exists():
+        return name
+    cand = _presets_dir() / f"{name}.yaml"
+    if cand.exists():
+        return str(cand)
+    raise SystemExit(f"pirl: config {name!r} is neither a file nor a preset "
+                     f"({', '.join(p.stem for p in _presets_dir().glob('*.yaml'))})")
+
+
+def cmd_train(args) -> int:
+    from pirl.runners.train import resolve_config, run
+
+    if args.resume:
+        if args.overrides or args.config:
+            raise SystemExit("pirl train --resume takes no --config or overrides: a resumed run "
+                             "uses the config saved in its folder")
+        run(resume=args.resume)
+        return 0
+    cfg = resolve_config(_resolve_preset(args.config), args.overrides)
+    run(cfg)
+    return 0
+
+
+def cmd_sft(args) -> int:
+    from pirl.runners.train import resolve_config, run
+
+    cfg = resolve_config(_resolve_preset(args.config), list(args.overrides) + ["rl.iterations=0"])
+    run(cfg)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from pirl.configs import load_yaml
+    from pirl.runners.checkpoint import CheckpointError, load_checkpoint, load_module_state
+    from pirl.runners.config import TrainConfig
+    from pirl.runners.evaluate import format_table
+    from pirl.runners.train import Run
+
+    target = Path(args.run)
+    run_dir = target if target.is_dir() else target.parent.parent
+    ckpt = target if target.is_file() else run_dir / "checkpoints" / "last.pt"
+    if not (run_dir / "config.yaml").exists():
+        raise CheckpointError(f"{run_dir} is not a pirl run folder (no config.yaml)")
+    ov = []
+    if args.episodes:
+        ov.append(f"eval.episodes_per_task={args.episodes}")
+    if args.splits:
+        ov.append(f"eval.splits=[{','.join(args.splits)}]")
+    cfg = load_yaml(TrainConfig, run_dir / "config.yaml", ov)
+    out_dir = Path(args.out or run_dir / "eval")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    r = Run(cfg, out_dir)  # logs and videos go to out_dir, not the run folder
+    state = load_checkpoint(ckpt)
+    load_module_state(r.policy, state["policy"], "policy")
+    res = r.evaluate("eval", videos=True)
+    (out_dir / "eval.json").write_text(json.dumps(res, indent=2))
+    print(f"wrote {out_dir / 'eval.json'}")
+    return 0
+
+
+def cmd_demos(args) -> int:
+    from pirl.envs.demos import generate_demos
+
+    path = generate_demos(env_name=args.env, episodes_per_task=args.episodes, out_dir=args.out,
+                          seed=args.seed, noise=args.noise)
+    print(f"wrote demos to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pirl", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="demos -> few-shot SFT -> online RL -> evaluation")
+    _add_config_args(t)
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run folder exactly")
+    t.set_defaults(fn=cmd_train)
+    s = sub.add_parser("sft", help="demos -> few-shot SFT -> evaluation (no RL)")
+    _add_config_args(s)
+    s.set_defaults(fn=cmd_sft)
+    e = sub.add_parser("eval", help="evaluate a run folder or checkpoint (ODE sampling)")
+    e.add_argument("run", help="RUN_DIR or RUN_DIR/checkpoints/X.pt")
+    e.add_argument("--episodes", type=int, help="episodes per task")
+    e.add_argument("--splits", nargs="+", help="splits to evaluate (default: the run's)")
+    e.add_argument("--out", help="output folder (default RUN_DIR/eval)")
+    e.set_defaults(fn=cmd_eval)
+    d = sub.add_parser("demos", help="write scripted-expert demos for SFT")
+    d.add_argument("--env", default="tabletop")
+    d.add_argument("--episodes", type=int, default=10, help="episodes per task")
+    d.add_argument("--out", required=True)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--noise", type=float, default=0.1)
+    d.set_defaults(fn=cmd_demos)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pirl.configs import ConfigError
+    from pirl.runners.checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, CheckpointError) as e:
+        print(f"pirl: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

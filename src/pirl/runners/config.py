@@ -1,0 +1,132 @@
+"""The configuration of a pirl run (``pirl train``): typed dataclasses, YAML presets, overrides.
+
+Sections: ``env`` (which batched env, how many in parallel), ``model`` (which policy and its
+kwargs), ``sampler`` (ODE / Flow-Noise / Flow-SDE), ``demos`` + ``sft`` (few-shot SFT),
+``rl`` (PPO or GRPO), ``eval`` and the run-level fields.  Every section validates itself in
+``__post_init__``; errors name the field (see :mod:`pirl.configs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pirl.algos.grpo import GRPOConfig
+from pirl.algos.ppo import PPOConfig
+from pirl.flow import SamplerConfig
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}: {msg}")
+
+
+@dataclass
+class EnvConfig:
+    """Training environment: ``pirl.envs.make_env(name, num_envs, **kwargs)``."""
+
+    name: str = "tabletop"
+    num_envs: int = 64
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check(self.num_envs >= 1, "env.num_envs", f"must be >= 1, got {self.num_envs}")
+
+
+@dataclass
+class ModelConfig:
+    """Policy: ``pirl.models.build_policy(name, **kwargs)``; ``checkpoint`` loads weights."""
+
+    name: str = "tiny"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+
+
+@dataclass
+class DemoConfig:
+    """Scripted-expert demos for few-shot SFT (generated once per run folder)."""
+
+    episodes_per_task: int = 4
+    noise: float = 0.1
+    seed: int = 12345
+    path: str | None = None  # an existing demo folder; None = generate into RUN/demos
+
+    def __post_init__(self):
+        _check(self.episodes_per_task >= 1, "demos.episodes_per_task", "must be >= 1")
+        _check(self.noise >= 0, "demos.noise", "must be >= 0")
+
+
+@dataclass
+class SFTConfig:
+    """Few-shot flow-matching SFT (the RL starting point)."""
+
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    warmup_steps: int = 100
+
+    def __post_init__(self):
+        _check(self.steps >= 0, "sft.steps", "must be >= 0")
+        _check(self.batch_size >= 1, "sft.batch_size", "must be >= 1")
+        _check(self.lr > 0, "sft.lr", f"must be > 0, got {self.lr}")
+
+
+@dataclass
+class RLConfig:
+    """Online RL: PPO (with critic, GAE at chunk level) or GRPO (group-relative, no critic)."""
+
+    algo: Literal["ppo", "grpo"] = "ppo"
+    iterations: int = 60
+    action_chunk: int | None = None  # executed steps of each predicted chunk (None: all H)
+    max_chunks: int | None = None  # chunk steps per episode (None: ceil(max_episode_steps/chunk))
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    eval_every: int = 10
+    reward: Literal["env", "success"] = "env"
+
+    def __post_init__(self):
+        _check(self.iterations >= 0, "rl.iterations", "must be >= 0")
+        _check(self.action_chunk is None or self.action_chunk >= 1, "rl.action_chunk",
+               "must be >= 1")
+        _check(self.eval_every >= 1, "rl.eval_every", "must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation with deterministic ODE sampling, per task and per split."""
+
+    episodes_per_task: int = 16
+    num_envs: int = 128
+    splits: list[str] = field(default_factory=lambda: ["train", "ood"])
+    num_steps: int | None = None  # denoise steps at eval (None: sampler.num_steps)
+    videos: int = 8  # episodes recorded into a video grid at each final eval (0: none)
+
+    def __post_init__(self):
+        _check(self.episodes_per_task >= 1, "eval.episodes_per_task", "must be >= 1")
+        _check(self.num_envs >= 1, "eval.num_envs", "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """A whole pirl run: demos -> few-shot SFT -> online RL -> evaluation."""
+
+    seed: int = 0
+    run_dir: str | None = None  # None: runs/<timestamp>
+    device: str = "cpu"
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    demos: DemoConfig = field(default_factory=DemoConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self):
+        _check(self.device in ("cpu", "cuda") or self.device.startswith("cuda:"), "device",
+               f"must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")

@@ -1,0 +1,226 @@
+"""The online RL loop: batched rollouts in parallel envs, then PPO or GRPO updates.
+
+One :meth:`RLTrainer.iteration` = reset all N envs, run one episode each to the fixed horizon
+(the outer MDP: one step = one action chunk; the inner MDP: the sampler's denoising chain whose
+log-prob is the chunk's log-prob), compute advantages (chunk-level GAE with the critic for PPO;
+group-relative episode returns for GRPO), then ``update_epochs`` passes of clipped-ratio updates
+over minibatches.  All randomness comes from generators owned by the trainer, whose states are
+part of :meth:`state_dict`, so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from pirl.algos.advantages import gae
+from pirl.algos.grpo import group_advantages, make_groups
+from pirl.algos.ppo import aggregate_logp, explained_variance, policy_loss, value_loss
+from pirl.envs.base import BatchedEnv, ChunkedEnv
+from pirl.flow.base import Sampler
+from pirl.models.base import FlowPolicy, index_batch
+from pirl.runners.config import RLConfig
+from pirl.runners.rollout import Rollout, cat_chains, collect, stack_obs
+
+
+def _critic_params(policy: FlowPolicy) -> list[str]:
+    names = getattr(policy, "critic_parameter_names", None)
+    if callable(names):
+        return list(names())
+    return [n for n, _ in policy.named_parameters() if n.startswith(("value_head", "critic"))]
+
+
+class RLTrainer:
+    """PPO / GRPO on a policy + sampler + batched env (see module docstring)."""
+
+    def __init__(self, policy: FlowPolicy, sampler: Sampler, env: BatchedEnv, cfg: RLConfig,
+                 seed: int):
+        self.policy, self.sampler, self.cfg = policy, sampler, cfg
+        self.env = ChunkedEnv(env)
+        self.algo = cfg.algo
+        self.hp = cfg.ppo if cfg.algo == "ppo" else cfg.grpo
+        self.action_chunk = cfg.action_chunk or policy.action_horizon
+        if self.action_chunk > policy.action_horizon:
+            raise ValueError(f"rl.action_chunk={self.action_chunk} exceeds the policy's action "
+                             f"horizon {policy.action_horizon}")
+        self.num_chunks = cfg.max_chunks or math.ceil(env.max_episode_steps / self.action_chunk)
+        self.seed = seed
+        self.iter = 0
+        self.env_steps = 0
+        self.sample_gen = torch.Generator().manual_seed(seed * 1000 + 1)
+        self.update_gen = torch.Generator().manual_seed(seed * 1000 + 2)
+        self.group_gen = torch.Generator().manual_seed(seed * 1000 + 3)
+        # executed part of the chunk: first action_chunk steps, first env.action_dim dims
+        mask = torch.zeros(policy.action_horizon, policy.action_dim)
+        mask[: self.action_chunk, : env.action_dim] = 1.0
+        self.action_mask = mask
+        self.optimizer = self._make_optimizer()
+        self.total_updates = max(1, cfg.iterations)
+
+    # ----------------------------------------------------------------- setup
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        hp = self.hp
+        critic = set(_critic_params(self.policy)) if self.algo == "ppo" else set()
+        actor_p = [p for n, p in self.policy.named_parameters() if p.requires_grad and n not in critic]
+        critic_p = [p for n, p in self.policy.named_parameters() if p.requires_grad and n in critic]
+        noise_p = [p for p in self.sampler.parameters() if p.requires_grad]
+        groups = [{"params": actor_p, "lr": hp.lr_policy, "name": "policy"}]
+        if critic_p:
+            groups.append({"params": critic_p, "lr": hp.lr_value, "name": "value"})
+        if noise_p:
+            groups.append({"params": noise_p, "lr": hp.lr_noise, "name": "noise"})
+        for g in groups:
+            g["base_lr"] = g["lr"]
+        return torch.optim.Adam(groups, betas=tuple(hp.betas), eps=hp.eps)
+
+    def _set_lr(self) -> None:
+        sched = getattr(self.hp, "lr_schedule", "constant")
+        frac = min(1.0, self.iter / self.total_updates)
+        scale = {"constant": 1.0, "linear": 1.0 - frac,
+                 "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[sched]
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * scale
+
+    # ----------------------------------------------------------------- rollout
+    def _reset_kwargs(self) -> dict[str, Any]:
+        n = self.env.num_envs
+        base = self.seed * 1_000_003 + self.iter * 7919
+        if self.algo == "grpo":
+            task_ids, ep_seeds, self._groups = make_groups(
+                n, self.hp.group_size, len(self.env.task_names), self.group_gen)
+            return {"seed": base, "task_ids": task_ids, "episode_seeds": ep_seeds + base}
+        g = torch.Generator().manual_seed(base)
+        task_ids = torch.randint(0, len(self.env.task_names), (n,), generator=g)
+        return {"seed": base, "task_ids": task_ids,
+                "episode_seeds": base + torch.arange(n)}
+
+    def rollout(self) -> Rollout:
+        self.policy.eval()
+        return collect(self.policy, self.sampler, self.env, num_chunks=self.num_chunks,
+                       reset_kwargs=self._reset_kwargs(), action_chunk=self.action_chunk,
+                       generator=self.sample_gen, with_values=self.algo == "ppo")
+
+    def _aggregate(self, chain) -> torch.Tensor:
+        init = chain.init_logp if self.sampler.includes_init else None
+        return aggregate_logp(chain.step_logp, chain.stochastic, init, mode=self.hp.logp_mode,
+                              action_mask=self.action_mask.to(chain.step_logp.device))
+
+    def _rewards(self, ro: Rollout) -> torch.Tensor:
+        if self.cfg.reward == "success":
+            return ro.success.float()
+        return ro.rewards
+
+    # ----------------------------------------------------------------- update
+    def iteration(self) -> dict[str, float]:
+        """One rollout + update; returns metrics."""
+        t0 = time.perf_counter()
+        ro = self.rollout()
+        t_roll = time.perf_counter() - t0
+        self.env_steps += ro.env_steps
+        valid = ro.valid
+        flat_valid = valid.reshape(-1)
+        idx = flat_valid.nonzero().squeeze(1)
+        obs = index_batch(stack_obs(ro.obs), idx)
+        chain = cat_chains(ro.chains).index(idx)
+        old_logp = self._aggregate(chain)
+        rewards = self._rewards(ro)
+        metrics: dict[str, float] = {}
+        if self.algo == "ppo":
+            adv, ret = gae(rewards, ro.values, ro.next_values, ro.terminated, ro.truncated,
+                           gamma=self.hp.gamma, lam=self.hp.gae_lambda, valid=valid)
+            adv, ret = adv.reshape(-1)[idx], ret.reshape(-1)[idx]
+            old_values = ro.values.reshape(-1)[idx]
+            metrics["value/explained_variance"] = float(explained_variance(old_values, ret))
+        else:
+            ep_ret = (rewards * valid).sum(0)
+            ep_adv = group_advantages(ep_ret, self._groups, normalize_std=self.hp.normalize_std)
+            adv = ep_adv[None].expand_as(valid).reshape(-1)[idx]
+            ret = old_values = torch.zeros_like(adv)
+        if getattr(self.hp, "normalize_advantages", False) and adv.numel() > 1:
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        t1 = time.perf_counter()
+        upd = self.update(obs, chain, old_logp, adv, ret, old_values)
+        t_upd = time.perf_counter() - t1
+        self.iter += 1
+        metrics.update(upd)
+        metrics.update({
+            "rollout/success": float(ro.episode_success.float().mean()),
+            "rollout/return": float(ro.episode_return.mean()),
+            "rollout/episode_chunks": float(valid.sum(0).float().mean()),
+            "rollout/noise_std": float(chain.std[chain.stochastic].mean()) if bool(chain.stochastic.any()) else 0.0,
+            "perf/env_steps_per_s": ro.env_steps / max(t_roll, 1e-9),
+            "perf/learner_samples_per_s": idx.numel() * self.hp.update_epochs / max(t_upd, 1e-9),
+            "perf/rollout_s": t_roll, "perf/update_s": t_upd,
+            "env_steps": float(self.env_steps),
+        })
+        return metrics
+
+    def update(self, obs, chain, old_logp, adv, ret, old_values) -> dict[str, float]:
+        hp = self.hp
+        self.policy.train()
+        self._set_lr()
+        device = next(self.policy.parameters()).device
+        m = adv.shape[0]
+        mb = max(1, math.ceil(m / hp.num_minibatches))
+        stats: dict[str, list[float]] = {}
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for _ in range(hp.update_epochs):
+            perm = torch.randperm(m, generator=self.update_gen)
+            for start in range(0, m, mb):
+                i = perm[start:start + mb]
+                o = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                     for k, v in index_batch(obs, i).items()}
+                c = chain.index(i)
+                c = type(c)(*(getattr(c, f).to(device) for f in
+                              ("x", "t", "mean", "std", "stochastic", "step_logp", "init_logp", "logp")))
+                prefix = self.policy.encode_prefix(o)
+                new = self.sampler.log_prob(self.policy, prefix, c)
+                new_logp = self._aggregate(new)
+                pg, s = policy_loss(new_logp, old_logp[i].to(device), adv[i].to(device),
+                                    clip_low=hp.clip_low, clip_high=hp.clip_high,
+                                    dual_clip=getattr(hp, "dual_clip", None))
+                loss = pg
+                s = {f"policy/{k}": float(v) for k, v in s.items()}
+                s["policy/loss"] = float(pg)
+                if self.algo == "ppo":
+                    v = self.policy.value(prefix)
+                    vl, vs = value_loss(v, old_values[i].to(device), ret[i].to(device),
+                                        clip=hp.value_clip, huber_delta=hp.huber_delta)
+                    loss = loss + hp.value_coef * vl
+                    s["value/loss"] = float(vl)
+                ent = getattr(hp, "entropy_coef", 0.0)
+                if ent and bool(new.stochastic.any()):
+                    # Gaussian entropy per element = log std + const: a bonus on the noise level
+                    bonus = new.std[new.stochastic].clamp_min(1e-8).log().mean()
+                    loss = loss - ent * bonus
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                gn = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
+                self.optimizer.step()
+                s["policy/grad_norm"] = float(gn)
+                for k, v in s.items():
+                    stats.setdefault(k, []).append(v)
+            target_kl = getattr(hp, "target_kl", None)
+            if target_kl and sum(stats.get("policy/approx_kl", [0])) / max(1, len(stats.get("policy/approx_kl", [0]))) > target_kl:
+                break
+        out = {k: sum(v) / len(v) for k, v in stats.items()}
+        out["policy/lr"] = self.optimizer.param_groups[0]["lr"]
+        return out
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"iter": self.iter, "env_steps": self.env_steps,
+                "optimizer": self.optimizer.state_dict(),
+                "sample_gen": self.sample_gen.get_state(),
+                "update_gen": self.update_gen.get_state(),
+                "group_gen": self.group_gen.get_state()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.iter, self.env_steps = sd["iter"], sd["env_steps"]
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.sample_gen.set_state(sd["sample_gen"])
+        self.update_gen.set_state(sd["update_gen"])
+        self.group_gen.set_state(sd["group_gen"])

@@ -1,0 +1,146 @@
+"""Batched rollout collection for the two-layer MDP (outer: env chunk steps; inner: denoising).
+
+One call of :func:`collect` runs all N envs of a :class:`~pirl.envs.base.ChunkedEnv` for T
+chunk steps in fixed-horizon mode: the prefix is encoded once per chunk step for the whole batch,
+the sampler draws a denoising chain (with its log-prob), the first ``action_chunk`` steps of the
+chunk are executed, and everything PPO / GRPO need is stored as ``[T, N, ...]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pirl.envs.base import ChunkedEnv
+from pirl.flow.base import Chain, Sampler
+from pirl.models.base import FlowPolicy
+
+Obs = dict[str, Any]
+
+
+def stack_obs(obs_list: list[Obs]) -> Obs:
+    """Concatenate batched obs dicts along the batch dim (tensors cat, lists extended)."""
+    out: Obs = {}
+    for k in obs_list[0]:
+        v0 = obs_list[0][k]
+        if isinstance(v0, torch.Tensor):
+            out[k] = torch.cat([o[k] for o in obs_list], dim=0)
+        elif isinstance(v0, list):
+            out[k] = [x for o in obs_list for x in o[k]]
+    return out
+
+
+def policy_obs(obs: Obs) -> Obs:
+    """The part of an env observation the policy reads (drops privileged / info entries)."""
+    return {k: v for k, v in obs.items() if k in ("images", "state", "instruction", "task_id")}
+
+
+def cat_chains(chains: list[Chain]) -> Chain:
+    """Concatenate chains along the batch dim (shared time grid)."""
+    c0 = chains[0]
+    fields = ("x", "mean", "std", "stochastic", "step_logp", "init_logp", "logp")
+    kw = {f: torch.cat([getattr(c, f) for c in chains], dim=0) for f in fields}
+    return Chain(t=c0.t, **kw)
+
+
+def env_actions(actions: torch.Tensor, action_chunk: int, env_action_dim: int) -> torch.Tensor:
+    """The executed part of a policy chunk: ``[N, H, A_policy] -> [N, action_chunk, A_env]``."""
+    return actions[:, :action_chunk, :env_action_dim]
+
+
+@dataclass
+class Rollout:
+    """T chunk steps of N envs.
+
+    obs: list of T policy-obs dicts (each batched over N); chains: list of T chains ``[N, ...]``;
+    values ``[T, N]`` (zeros without a critic); next_values ``[T, N]`` values of the obs after
+    each chunk step; rewards ``[T, N]``; terminated / truncated ``[T, N]`` bool (the episode ended
+    inside that chunk); success ``[T, N]`` bool; valid ``[T, N]`` bool (the env was still running
+    when the chunk started); episode_success ``[N]`` bool; episode_return ``[N]``.
+    frames: optional ``[T*H, N, 3, h, w]`` uint8 for videos.
+    """
+
+    obs: list[Obs]
+    chains: list[Chain]
+    values: torch.Tensor
+    next_values: torch.Tensor
+    rewards: torch.Tensor
+    terminated: torch.Tensor
+    truncated: torch.Tensor
+    success: torch.Tensor
+    valid: torch.Tensor
+    env_steps: int
+    frames: torch.Tensor | None = None
+
+    @property
+    def episode_success(self) -> torch.Tensor:
+        return (self.success & self.valid).any(dim=0)
+
+    @property
+    def episode_return(self) -> torch.Tensor:
+        return (self.rewards * self.valid).sum(dim=0)
+
+
+@torch.no_grad()
+def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks: int,
+            reset_kwargs: dict[str, Any], action_chunk: int, generator: torch.Generator,
+            with_values: bool = True, record: bool = False) -> Rollout:
+    """Reset all envs (``env.reset(**reset_kwargs)``) and run ``num_chunks`` chunk steps.
+
+    Envs whose episode ended are frozen by the env; rollout stops early when all are done.
+    """
+    obs = env.reset(**reset_kwargs)
+    n = env.num_envs
+    device = next(policy.parameters()).device
+    done = torch.zeros(n, dtype=torch.bool)
+    obs_l, chains, values = [], [], []
+    rewards, terms, truncs, succ, valid = [], [], [], [], []
+    frames = [env.render()] if record else None
+    steps = 0
+    for _ in range(num_chunks):
+        pobs = _to_device(policy_obs(obs), device)
+        prefix = policy.encode_prefix(pobs)
+        chain = sampler.sample(policy, prefix, generator=generator)
+        v = policy.value(prefix).float().cpu() if with_values else torch.zeros(n)
+        act = env_actions(chain.actions, action_chunk, env.action_dim).to(env.device)
+        out = env.step_chunk(act, record=record)
+        obs_l.append(_to_device(pobs, "cpu"))
+        chains.append(_chain_to(chain, "cpu"))
+        values.append(v)
+        valid.append(~done)
+        rewards.append(out.reward.float().cpu())
+        terms.append(out.terminated.cpu() & ~done)
+        truncs.append(out.truncated.cpu() & ~done)
+        succ.append(out.success.cpu() & ~done)
+        steps += int(out.steps.sum())
+        if record:
+            frames.extend(out.frames)
+        done = done | out.done.cpu()
+        obs = out.obs
+        if bool(done.all()):
+            break
+    t = len(chains)
+    vals = torch.stack(values)
+    if with_values:
+        last = policy.value(policy.encode_prefix(_to_device(policy_obs(obs), device))).float().cpu()
+        nxt = torch.cat([vals[1:], last[None]], dim=0)
+    else:
+        nxt = torch.zeros_like(vals)
+    # A frozen env's obs no longer changes, so values[t+1] of a finished env is the value of its
+    # final obs: exactly what truncation bootstrapping needs.
+    return Rollout(obs=obs_l, chains=chains, values=vals, next_values=nxt,
+                   rewards=torch.stack(rewards), terminated=torch.stack(terms),
+                   truncated=torch.stack(truncs), success=torch.stack(succ),
+                   valid=torch.stack(valid), env_steps=steps,
+                   frames=torch.stack([f.cpu() for f in frames]) if record else None)
+
+
+def _to_device(obs: Obs, device) -> Obs:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in obs.items()}
+
+
+def _chain_to(chain: Chain, device) -> Chain:
+    return Chain(*(getattr(chain, f).to(device) for f in
+                   ("x", "t", "mean", "std", "stochastic", "step_logp", "init_logp", "logp")))

@@ -1,0 +1,274 @@
+"""The whole pi_RL recipe in one run folder: demos -> few-shot SFT -> online RL -> evaluation.
+
+``RUN/`` holds ``config.yaml``, ``demos/``, ``checkpoints/{sft,last}.pt``, ``metrics.jsonl``,
+``tb/`` (TensorBoard), ``success.png``, ``videos/`` and ``results.json``.  :func:`run` resumes a
+run folder exactly: the last checkpoint holds the model, the noise net, the optimiser, every RNG
+state and the counters; completed stages are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pirl.configs import ConfigError, load_yaml, save_yaml, to_dict
+from pirl.runners.checkpoint import (CheckpointError, load_checkpoint, load_module_state,
+                                     save_checkpoint)
+from pirl.runners.config import TrainConfig
+from pirl.runners.logger import RunLogger, plot_success
+
+
+def _progress(iterable, enabled: bool, **kw):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kw)
+
+
+def make_train_env(cfg: TrainConfig, split: str | None = None, num_envs: int | None = None):
+    """The training env of ``cfg`` (``split`` and ``num_envs`` override the config's)."""
+    from pirl.envs import make_env
+
+    kw = dict(cfg.env.kwargs)
+    if split is not None:
+        kw["split"] = split
+    env = make_env(cfg.env.name, num_envs or cfg.env.num_envs, device=cfg.device, **kw)
+    return env
+
+
+def make_policy(cfg: TrainConfig, env) -> Any:
+    from pirl.models import build_policy
+
+    kw = dict(cfg.model.kwargs)
+    kw.setdefault("action_dim", env.action_dim)
+    kw.setdefault("state_dim", env.state_dim)
+    if hasattr(env, "num_cameras"):
+        kw.setdefault("num_cameras", env.num_cameras)
+    if hasattr(env, "image_size"):
+        kw.setdefault("image_size", env.image_size)
+    if hasattr(env, "vocabulary"):
+        kw.setdefault("vocabulary", list(env.vocabulary()))
+    torch.manual_seed(cfg.seed)
+    return build_policy(cfg.model.name, **kw).to(cfg.device)
+
+
+def make_sampler(cfg: TrainConfig, policy, kind: str | None = None, num_steps: int | None = None):
+    from pirl.flow import build_sampler
+
+    s = cfg.sampler
+    torch.manual_seed(cfg.seed + 1)
+    return build_sampler(kind or s.kind, num_steps=num_steps or s.num_steps,
+                         feature_dim=policy.feature_dim, action_dim=policy.action_dim,
+                         config=s).to(cfg.device)
+
+
+def load_sft_data(cfg: TrainConfig, demo_dir: Path, horizon: int):
+    from pirl.algos.sft import SFTData
+    from pirl.envs.demos import load_demos
+
+    ds = load_demos(demo_dir)
+    obs, actions, mask = ds.sft_samples(horizon=horizon,
+                                        episodes_per_task=cfg.demos.episodes_per_task)
+    return SFTData(obs=obs, actions=actions, mask=mask)
+
+
+class Run:
+    """State of one run folder (see module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path):
+        self.cfg, self.dir = cfg, run_dir
+        self.ckpt_dir = run_dir / "checkpoints"
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.env = make_train_env(cfg, split="train")
+        self.policy = make_policy(cfg, self.env)
+        self.sampler = make_sampler(cfg, self.policy)
+        self.eval_sampler = make_sampler(cfg, self.policy, kind="ode",
+                                         num_steps=cfg.eval.num_steps)
+        self.logger = RunLogger(run_dir)
+        self.trainer = None
+        self.stage = "start"
+        self.results: dict[str, Any] = {}
+        self._eval_envs: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- eval
+    def evaluate(self, tag: str, videos: bool = False) -> dict[str, Any]:
+        from pirl.runners.evaluate import evaluate_env, format_table
+
+        cfg = self.cfg
+        out = {}
+        action_chunk = cfg.rl.action_chunk or self.policy.action_horizon
+        for split in cfg.eval.splits:
+            if split not in self._eval_envs:
+                self._eval_envs[split] = make_train_env(cfg, split=split,
+                                                        num_envs=cfg.eval.num_envs)
+            env = self._eval_envs[split]
+            num_chunks = cfg.rl.max_chunks or -(-env.max_episode_steps // action_chunk)
+            vid = None
+            if videos and cfg.eval.videos > 0:
+                (self.dir / "videos").mkdir(exist_ok=True)
+                vid = self.dir / "videos" / f"{tag}_{split}.mp4"
+            out[split] = evaluate_env(self.policy, self.eval_sampler, env,
+                                      episodes_per_task=cfg.eval.episodes_per_task,
+                                      seed=10_000 + cfg.seed, action_chunk=action_chunk,
+                                      num_chunks=num_chunks, video_path=vid,
+                                      video_episodes=cfg.eval.videos)
+        self.results[tag] = out
+        (self.dir / "results.json").write_text(json.dumps(self.results, indent=2))
+        step = self.trainer.env_steps if self.trainer else 0
+        self.logger.log(step, {f"{s}_success": r["success"] for s, r in out.items()} |
+                        {"env_steps": step}, prefix="eval/")
+        print(f"\n[{tag}] success per task (%), deterministic ODE sampling:\n" + format_table(out))
+        return out
+
+    # ----------------------------------------------------------------- state
+    def save(self, name: str = "last.pt") -> None:
+        state = {"config": to_dict(self.cfg), "stage": self.stage,
+                 "policy": self.policy.state_dict(), "sampler": self.sampler.state_dict(),
+                 "results": self.results, "torch_rng": torch.get_rng_state()}
+        if self.trainer is not None:
+            state["trainer"] = self.trainer.state_dict()
+        save_checkpoint(self.ckpt_dir / name, state)
+
+    def load(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        if state["config"].get("model") != to_dict(self.cfg).get("model"):
+            raise CheckpointError(f"checkpoint {path} was made for model "
+                                  f"{state['config'].get('model')}, not {to_dict(self.cfg)['model']}")
+        load_module_state(self.policy, state["policy"], "policy")
+        load_module_state(self.sampler, state["sampler"], "sampler")
+        self.stage = state["stage"]
+        self.results = state.get("results", {})
+        torch.set_rng_state(state["torch_rng"])
+        if "trainer" in state:
+            self._make_trainer()
+            self.trainer.load_state_dict(state["trainer"])
+
+    def _make_trainer(self):
+        from pirl.runners.rl import RLTrainer
+
+        self.trainer = RLTrainer(self.policy, self.sampler, self.env, self.cfg.rl, self.cfg.seed)
+
+    # ----------------------------------------------------------------- stages
+    def demos(self) -> Path:
+        cfg = self.cfg
+        if cfg.demos.path:
+            return Path(cfg.demos.path)
+        out = self.dir / "demos"
+        if not (out / "meta" / "info.json").exists() and not any(out.glob("*")):
+            from pirl.envs.demos import generate_demos
+
+            print(f"generating {cfg.demos.episodes_per_task} scripted demos per task -> {out}")
+            generate_demos(env_name=cfg.env.name, episodes_per_task=cfg.demos.episodes_per_task,
+                           out_dir=out, seed=cfg.demos.seed, noise=cfg.demos.noise,
+                           env_kwargs=dict(cfg.env.kwargs))
+        return out
+
+    def sft(self) -> None:
+        from pirl.algos.sft import train_sft
+
+        cfg = self.cfg
+        if cfg.model.checkpoint:
+            load_module_state(self.policy, load_checkpoint(cfg.model.checkpoint)["policy"],
+                              "policy")
+        if cfg.sft.steps > 0:
+            data = load_sft_data(cfg, self.demos(), self.policy.action_horizon)
+            gen = torch.Generator().manual_seed(cfg.seed * 7 + 3)
+            bar = _progress(range(cfg.sft.steps), cfg.progress, desc="SFT", leave=False)
+            it = iter(bar)
+
+            def cb(step, loss):
+                next(it, None)
+                if step % 25 == 0:
+                    self.logger.log(step, {"loss": loss}, prefix="sft/")
+                    if hasattr(bar, "set_postfix"):
+                        bar.set_postfix(loss=f"{loss:.4f}")
+
+            t0 = time.perf_counter()
+            train_sft(self.policy, data, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size,
+                      lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay,
+                      grad_clip=cfg.sft.grad_clip, warmup_steps=cfg.sft.warmup_steps,
+                      generator=gen, callback=cb)
+            if hasattr(bar, "close"):
+                bar.close()
+            print(f"SFT: {cfg.sft.steps} steps on {len(data)} samples in "
+                  f"{time.perf_counter() - t0:.0f}s")
+        self.evaluate("sft")
+        self.stage = "sft_done"
+        self.save("sft.pt")
+        self.save()
+
+    def rl(self) -> None:
+        cfg = self.cfg
+        if self.trainer is None:
+            self._make_trainer()
+        tr = self.trainer
+        bar = _progress(range(tr.iter, cfg.rl.iterations), cfg.progress,
+                        desc=f"RL ({cfg.rl.algo}, {cfg.sampler.kind})", initial=tr.iter,
+                        total=cfg.rl.iterations)
+        for _ in bar:
+            m = tr.iteration()
+            self.logger.log(tr.env_steps, m)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(success=f"{m['rollout/success']:.2f}",
+                                kl=f"{m.get('policy/approx_kl', 0):.3f}")
+            if tr.iter % cfg.rl.eval_every == 0 and tr.iter < cfg.rl.iterations:
+                self.evaluate(f"rl_{tr.iter}")
+            self.stage = "rl"
+            if tr.iter % cfg.checkpoint_every == 0 or tr.iter == cfg.rl.iterations:
+                self.save()
+        self.stage = "rl_done"
+        self.save()
+
+    def final(self) -> dict[str, Any]:
+        res = self.evaluate("final", videos=True)
+        plot_success(self.dir)
+        self.stage = "done"
+        self.save()
+        self.logger.close()
+        return res
+
+
+def resolve_config(config: str | None, overrides: list[str]) -> TrainConfig:
+    if config:
+        return load_yaml(TrainConfig, config, overrides)
+    from pirl.configs import apply_overrides
+
+    return apply_overrides(TrainConfig(), overrides)
+
+
+def run(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole recipe; return the results dict (per tag and split)."""
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").exists():
+            raise CheckpointError(f"{run_dir} is not a pirl run folder (no config.yaml)")
+        cfg = load_yaml(TrainConfig, run_dir / "config.yaml")
+    else:
+        assert cfg is not None
+        run_dir = Path(cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+        if (run_dir / "checkpoints" / "last.pt").exists():
+            raise ConfigError(f"run_dir {run_dir} already holds a run; use --resume {run_dir} "
+                              "or another run_dir")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
+    t0 = time.perf_counter()
+    r = Run(cfg, run_dir)
+    if resume is not None and (run_dir / "checkpoints" / "last.pt").exists():
+        r.load(run_dir / "checkpoints" / "last.pt")
+        print(f"resumed {run_dir} at stage {r.stage}"
+              + (f", iteration {r.trainer.iter}" if r.trainer else ""))
+    if r.stage == "start":
+        r.sft()
+    if r.stage in ("sft_done", "rl"):
+        r.rl()
+    if r.stage == "rl_done":
+        r.final()
+    wall = time.perf_counter() - t0
+    print(f"run folder: {run_dir}  ({wall / 60:.1f} min this invocation)")
+    return r.results
