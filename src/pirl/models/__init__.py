@@ -1,0 +1,53 @@
+"""VLA policies.  :func:`build_policy` builds one by registry name.
+
+Registered: ``"tiny"`` (:class:`pirl.models.tiny_vla.TinyVLA`).  Other models register with
+:func:`register_policy` (a factory taking the config as keyword arguments).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from pirl.models.base import FlowPolicy, VelocityOut, flow_matching_loss, sample_flow_time
+from pirl.models.tokenizer import WordTokenizer, vocab_from_texts
+from pirl.models.tiny_vla import TinyPrefix, TinyVLA, TinyVLAConfig
+
+_REGISTRY: dict[str, Callable[..., FlowPolicy]] = {}
+
+
+def register_policy(name: str, factory: Callable[..., FlowPolicy] | None = None):
+    """Register ``factory(**cfg) -> FlowPolicy`` under ``name`` (usable as a decorator)."""
+    def deco(f: Callable[..., FlowPolicy]) -> Callable[..., FlowPolicy]:
+        _REGISTRY[name] = f
+        return f
+    return deco(factory) if factory is not None else deco
+
+
+def available_policies() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_policy(name: str, **cfg: Any) -> FlowPolicy:
+    """Build policy ``name`` from keyword config; ``build_policy(n, **p.get_config())`` rebuilds p.
+
+    Raises ValueError for an unknown name or an unknown / bad config field.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown policy {name!r}; available: {available_policies()}")
+    return _REGISTRY[name](**cfg)
+
+
+def _build_tiny(**cfg: Any) -> TinyVLA:
+    known = {f.name for f in dataclasses.fields(TinyVLAConfig)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(f"unknown TinyVLA config field(s) {unknown}; known: {sorted(known)}")
+    return TinyVLA(TinyVLAConfig(**cfg))
+
+
+register_policy("tiny", _build_tiny)
+
+__all__ = ["FlowPolicy", "VelocityOut", "flow_matching_loss", "sample_flow_time", "WordTokenizer",
+           "vocab_from_texts", "TinyPrefix", "TinyVLA", "TinyVLAConfig", "register_policy",
+           "available_policies", "build_policy"]

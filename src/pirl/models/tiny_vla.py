@@ -1,0 +1,360 @@
+"""TinyVLA: a small but structurally faithful pi0-style flow-matching VLA that trains on a CPU.
+
+Structure (mirrors pi0 at toy scale):
+
+- **Prefix** (the "VLM"): a small conv encoder turns each 64x64 camera image into a 4x4 grid of
+  tokens; instruction words (:class:`~pirl.models.tokenizer.WordTokenizer`) get a learned
+  embedding; the proprio state is projected to one token.  A few transformer layers mix the
+  prefix tokens ``[B, P, D]``.  :meth:`TinyVLA.encode_prefix` runs this once per env step and also
+  precomputes every expert layer's cross-attention keys/values of the prefix (the "KV cache").
+- **Action expert**: ``H`` action tokens (``x_t`` projected, fused with a sinusoidal embedding of
+  ``t`` by an MLP as in pi0, plus learned positions) go through ``depth`` blocks of
+  self-attention over the chunk, cross-attention to the cached prefix K/V, and an MLP.  A linear
+  head reads the velocity ``[B, H, A]``; the normalised hidden states are the features
+  ``[B, H, D]`` used by Flow-Noise and the expert-side value head.
+  :meth:`TinyVLA.velocity` never touches the prefix encoder.
+- **Value head** (``value_head``): ``"prefix"`` = MLP on the masked mean of the prefix tokens;
+  ``"expert"`` = run the expert once at the fixed query ``x = 0, t = 1`` and MLP on its features
+  averaged over the chunk (pi0 in RLinf).  ``critic_detach=True`` stops the critic's gradient at
+  its input, so the value loss trains only the value MLP.
+
+Default size (width 128, 1 prefix layer, 3 expert layers, 1 camera): about 1.3M parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pirl.models.base import FlowPolicy, Obs, VelocityOut
+from pirl.models.tokenizer import WordTokenizer
+
+
+@dataclass
+class TinyVLAConfig:
+    """Hyper-parameters of :class:`TinyVLA` (all plain values, so a checkpoint can store them).
+
+    vocab: instruction words (build it with ``pirl.models.tokenizer.vocab_from_texts``); words
+        outside it map to ``<unk>``.
+    image_tokens: side of the token grid per camera (4 -> 16 tokens per image).
+    value_head: ``"expert"`` or ``"prefix"`` (see module docstring).
+    critic_detach: whether the critic's input is detached from the shared trunk.
+    """
+
+    action_horizon: int = 8
+    action_dim: int = 4
+    state_dim: int = 8
+    num_cameras: int = 1
+    image_size: int = 64
+    width: int = 128
+    depth: int = 3
+    prefix_depth: int = 1
+    heads: int = 4
+    mlp_ratio: int = 4
+    vocab: list[str] = field(default_factory=list)
+    max_text_len: int = 16
+    image_tokens: int = 4
+    conv_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    value_head: str = "expert"
+    critic_detach: bool = True
+    value_hidden: int = 128
+
+    def __post_init__(self) -> None:
+        positive = ("action_horizon", "action_dim", "image_size", "width", "depth", "heads",
+                    "mlp_ratio", "max_text_len", "image_tokens", "value_hidden")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("state_dim", "num_cameras", "prefix_depth"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.width % self.heads != 0:
+            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        if self.value_head not in ("expert", "prefix"):
+            raise ValueError(f"value_head must be 'expert' or 'prefix', got {self.value_head!r}")
+        if not self.conv_channels or any(c < 1 for c in self.conv_channels):
+            raise ValueError(f"conv_channels must be a non-empty list of positive ints, "
+                             f"got {self.conv_channels}")
+        self.vocab = list(self.vocab)
+        self.conv_channels = list(self.conv_channels)
+
+
+@dataclass
+class TinyPrefix:
+    """Prefix cache of :class:`TinyVLA` (row-indexable with :func:`pirl.models.base.index_batch`).
+
+    tokens: ``[B, P, D]`` prefix features after the prefix transformer.
+    mask: ``[B, P]`` bool, True on real (non-padding) tokens.
+    kv: ``[B, L, 2, nh, P, dh]`` every expert layer's cross-attention keys (0) and values (1).
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    kv: torch.Tensor
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, min_period: float = 4e-3,
+                         max_period: float = 4.0) -> torch.Tensor:
+    """pi0-style sine-cosine embedding of scalar times ``t [B]`` -> ``[B, dim]``.
+
+    Periods are log-spaced in ``[min_period, max_period]`` (good resolution on ``t in [0, 1]``).
+    """
+    half = dim // 2
+    frac = torch.linspace(0.0, 1.0, half, device=t.device, dtype=t.dtype)
+    period = min_period * (max_period / min_period) ** frac
+    ang = t[:, None] * (2.0 * math.pi / period)[None, :]
+    emb = torch.cat([ang.sin(), ang.cos()], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def _heads(x: torch.Tensor, nh: int) -> torch.Tensor:
+    """``[B, N, D] -> [B, nh, N, D / nh]``."""
+    b, n, d = x.shape
+    return x.view(b, n, nh, d // nh).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """``[B, nh, N, dh] -> [B, N, nh * dh]``."""
+    b, nh, n, dh = x.shape
+    return x.transpose(1, 2).reshape(b, n, nh * dh)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: ``[B, N, D]``; mask: optional ``[B, N]`` bool of keys to attend to."""
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(_heads(q, self.heads), _heads(k, self.heads),
+                                           _heads(v, self.heads), attn_mask=attn_mask)
+        return self.out(_merge(y))
+
+
+class CrossAttention(nn.Module):
+    """Queries from the action tokens, keys/values from the (cached) prefix."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def project_kv(self, ctx: torch.Tensor) -> torch.Tensor:
+        """ctx ``[B, P, D]`` -> stacked keys/values ``[B, 2, nh, P, dh]``."""
+        b, p, d = ctx.shape
+        kv = self.kv(ctx).view(b, p, 2, self.heads, d // self.heads)
+        return kv.permute(0, 2, 3, 1, 4)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x ``[B, H, D]``; kv ``[B, 2, nh, P, dh]``; mask ``[B, P]`` bool."""
+        q = _heads(self.q(x), self.heads)
+        y = F.scaled_dot_product_attention(q, kv[:, 0], kv[:, 1], attn_mask=mask[:, None, None, :])
+        return self.out(_merge(y))
+
+
+def _mlp(dim: int, ratio: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, ratio * dim), nn.GELU(), nn.Linear(ratio * dim, dim))
+
+
+class PrefixBlock(nn.Module):
+    """Pre-norm transformer encoder block over the prefix tokens."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = _mlp(dim, mlp_ratio)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class ExpertBlock(nn.Module):
+    """Action-expert block: self-attention over the chunk, cross-attention to the prefix, MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.self_attn = SelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.cross_attn = CrossAttention(dim, heads)
+        self.norm3 = nn.LayerNorm(dim)
+        self.mlp = _mlp(dim, mlp_ratio)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm2(x), kv, mask)
+        return x + self.mlp(self.norm3(x))
+
+
+class ImageEncoder(nn.Module):
+    """Conv stack: ``[N, 3, S, S]`` float -> ``[N, T*T, D]`` tokens (stride-2 convs + pooling)."""
+
+    def __init__(self, channels: list[int], width: int, grid: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1),
+                       nn.GroupNorm(min(8, c), c), nn.GELU()]
+            c_in = c
+        layers += [nn.Conv2d(c_in, width, 3, stride=2, padding=1), nn.AdaptiveAvgPool2d(grid)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.net(img).flatten(2).transpose(1, 2)
+
+
+class TinyVLA(FlowPolicy):
+    """Small pi0-style VLA (see module docstring).  Build with ``TinyVLA(TinyVLAConfig(...))`` or
+    ``pirl.models.build_policy("tiny", **cfg)``."""
+
+    policy_name = "tiny"
+
+    def __init__(self, cfg: TinyVLAConfig | None = None, **kw: Any):
+        super().__init__()
+        if cfg is None:
+            cfg = TinyVLAConfig(**kw)
+        elif kw:
+            cfg = dataclasses.replace(cfg, **kw)
+        self.cfg = cfg
+        d = cfg.width
+        self.action_horizon = cfg.action_horizon
+        self.action_dim = cfg.action_dim
+        self.feature_dim = d
+        self.tokenizer = WordTokenizer(cfg.vocab, max_len=cfg.max_text_len)
+
+        # ---- prefix ----
+        n_img = cfg.image_tokens ** 2
+        if cfg.num_cameras > 0:
+            self.image_encoder = ImageEncoder(cfg.conv_channels, d, cfg.image_tokens)
+            self.image_pos = nn.Parameter(torch.randn(cfg.num_cameras, n_img, d) * 0.02)
+        self.text_embed = nn.Embedding(self.tokenizer.vocab_size, d, padding_idx=0)
+        self.text_pos = nn.Parameter(torch.randn(cfg.max_text_len, d) * 0.02)
+        if cfg.state_dim > 0:
+            self.state_proj = nn.Linear(cfg.state_dim, d)
+        self.prefix_blocks = nn.ModuleList(
+            PrefixBlock(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.prefix_depth))
+        self.prefix_norm = nn.LayerNorm(d)
+
+        # ---- action expert ----
+        self.action_in = nn.Linear(cfg.action_dim, d)
+        self.action_time_mlp = nn.Sequential(nn.Linear(2 * d, d), nn.SiLU(), nn.Linear(d, d))
+        self.action_pos = nn.Parameter(torch.randn(cfg.action_horizon, d) * 0.02)
+        self.expert_blocks = nn.ModuleList(
+            ExpertBlock(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.expert_norm = nn.LayerNorm(d)
+        self.action_out = nn.Linear(d, cfg.action_dim)
+
+        # ---- critic ----
+        self.value_mlp = nn.Sequential(nn.Linear(d, cfg.value_hidden), nn.GELU(),
+                                       nn.Linear(cfg.value_hidden, cfg.value_hidden), nn.GELU(),
+                                       nn.Linear(cfg.value_hidden, 1))
+
+    # ------------------------------------------------------------------ config
+    def get_config(self) -> dict[str, Any]:
+        """Plain-dict config: ``build_policy("tiny", **policy.get_config())`` rebuilds the model."""
+        return dataclasses.asdict(self.cfg)
+
+    @property
+    def device(self) -> torch.device:
+        return self.action_in.weight.device
+
+    # ------------------------------------------------------------------ prefix
+    def _prefix_tokens(self, obs: Obs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed the observation into prefix tokens ``[B, P, D]`` and mask ``[B, P]``."""
+        cfg, dev = self.cfg, self.device
+        dtype = self.action_in.weight.dtype
+        parts: list[torch.Tensor] = []
+        masks: list[torch.Tensor] = []
+        instr = obs["instruction"]
+        if isinstance(instr, str):
+            instr = [instr]
+        b = len(instr)
+        if cfg.num_cameras > 0:
+            img = obs["images"].to(dev)
+            if img.dim() != 5 or img.shape[1] != cfg.num_cameras or img.shape[2] != 3:
+                raise ValueError(f"images must be [B, {cfg.num_cameras}, 3, H, W], "
+                                 f"got {tuple(img.shape)}")
+            if img.dtype == torch.uint8:
+                img = img.to(dtype) / 255.0
+            else:
+                img = img.to(dtype)
+            img = (img - 0.5) / 0.5                                   # [-1, 1]
+            c = img.shape[1]
+            tok = self.image_encoder(img.flatten(0, 1))                # [B*C, T, D]
+            tok = tok.view(b, c * tok.shape[1], -1) + self.image_pos.flatten(0, 1)
+            parts.append(tok)
+            masks.append(torch.ones(b, tok.shape[1], dtype=torch.bool, device=dev))
+        ids, tmask = self.tokenizer.encode(list(instr), device=dev)
+        parts.append(self.text_embed(ids) + self.text_pos)
+        masks.append(tmask)
+        if cfg.state_dim > 0:
+            state = obs["state"].to(dev, dtype)
+            parts.append(self.state_proj(state).unsqueeze(1))
+            masks.append(torch.ones(b, 1, dtype=torch.bool, device=dev))
+        return torch.cat(parts, 1), torch.cat(masks, 1)
+
+    def encode_prefix(self, obs: Obs) -> TinyPrefix:
+        """Encode ``obs`` once: prefix tokens, mask and every expert layer's cross-attention K/V."""
+        x, mask = self._prefix_tokens(obs)
+        for blk in self.prefix_blocks:
+            x = blk(x, mask)
+        x = self.prefix_norm(x)
+        kv = torch.stack([blk.cross_attn.project_kv(x) for blk in self.expert_blocks], dim=1)
+        return TinyPrefix(tokens=x, mask=mask, kv=kv)
+
+    # ------------------------------------------------------------------ expert
+    def velocity(self, prefix: TinyPrefix, x_t: torch.Tensor, t: torch.Tensor) -> VelocityOut:
+        """Velocity ``[B, H, A]`` and features ``[B, H, D]`` at ``x_t [B, H, A]``, ``t [B]``."""
+        b = x_t.shape[0]
+        t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device)
+        if t.dim() == 0:
+            t = t.expand(b)
+        a = self.action_in(x_t)                                               # [B, H, D]
+        te = sinusoidal_embedding(t, self.feature_dim)[:, None, :].expand_as(a)
+        h = self.action_time_mlp(torch.cat([a, te], dim=-1)) + self.action_pos
+        for i, blk in enumerate(self.expert_blocks):
+            h = blk(h, prefix.kv[:, i], prefix.mask)
+        feats = self.expert_norm(h)
+        return VelocityOut(velocity=self.action_out(feats), features=feats)
+
+    # ------------------------------------------------------------------ critic
+    def value_features(self, prefix: TinyPrefix) -> torch.Tensor:
+        """The critic's input ``[B, D]`` (pooled prefix or pooled expert features at x=0, t=1)."""
+        if self.cfg.value_head == "prefix":
+            m = prefix.mask.unsqueeze(-1).to(prefix.tokens.dtype)
+            return (prefix.tokens * m).sum(1) / m.sum(1).clamp_min(1.0)
+        b = prefix.tokens.shape[0]
+        x0 = prefix.tokens.new_zeros(b, self.action_horizon, self.action_dim)
+        t1 = prefix.tokens.new_ones(b)
+        if self.cfg.critic_detach:
+            with torch.no_grad():
+                return self.velocity(prefix, x0, t1).features.mean(1)
+        return self.velocity(prefix, x0, t1).features.mean(1)
+
+    def value(self, prefix: TinyPrefix) -> torch.Tensor:
+        """Critic ``[B]``; with ``critic_detach`` its gradient reaches only the value MLP."""
+        feat = self.value_features(prefix)
+        if self.cfg.critic_detach:
+            feat = feat.detach()
+        return self.value_mlp(feat).squeeze(-1)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
