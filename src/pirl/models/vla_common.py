@@ -1,0 +1,148 @@
+"""Pieces shared by the real VLAs: the prefix cache, normalisation, value head, image
+preprocessing and the "what trains" switch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from pirl.models.vla_layers import resize_with_pad
+
+TrainMode = Literal["full", "expert_only", "vision_frozen", "lora"]
+ValuePlacement = Literal["expert", "prefix"]
+
+
+@dataclass
+class VLAPrefix:
+    """Cached prefix of a real VLA (what :meth:`encode_prefix` returns).
+
+    keys / values: ``[B, L, Hkv, P, D]`` per-layer K / V of the VLM over the prefix (rotary already
+        applied to K), L = number of VLM layers the expert reads;
+    pad_mask: ``[B, P]`` bool, True on real prefix tokens;
+    state: ``[B, S]`` normalised, padded proprio state (pi0 feeds it to the expert);
+    pooled: ``[B, W]`` masked mean of the VLM's final (normed) hidden states over the prefix
+        (what a prefix-side value head reads).
+    Every field is batch-first, so :func:`pirl.models.base.index_batch` selects rows.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    pad_mask: torch.Tensor
+    state: torch.Tensor
+    pooled: torch.Tensor
+
+    @property
+    def num_valid(self) -> torch.Tensor:
+        """``[B]`` number of real prefix tokens (the first suffix position id)."""
+        return self.pad_mask.long().sum(-1)
+
+
+class Normalizer(nn.Module):
+    """Per-dimension normalisation of state and actions with stats from a checkpoint.
+
+    mode ``"mean_std"``: ``(x - mean) / (std + 1e-6)``; ``"quantile"`` (pi0.5):
+    ``2 (x - q01) / (q99 - q01 + 1e-6) - 1``; ``"identity"``.  Stats are buffers (saved with the
+    model); dims beyond the stats' length pass through unchanged.
+    """
+
+    def __init__(self, mode: str = "identity", stats: dict[str, dict[str, torch.Tensor]] | None = None):
+        super().__init__()
+        if mode not in ("identity", "mean_std", "quantile"):
+            raise ValueError(f"unknown normalisation mode {mode!r}")
+        self.mode = mode
+        for key in ("state", "actions"):
+            for stat in ("mean", "std", "q01", "q99"):
+                val = (stats or {}).get(key, {}).get(stat)
+                t = torch.as_tensor(val, dtype=torch.float32) if val is not None else torch.zeros(0)
+                self.register_buffer(f"{key}_{stat}", t)
+
+    def _lohi(self, key: str):
+        if self.mode == "mean_std":
+            return getattr(self, f"{key}_mean"), getattr(self, f"{key}_std") + 1e-6
+        q01, q99 = getattr(self, f"{key}_q01"), getattr(self, f"{key}_q99")
+        return q01, q99 - q01 + 1e-6
+
+    def _apply(self, x: torch.Tensor, key: str, inverse: bool) -> torch.Tensor:
+        if self.mode == "identity":
+            return x
+        a, b = self._lohi(key)
+        if a.numel() == 0:
+            raise ValueError(f"normalisation mode {self.mode!r} but no {key} statistics loaded")
+        n = min(a.numel(), x.shape[-1])
+        a, b = a[:n].to(x), b[:n].to(x)
+        head, tail = x[..., :n], x[..., n:]
+        if self.mode == "mean_std":
+            head = head * b + a if inverse else (head - a) / b
+        else:
+            head = (head + 1.0) / 2.0 * b + a if inverse else 2.0 * (head - a) / b - 1.0
+        return torch.cat([head, tail], dim=-1)
+
+    def normalize_state(self, x: torch.Tensor) -> torch.Tensor:
+        return self._apply(x, "state", False)
+
+    def normalize_actions(self, x: torch.Tensor) -> torch.Tensor:
+        return self._apply(x, "actions", False)
+
+    def unnormalize_actions(self, x: torch.Tensor) -> torch.Tensor:
+        return self._apply(x, "actions", True)
+
+
+class ValueHead(nn.Module):
+    """Critic MLP ``[B, D] -> [B]``: Linear, GELU, Linear, GELU, Linear (last layer zero-init so
+    a fresh critic predicts 0)."""
+
+    def __init__(self, dim: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden),
+                                 nn.GELU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.float()).squeeze(-1)
+
+
+def images_to_model(images: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """``[B, C, 3, H, W]`` uint8 (or float in [0, 1]) -> C tensors ``[B, 3, size, size]`` in
+    [-1, 1] (SigLIP's input range), aspect kept with padding."""
+    x = images.float()
+    if images.dtype == torch.uint8:
+        x = x / 255.0
+    x = x * 2.0 - 1.0
+    return [resize_with_pad(x[:, c], size) for c in range(x.shape[1])]
+
+
+def clean_instruction(text: str) -> str:
+    """openpi's prompt cleaning: strip, ``_`` and newlines to spaces."""
+    return text.strip().replace("_", " ").replace("\n", " ")
+
+
+def discretize_state(state: torch.Tensor, bins: int = 256) -> list[list[int]]:
+    """pi0.5's state tokens: bin index of each (normalised, in [-1, 1]) dim among ``bins`` equal
+    bins (``np.digitize(x, linspace(-1, 1, bins + 1)[:-1]) - 1``).  ``[B, S]`` -> ``[B][S]``."""
+    edges = torch.linspace(-1.0, 1.0, bins + 1, dtype=torch.float64)[:-1]
+    idx = torch.bucketize(state.detach().double().cpu(), edges, right=True) - 1
+    return idx.tolist()
+
+
+@dataclass
+class TrainConfig:
+    """What trains (see :func:`configure_trainable`) and how.
+
+    mode: ``full`` (everything), ``expert_only`` (VLM + vision frozen: RLinf's
+    ``train_expert_only``; the "VLM frozen" setting), ``vision_frozen`` (only the vision tower
+    frozen), ``lora`` (VLM + vision frozen, LoRA adapters on the VLM's linear layers; the expert
+    trains fully).
+    """
+
+    mode: TrainMode = "full"
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    lora_target: str = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+    gradient_checkpointing: bool = False
+    autocast_bf16: bool = False
+    extra: dict = field(default_factory=dict)
