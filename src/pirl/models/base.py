@@ -114,6 +114,11 @@ class FlowPolicy(nn.Module):
         """Critic estimate ``[B]`` of the return from this observation (chunk-level MDP)."""
         raise NotImplementedError
 
+    def critic_parameter_names(self) -> list[str]:
+        """Names of the value head's parameters (own learning rate in PPO; unused by GRPO).
+        Default: parameters whose name starts with ``value_``."""
+        return [n for n, _ in self.named_parameters() if n.startswith("value_")]
+
     def prefix_index(self, prefix: Any, index: torch.Tensor) -> Any:
         """Rows ``index`` of a prefix cache (default: index every tensor / list field)."""
         return index_batch(prefix, index)

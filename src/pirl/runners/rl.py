@@ -17,20 +17,14 @@ from typing import Any
 import torch
 
 from pirl.algos.advantages import gae
-from pirl.algos.grpo import group_advantages, make_groups
-from pirl.algos.ppo import aggregate_logp, explained_variance, policy_loss, value_loss
+from pirl.algos.grpo import broadcast_over_time, group_advantages, make_groups
+from pirl.algos.ppo import (aggregate_logp, approx_kl, explained_variance, level_mask, lr_scale,
+                            policy_loss, value_loss)
 from pirl.envs.base import BatchedEnv, ChunkedEnv
 from pirl.flow.base import Sampler
 from pirl.models.base import FlowPolicy, index_batch
 from pirl.runners.config import RLConfig
 from pirl.runners.rollout import Rollout, cat_chains, collect, stack_obs
-
-
-def _critic_params(policy: FlowPolicy) -> list[str]:
-    names = getattr(policy, "critic_parameter_names", None)
-    if callable(names):
-        return list(names())
-    return [n for n, _ in policy.named_parameters() if n.startswith(("value_head", "critic"))]
 
 
 class RLTrainer:
@@ -59,11 +53,18 @@ class RLTrainer:
         self.action_mask = mask
         self.optimizer = self._make_optimizer()
         self.total_updates = max(1, cfg.iterations)
+        self.ref = None
+        if self.algo == "grpo" and cfg.grpo.kl_coef > 0:
+            # frozen reference (the policy RL starts from) for GRPO's KL penalty
+            import copy
+
+            self.ref = (copy.deepcopy(policy).eval().requires_grad_(False),
+                        copy.deepcopy(sampler).eval().requires_grad_(False))
 
     # ----------------------------------------------------------------- setup
     def _make_optimizer(self) -> torch.optim.Optimizer:
         hp = self.hp
-        critic = set(_critic_params(self.policy)) if self.algo == "ppo" else set()
+        critic = set(self.policy.critic_parameter_names()) if self.algo == "ppo" else set()
         actor_p = [p for n, p in self.policy.named_parameters() if p.requires_grad and n not in critic]
         critic_p = [p for n, p in self.policy.named_parameters() if p.requires_grad and n in critic]
         noise_p = [p for p in self.sampler.parameters() if p.requires_grad]
@@ -77,10 +78,8 @@ class RLTrainer:
         return torch.optim.Adam(groups, betas=tuple(hp.betas), eps=hp.eps)
 
     def _set_lr(self) -> None:
-        sched = getattr(self.hp, "lr_schedule", "constant")
-        frac = min(1.0, self.iter / self.total_updates)
-        scale = {"constant": 1.0, "linear": 1.0 - frac,
-                 "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[sched]
+        scale = lr_scale(self.hp.lr_schedule, self.iter, self.total_updates,
+                         self.hp.lr_warmup_iters)
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * scale
 
@@ -106,7 +105,8 @@ class RLTrainer:
     def _aggregate(self, chain) -> torch.Tensor:
         init = chain.init_logp if self.sampler.includes_init else None
         return aggregate_logp(chain.step_logp, chain.stochastic, init, mode=self.hp.logp_mode,
-                              action_mask=self.action_mask.to(chain.step_logp.device))
+                              action_mask=self.action_mask.to(chain.step_logp.device),
+                              level=self.hp.ratio_level)
 
     def _rewards(self, ro: Rollout) -> torch.Tensor:
         if self.cfg.reward == "success":
@@ -136,10 +136,11 @@ class RLTrainer:
             metrics["value/explained_variance"] = float(explained_variance(old_values, ret))
         else:
             ep_ret = (rewards * valid).sum(0)
-            ep_adv = group_advantages(ep_ret, self._groups, normalize_std=self.hp.normalize_std)
-            adv = ep_adv[None].expand_as(valid).reshape(-1)[idx]
+            ep_adv = group_advantages(ep_ret, self._groups, eps=self.hp.std_eps,
+                                      normalize_std=self.hp.normalize_std)
+            adv = broadcast_over_time(ep_adv, valid).reshape(-1)[idx]
             ret = old_values = torch.zeros_like(adv)
-        if getattr(self.hp, "normalize_advantages", False) and adv.numel() > 1:
+        if self.hp.normalize_advantages and adv.numel() > 1:
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
         t1 = time.perf_counter()
         upd = self.update(obs, chain, old_logp, adv, ret, old_values)
@@ -179,10 +180,20 @@ class RLTrainer:
                 prefix = self.policy.encode_prefix(o)
                 new = self.sampler.log_prob(self.policy, prefix, c)
                 new_logp = self._aggregate(new)
+                mask = level_mask(self.action_mask.to(device), len(i), hp.ratio_level)
                 pg, s = policy_loss(new_logp, old_logp[i].to(device), adv[i].to(device),
                                     clip_low=hp.clip_low, clip_high=hp.clip_high,
-                                    dual_clip=getattr(hp, "dual_clip", None))
+                                    dual_clip=hp.dual_clip, mask=mask,
+                                    max_log_ratio=hp.max_log_ratio)
                 loss = pg
+                if self.ref is not None:
+                    with torch.no_grad():
+                        ref_pol, ref_smp = self.ref
+                        ref_logp = self._aggregate(
+                            ref_smp.log_prob(ref_pol, ref_pol.encode_prefix(o), c))
+                    kl = approx_kl(new_logp, ref_logp, mask)
+                    loss = loss + self.hp.kl_coef * kl
+                    s["ref_kl"] = float(kl)
                 s = {f"policy/{k}": float(v) for k, v in s.items()}
                 s["policy/loss"] = float(pg)
                 if self.algo == "ppo":
@@ -191,7 +202,7 @@ class RLTrainer:
                                         clip=hp.value_clip, huber_delta=hp.huber_delta)
                     loss = loss + hp.value_coef * vl
                     s["value/loss"] = float(vl)
-                ent = getattr(hp, "entropy_coef", 0.0)
+                ent = hp.entropy_coef
                 if ent and bool(new.stochastic.any()):
                     # Gaussian entropy per element = log std + const: a bonus on the noise level
                     bonus = new.std[new.stochastic].clamp_min(1e-8).log().mean()
@@ -203,9 +214,9 @@ class RLTrainer:
                 s["policy/grad_norm"] = float(gn)
                 for k, v in s.items():
                     stats.setdefault(k, []).append(v)
-            target_kl = getattr(hp, "target_kl", None)
-            if target_kl and sum(stats.get("policy/approx_kl", [0])) / max(1, len(stats.get("policy/approx_kl", [0]))) > target_kl:
-                break
+            kls = stats.get("policy/approx_kl", [])
+            if hp.target_kl is not None and kls and sum(kls) / len(kls) > hp.target_kl:
+                break  # early stop: the policy moved too far from the rollout policy
         out = {k: sum(v) / len(v) for k, v in stats.items()}
         out["policy/lr"] = self.optimizer.param_groups[0]["lr"]
         return out
