@@ -71,13 +71,7 @@ class SamplerConfig:
 
     def build(self, feature_dim: int, action_dim: int) -> Sampler:
         """The sampler this config describes, for a policy with the given feature / action dims."""
-        return build_sampler(self.kind, self.num_steps, feature_dim, action_dim,
-                             noise_level=self.noise_level, min_std=self.min_std,
-                             max_std=self.max_std, noise_hidden=self.noise_hidden,
-                             detach_features=self.detach_features, hybrid=self.hybrid,
-                             stochastic_steps=self.stochastic_steps,
-                             exclude_last=self.exclude_last,
-                             shared_across_batch=self.shared_across_batch)
+        return build_sampler(self.kind, self.num_steps, feature_dim, action_dim, config=self)
 
 
 _KW = {
@@ -90,9 +84,17 @@ _ALL_KW = set().union(*_KW.values())
 
 
 def build_sampler(kind: str, num_steps: int, feature_dim: int, action_dim: int,
-                  **kw: Any) -> Sampler:
-    """Build a sampler by kind.  Keyword options meant for another kind are ignored (so one
-    :class:`SamplerConfig` can drive all three); unknown options raise ValueError."""
+                  config: SamplerConfig | None = None, **kw: Any) -> Sampler:
+    """Build a sampler by kind.
+
+    Options come from ``config`` (a :class:`SamplerConfig`, whose own kind / num_steps are
+    overridden by the arguments), then from ``kw``.  Options meant for another kind are ignored
+    (so one config can drive all three); unknown options raise ValueError.
+    """
+    if config is not None:
+        opts = {f: getattr(config, f) for f in sorted(_ALL_KW)}
+        opts.update(kw)
+        kw = opts
     if kind not in SAMPLER_KINDS:
         raise ValueError(f"kind: {kind!r} is not one of {list(SAMPLER_KINDS)}")
     unknown = set(kw) - _ALL_KW

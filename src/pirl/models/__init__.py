@@ -39,6 +39,11 @@ def build_policy(name: str, **cfg: Any) -> FlowPolicy:
 
 
 def _build_tiny(**cfg: Any) -> TinyVLA:
+    """``TinyVLA(TinyVLAConfig(**cfg))``; ``vocabulary`` is accepted as an alias of ``vocab``."""
+    if "vocabulary" in cfg:
+        if "vocab" in cfg:
+            raise ValueError("give either vocab or vocabulary, not both")
+        cfg["vocab"] = list(cfg.pop("vocabulary"))
     known = {f.name for f in dataclasses.fields(TinyVLAConfig)}
     unknown = sorted(set(cfg) - known)
     if unknown:

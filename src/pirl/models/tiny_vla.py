@@ -299,7 +299,7 @@ class TinyVLA(FlowPolicy):
             img = (img - 0.5) / 0.5                                   # [-1, 1]
             c = img.shape[1]
             tok = self.image_encoder(img.flatten(0, 1))                # [B*C, T, D]
-            tok = tok.view(b, c * tok.shape[1], -1) + self.image_pos.flatten(0, 1)
+            tok = tok.reshape(b, c * tok.shape[1], -1) + self.image_pos.flatten(0, 1)
             parts.append(tok)
             masks.append(torch.ones(b, tok.shape[1], dtype=torch.bool, device=dev))
         ids, tmask = self.tokenizer.encode(list(instr), device=dev)

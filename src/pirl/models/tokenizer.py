@@ -29,7 +29,8 @@ class WordTokenizer:
     """Word-level tokenizer with a fixed vocabulary; unknown words map to ``<unk>``.
 
     Args:
-        vocab: the words (without the special tokens); duplicates are ignored, order is kept.
+        vocab: the words (without the special tokens); entries are split like texts, so whole
+            instructions work too; duplicates are ignored, first-seen order is kept.
         max_len: default number of tokens per instruction (longer ones are truncated).
     """
 
@@ -41,15 +42,16 @@ class WordTokenizer:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         words: list[str] = []
         seen = {PAD, UNK}
-        for w in vocab:
-            w = w.lower()
-            if w not in seen:
-                seen.add(w)
-                words.append(w)
+        for entry in vocab:  # entries may be words or whole texts: split them the same way
+            for w in split_words(entry):
+                if w not in seen:
+                    seen.add(w)
+                    words.append(w)
         self.words = words
         self.max_len = max_len
         self.itos = [PAD, UNK] + words
         self.stoi = {w: i for i, w in enumerate(self.itos)}
+        self._cache: dict[str, list[int]] = {}
 
     @classmethod
     def from_texts(cls, texts: Iterable[str], max_len: int = 16) -> "WordTokenizer":
@@ -62,8 +64,13 @@ class WordTokenizer:
         return len(self.itos)
 
     def encode_one(self, text: str) -> list[int]:
-        """Ids of one text (no padding, no truncation)."""
-        return [self.stoi.get(w, self.unk_id) for w in split_words(text)]
+        """Ids of one text (no padding, no truncation); memoised (instructions repeat a lot)."""
+        ids = self._cache.get(text)
+        if ids is None:
+            ids = [self.stoi.get(w, self.unk_id) for w in split_words(text)]
+            if len(self._cache) < 100_000:
+                self._cache[text] = ids
+        return ids
 
     def encode(self, texts: list[str], max_len: int | None = None,
                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
