@@ -3,6 +3,8 @@ assignment, and the config."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -142,3 +144,29 @@ def test_grpo_config_from_yaml_dict():
         from_dict(GRPOConfig, {"group_size": 1})
     with pytest.raises(ConfigError, match="logp_mode"):
         from_dict(GRPOConfig, {"logp_mode": "mean"})
+
+
+def test_grpo_policy_gradient_monte_carlo():
+    """At the rollout policy (ratio 1) the gradient of the PPO loss with group-mean-centred
+    advantages is an estimate of -(1 - 1/G) dJ/dmu (the group mean includes the sample itself).
+
+    Gaussian policy a ~ N(mu, 1), reward r(a) = -(a - 2)^2, so J(mu) = -((mu - 2)^2 + 1) and
+    dJ/dmu = -2 (mu - 2) = 4 at mu = 0.
+    """
+    from pirl.algos.ppo import policy_loss
+
+    g = torch.Generator().manual_seed(0)
+    G, groups = 8, 25_000
+    mu = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    a = torch.randn(G * groups, generator=g, dtype=torch.float64)  # samples at mu = 0
+    logp = -0.5 * (a - mu) ** 2
+    reward = -(a - 2.0) ** 2
+    ids = torch.arange(groups).repeat_interleave(G)
+    adv = group_advantages(reward, ids, normalize_std=False)
+    loss, _ = policy_loss(logp, logp.detach(), adv, dual_clip=None)
+    loss.backward()
+    # per-sample terms for the standard error
+    per = -(adv * (a - 0.0)).detach()
+    se = float(per.std()) / math.sqrt(per.numel())
+    expected = -(1 - 1 / G) * 4.0
+    assert abs(float(mu.grad) - expected) < 4 * se, (float(mu.grad), expected, se)
