@@ -11,6 +11,10 @@ marginals equal the ODE's).  Numerical edges, handled as in RLinf:
 
 - ``t = 1`` (first step): ``1 - t = 0`` would make sigma infinite; the denominator uses the next
   grid point, ``sigma_1 = a * sqrt(1 / (1 - t_1))`` (``= a sqrt(K)`` on the default grid).
+  Because sigma is singular at t = 1, this first step is only approximately marginal-preserving
+  even for large K: on an exact Gaussian flow it inflates the variance of ``x_1`` by about
+  ``a^4 / 4`` (0.016 at a = 0.5); the drift correction of later steps contracts it again (the
+  final marginal matches the ODE's, see tests/flow/test_sde_marginal.py).
 - last step ``t = 1/K -> 0``: every evaluated time is ``>= 1/K > 0``, so ``sigma^2 dt / (2t)`` and
   the std ``sigma sqrt(dt)`` are finite (sigma_t -> 0 as t -> 0); the last step adds noise of std
   ``a / sqrt(K (K - 1))`` to the action.  ``exclude_last=True`` makes the last step deterministic
