@@ -150,42 +150,58 @@ _IGNORED = re.compile(r"(lm_head\.weight$|rotary_emb\.inv_freq$|gemma_expert\.mo
 
 
 def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], canon,
-                           ignore: str | None = None, pi05: bool = False) -> list[str]:
+                           ignore: str | None = None, pi05: bool = False,
+                           copy: bool = True) -> list[str]:
     """Copy ``sd`` (source keys mapped by ``canon``) into ``model``; raise CheckpointError naming
-    the first missing key / shape mismatch / unused key.  Returns the optional keys that were
-    missing (left at their initial values)."""
+    the first missing key / shape mismatch / unused key (all checked before anything is copied;
+    ``copy=False`` only checks, e.g. against a model built on the ``meta`` device).  Returns the
+    optional keys that were missing (left at their initial values)."""
     src = {canon(k): v for k, v in sd.items()}
     if pi05:  # LeRobot's older pi0.5 names
         src = {k.replace("action_time_mlp_", "time_mlp_"): v for k, v in src.items()}
     tied = [k for k in src if k.endswith("paligemma.lm_head.weight")
             or k.endswith("vlm.lm_head.weight")]
     target = model.state_dict()
-    missing_opt = []
-    used = set()
-    with torch.no_grad():
-        for name, param in target.items():
-            val = src.get(name)
-            if val is None and name.endswith("language_model.embed_tokens.weight") and tied:
-                val = src[tied[0]]
-                used.add(tied[0])
-            if val is None:
-                if _OPTIONAL.match(name):
-                    missing_opt.append(name)
-                    continue
-                raise CheckpointError(f"checkpoint is missing key {name!r} "
-                                      f"(expected shape {tuple(param.shape)})")
-            if tuple(val.shape) != tuple(param.shape):
-                raise CheckpointError(f"shape mismatch for {name!r}: checkpoint "
-                                      f"{tuple(val.shape)} vs model {tuple(param.shape)}")
-            param.copy_(val.to(param.dtype))
-            used.add(name)
+    missing_opt, pairs, used = [], [], set()
+    for name, param in target.items():
+        val = src.get(name)
+        if val is None and name.endswith("language_model.embed_tokens.weight") and tied:
+            val = src[tied[0]]
+            used.add(tied[0])
+        if val is None:
+            if _OPTIONAL.match(name):
+                missing_opt.append(name)
+                continue
+            raise CheckpointError(f"checkpoint is missing key {name!r} "
+                                  f"(expected shape {tuple(param.shape)})")
+        if tuple(val.shape) != tuple(param.shape):
+            raise CheckpointError(f"shape mismatch for {name!r}: checkpoint "
+                                  f"{tuple(val.shape)} vs model {tuple(param.shape)}")
+        pairs.append((param, val))
+        used.add(name)
     ign = re.compile(ignore) if ignore else None
     extra = [k for k in src if k not in used and not _IGNORED.search(k)
              and not (ign and ign.search(k))]
     if extra:
         raise CheckpointError(f"checkpoint has {len(extra)} key(s) the model does not use, e.g. "
                               f"{extra[:5]} (pass ignore=<regex> to skip them)")
+    if copy:
+        with torch.no_grad():
+            for param, val in pairs:
+                param.copy_(val.to(param.dtype))
     return missing_opt
+
+
+def _build_checked(cls, cfg, tok, stats, sd, canon, ignore, pi05=False):
+    """Check ``sd`` against a model built on the meta device (cheap even at 3B parameters),
+    then build the real model and copy the weights in."""
+    with torch.device("meta"):
+        probe = cls(cfg, tok, norm_stats=stats)
+    load_state_dict_strict(probe, sd, canon, ignore=ignore, pi05=pi05, copy=False)
+    policy = cls(cfg, tok, norm_stats=stats)
+    load_state_dict_strict(policy, sd, canon, ignore=ignore, pi05=pi05)
+    policy.configure_training(cfg.train)
+    return policy
 
 
 # ---------------------------------------------------------------------------------- configs
@@ -291,10 +307,8 @@ def load_pi0(path: str | Path, arch=None, tokenizer=None, asset_id: str | None =
         cfg.__post_init__()
     for k, v in overrides.items():
         setattr(cfg, k, v)
-    policy = Pi0Policy(cfg, _tokenizer_for(folder, tokenizer), norm_stats=stats)
-    load_state_dict_strict(policy, sd, _canon_pi0_key, ignore=ignore, pi05=cfg.pi05)
-    policy.configure_training(cfg.train)
-    return policy
+    return _build_checked(Pi0Policy, cfg, _tokenizer_for(folder, tokenizer), stats, sd,
+                          _canon_pi0_key, ignore, pi05=cfg.pi05)
 
 
 # ---------------------------------------------------------------------------------- smolvla
@@ -345,10 +359,8 @@ def load_smolvla(path: str | Path, arch=None, tokenizer=None, ignore: str | None
         raise CheckpointError(f"{folder}: SmolVLA checkpoints come in LeRobot or pirl folders")
     for k, v in overrides.items():
         setattr(cfg, k, v)
-    policy = SmolVLAPolicy(cfg, _tokenizer_for(folder, tokenizer), norm_stats=stats)
-    load_state_dict_strict(policy, sd, _canon_smolvla_key, ignore=ignore)
-    policy.configure_training(cfg.train)
-    return policy
+    return _build_checked(SmolVLAPolicy, cfg, _tokenizer_for(folder, tokenizer), stats, sd,
+                          _canon_smolvla_key, ignore)
 
 
 # ---------------------------------------------------------------------------------- save
