@@ -33,7 +33,7 @@ def make_policy(pi05: bool, seed: int = 0, **kw) -> Pi0Policy:
         for n, p in pol.named_parameters():
             if "layernorm" in n or n.endswith("norm.weight") or ".dense." in n:
                 p.normal_(0, 0.3)
-    return pol
+    return pol.to("cpu")  # exercises nn.Module._apply on the normaliser buffers
 
 
 def joint_velocity(pol: Pi0Policy, obs, x_t, t):

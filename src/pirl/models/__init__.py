@@ -56,3 +56,29 @@ register_policy("tiny", _build_tiny)
 __all__ = ["FlowPolicy", "VelocityOut", "flow_matching_loss", "sample_flow_time", "WordTokenizer",
            "vocab_from_texts", "TinyPrefix", "TinyVLA", "TinyVLAConfig", "register_policy",
            "available_policies", "build_policy"]
+
+
+def _build_real(kind: str):
+    """Factories for the real VLAs: ``build_policy("pi0", path=<checkpoint folder>, **overrides)``
+    loads a checkpoint; without ``path`` a random-init model is built from ``arch`` (a config
+    object; default: the real size) and ``tokenizer`` (an object or a local folder / file)."""
+    def factory(path: str | None = None, arch: Any = None, tokenizer: Any = None, **kw: Any):
+        from pirl.models import checkpoint_io as io
+        from pirl.models.pi0 import Pi0Policy, pi0_config, pi05_config
+        from pirl.models.smolvla import SmolVLAConfig, SmolVLAPolicy
+        from pirl.models.vla_tokenizer import load_tokenizer
+
+        if path is not None:
+            load = io.load_smolvla if kind == "smolvla" else io.load_pi0
+            return load(path, arch=arch, tokenizer=tokenizer, **kw)
+        if tokenizer is None:
+            raise ValueError(f"{kind}: pass path=<checkpoint folder> or tokenizer=")
+        tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        if kind == "smolvla":
+            return SmolVLAPolicy(arch or SmolVLAConfig(**kw), tok)
+        return Pi0Policy(arch or (pi05_config if kind == "pi05" else pi0_config)(**kw), tok)
+    return factory
+
+
+for _kind in ("pi0", "pi05", "smolvla"):
+    register_policy(_kind, _build_real(_kind))

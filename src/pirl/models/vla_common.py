@@ -66,7 +66,7 @@ class Normalizer(nn.Module):
         q01, q99 = getattr(self, f"{key}_q01"), getattr(self, f"{key}_q99")
         return q01, q99 - q01 + 1e-6
 
-    def _apply(self, x: torch.Tensor, key: str, inverse: bool) -> torch.Tensor:
+    def _transform(self, x: torch.Tensor, key: str, inverse: bool) -> torch.Tensor:
         if self.mode == "identity":
             return x
         a, b = self._lohi(key)
@@ -82,13 +82,13 @@ class Normalizer(nn.Module):
         return torch.cat([head, tail], dim=-1)
 
     def normalize_state(self, x: torch.Tensor) -> torch.Tensor:
-        return self._apply(x, "state", False)
+        return self._transform(x, "state", False)
 
     def normalize_actions(self, x: torch.Tensor) -> torch.Tensor:
-        return self._apply(x, "actions", False)
+        return self._transform(x, "actions", False)
 
     def unnormalize_actions(self, x: torch.Tensor) -> torch.Tensor:
-        return self._apply(x, "actions", True)
+        return self._transform(x, "actions", True)
 
 
 class ValueHead(nn.Module):
