@@ -1,0 +1,621 @@
+"""LIBERO behind pirl's batched env API (many CPU MuJoCo processes, one :class:`BatchedEnv`).
+
+LIBERO (``pip install 'pirl[libero]'``, the ``hf-libero`` package) is a robosuite / MuJoCo
+benchmark of 130 language-conditioned tasks.  pirl exposes the four evaluation suites
+(``libero_spatial``, ``libero_object``, ``libero_goal``, ``libero_10``) and ``libero_90``:
+
+- tasks by suite and index (:func:`suite_tasks`), each with its instruction (the task's language);
+- the benchmark's fixed initial states (50 per task): ``episode_seeds`` pick one
+  (``init_index = episode_seed % 50``), so two envs with the same task and seed start identically;
+- the usual evaluation protocol: ``NUM_STEPS_WAIT = 10`` no-op steps after each reset (objects
+  settle), then at most :data:`MAX_STEPS` policy steps per suite;
+- observations as in openpi / RLinf: agent-view and wrist images rotated by 180 degrees and resized
+  (:func:`preprocess_image`), an 8-D state ``[eef_pos 3, eef axis-angle 3, gripper qpos 2]``
+  (:func:`libero_state`); actions are 7-D: delta end-effector pose (OSC_POSE) + gripper
+  (``-1`` open, ``+1`` close);
+- success from the environment (``env.check_success()`` via the step's ``done``); the reward is
+  sparse: 1 on the success step.
+
+Each env slot lives in its own worker process (:class:`SubprocEnvPool`, ``spawn`` context):
+MuJoCo stepping and rendering run in parallel across processes.  Rendering is headless:
+``MUJOCO_GL=egl`` where an EGL library loads, else ``osmesa`` (:func:`select_mujoco_gl`).
+
+LIBERO asks an interactive question on first import unless its config file exists;
+:func:`write_libero_config` writes it non-interactively (pointing at the installed package's own
+folders) before anything imports ``libero.libero``.  LIBERO downloads its ~200 MB of meshes and
+textures on first use if they are missing from the package's ``assets`` folder; pirl never
+downloads at run time unless ``allow_download=True`` is passed.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import functools
+import importlib.util
+import multiprocessing as mp
+import os
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from pirl.envs.base import BatchedEnv, Obs, Step
+
+# --------------------------------------------------------------------------------------------
+# Errors naming the fix
+# --------------------------------------------------------------------------------------------
+
+LIBERO_INSTALL = "pip install 'pirl[libero]'"
+EGL_APT = "apt-get install -y libegl1 libgl1 libosmesa6"
+
+
+class SimulatorUnavailable(ImportError):
+    """A simulator package or its rendering backend is missing; the message names the fix."""
+
+
+def require_libero() -> None:
+    """Raise :class:`SimulatorUnavailable` (with the install command) if LIBERO is missing."""
+    missing = [m for m in ("libero", "robosuite", "mujoco")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SimulatorUnavailable(
+            f"LIBERO is not installed (missing Python packages: {', '.join(missing)}). "
+            f"Install it with: {LIBERO_INSTALL}   (headless rendering also needs EGL or OSMesa: "
+            f"{EGL_APT})")
+
+
+def select_mujoco_gl(preferred: str | None = None) -> str:
+    """Pick MuJoCo's headless GL backend: ``$MUJOCO_GL`` if set, else ``egl`` if libEGL loads,
+    else ``osmesa`` if libOSMesa loads; raise :class:`SimulatorUnavailable` naming the apt
+    packages otherwise."""
+    choice = preferred or os.environ.get("MUJOCO_GL")
+    if choice:
+        return choice
+    for backend, lib in (("egl", "EGL"), ("osmesa", "OSMesa")):
+        if ctypes.util.find_library(lib) is not None:
+            return backend
+    raise SimulatorUnavailable(
+        "No headless OpenGL library found for MuJoCo rendering (neither libEGL nor libOSMesa). "
+        f"Install one with: {EGL_APT}")
+
+
+# --------------------------------------------------------------------------------------------
+# Config file (no interactive prompt) and asset checks
+# --------------------------------------------------------------------------------------------
+
+def libero_package_root() -> Path:
+    """Folder of the installed ``libero.libero`` package (found without importing it)."""
+    require_libero()
+    spec = importlib.util.find_spec("libero")
+    assert spec is not None and spec.submodule_search_locations
+    return Path(list(spec.submodule_search_locations)[0]) / "libero"
+
+
+def libero_config_dir() -> Path:
+    """Where LIBERO reads its config: ``$LIBERO_CONFIG_PATH`` or ``~/.libero``."""
+    return Path(os.environ.get("LIBERO_CONFIG_PATH", os.path.expanduser("~/.libero")))
+
+
+def write_libero_config(config_dir: str | os.PathLike | None = None,
+                        package_root: str | os.PathLike | None = None,
+                        overwrite: bool = False) -> Path:
+    """Write LIBERO's ``config.yaml`` non-interactively, pointing at the package's own folders.
+
+    Keys (what LIBERO's own first-import prompt would write with the default answer):
+    ``benchmark_root``, ``bddl_files``, ``init_states``, ``datasets``, ``assets``.  An existing
+    file is kept unless ``overwrite``.  Returns the file's path.
+    """
+    import yaml
+
+    cdir = Path(config_dir) if config_dir is not None else libero_config_dir()
+    path = cdir / "config.yaml"
+    if path.exists() and not overwrite:
+        return path
+    root = Path(package_root) if package_root is not None else libero_package_root()
+    cfg = {
+        "benchmark_root": str(root),
+        "bddl_files": str(root / "bddl_files"),
+        "init_states": str(root / "init_files"),
+        "datasets": str((root / ".." / "datasets").resolve()),
+        "assets": str(root / "assets"),
+    }
+    cdir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(cfg))
+    tmp.replace(path)
+    return path
+
+
+def import_libero():
+    """Import ``libero.libero`` (and its benchmark module) without the interactive prompt."""
+    require_libero()
+    write_libero_config()
+    from libero.libero import benchmark  # noqa: F401  (registers the suites)
+    import libero.libero as ll
+
+    return ll
+
+
+# Meshes that LIBERO's suites load; used to detect an incomplete asset folder before a task
+# tries (and fails deep inside robosuite, or tries to download).
+ASSET_SENTINELS = (
+    "stable_scanned_objects/black_bowl/black_bowl.obj",
+    "stable_scanned_objects/plate/plate.obj",
+    "scenes",
+    "textures",
+)
+
+
+def missing_assets(assets_dir: str | os.PathLike | None = None) -> list[str]:
+    """Sentinel asset files missing under LIBERO's assets folder (empty list = looks complete)."""
+    adir = Path(assets_dir) if assets_dir is not None else libero_package_root() / "assets"
+    if not adir.is_dir():
+        return [str(adir)]
+    return [s for s in ASSET_SENTINELS if not (adir / s).exists()]
+
+
+# --------------------------------------------------------------------------------------------
+# Suites and tasks
+# --------------------------------------------------------------------------------------------
+
+SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
+#: Max policy steps per episode in the usual LIBERO evaluation (openpi / RLinf).
+MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300,
+             "libero_10": 520, "libero_90": 400}
+#: No-op steps after each reset while objects settle (not counted in the horizon).
+NUM_STEPS_WAIT = 10
+#: The no-op action: zero delta pose, gripper open.
+DUMMY_ACTION = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0], dtype=np.float64)
+NUM_INIT_STATES = 50
+
+
+@dataclass(frozen=True)
+class LiberoTask:
+    """One LIBERO task: suite, index in the suite, file stem, instruction, bddl / init paths."""
+
+    suite: str
+    index: int
+    name: str
+    instruction: str
+    bddl_file: str
+    init_states_file: str
+
+
+def suite_tasks(suite: str) -> list[LiberoTask]:
+    """The tasks of a suite in the benchmark's default order (``task_order_index = 0``)."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown LIBERO suite {suite!r}; choose from {SUITES}")
+    ll = import_libero()
+    from libero.libero import benchmark
+
+    bench = benchmark.get_benchmark_dict()[suite]()
+    bddl_root = Path(ll.get_libero_path("bddl_files"))
+    init_root = Path(ll.get_libero_path("init_states"))
+    out = []
+    for i in range(bench.get_num_tasks()):
+        t = bench.get_task(i)
+        out.append(LiberoTask(suite=suite, index=i, name=t.name, instruction=t.language,
+                              bddl_file=str(bddl_root / t.problem_folder / t.bddl_file),
+                              init_states_file=str(init_root / t.problem_folder
+                                                   / t.init_states_file)))
+    return out
+
+
+def load_init_states(task: LiberoTask) -> np.ndarray:
+    """The task's fixed initial MuJoCo states ``[50, D]`` float64."""
+    states = torch.load(task.init_states_file, weights_only=False)
+    return np.asarray(states)
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing (pure functions, tested without LIBERO)
+# --------------------------------------------------------------------------------------------
+
+def rotate_180(img: np.ndarray) -> np.ndarray:
+    """Rotate ``[H, W, C]`` by 180 degrees (LIBERO's cameras render upside-down)."""
+    return np.ascontiguousarray(img[::-1, ::-1])
+
+
+def preprocess_image(img: np.ndarray, size: int | None) -> np.ndarray:
+    """LIBERO camera frame ``[H, W, 3]`` uint8 -> pirl layout ``[3, size, size]`` uint8.
+
+    Rotates by 180 degrees, then (if ``size`` differs from the frame) resizes with bilinear
+    antialiased interpolation (torch), rounding to the nearest integer.
+    """
+    img = rotate_180(img)
+    x = torch.from_numpy(img).permute(2, 0, 1)
+    if size is not None and (img.shape[0] != size or img.shape[1] != size):
+        x = torch.nn.functional.interpolate(x[None].float(), size=(size, size), mode="bilinear",
+                                            antialias=True, align_corners=False)[0]
+        x = x.round().clamp(0, 255).to(torch.uint8)
+    return x.contiguous().numpy()
+
+
+def quat_to_axis_angle(quat: np.ndarray) -> np.ndarray:
+    """Quaternion(s) ``[..., 4]`` in robosuite's ``(x, y, z, w)`` order -> axis-angle ``[..., 3]``.
+
+    The angle is ``2 * acos(w)`` in ``[0, 2 pi]`` (``w`` clipped to ``[-1, 1]``) and the axis is
+    ``xyz / sin(angle / 2)``; a (near-)identity rotation gives zeros (robosuite's convention, as
+    used by openpi's LIBERO state).
+    """
+    q = np.asarray(quat, dtype=np.float64)
+    w = np.clip(q[..., 3], -1.0, 1.0)
+    den = np.sqrt(1.0 - w * w)
+    angle = 2.0 * np.arccos(w)
+    safe = den > 1e-8
+    scale = np.where(safe, angle / np.where(safe, den, 1.0), 0.0)
+    return q[..., :3] * scale[..., None]
+
+
+def libero_state(obs: dict[str, np.ndarray]) -> np.ndarray:
+    """8-D proprio state ``[eef_pos 3, eef axis-angle 3, gripper qpos 2]`` float32."""
+    return np.concatenate([obs["robot0_eef_pos"], quat_to_axis_angle(obs["robot0_eef_quat"]),
+                           obs["robot0_gripper_qpos"]]).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# A process pool of single environments
+# --------------------------------------------------------------------------------------------
+
+def _worker(conn, factory: Callable[[], Any], env_vars: dict[str, str]) -> None:
+    """Worker loop: build one object with ``factory`` and run method calls sent over ``conn``."""
+    os.environ.update(env_vars)
+    try:
+        torch.set_num_threads(1)
+        obj = factory()
+        conn.send(("ok", None))
+    except BaseException:  # noqa: BLE001 - report anything to the parent
+        conn.send(("error", traceback.format_exc()))
+        conn.close()
+        return
+    while True:
+        try:
+            cmd, method, args, kwargs = conn.recv()
+        except EOFError:
+            break
+        if cmd == "close":
+            try:
+                if hasattr(obj, "close"):
+                    obj.close()
+            finally:
+                conn.send(("ok", None))
+            break
+        try:
+            conn.send(("ok", getattr(obj, method)(*args, **kwargs)))
+        except BaseException:  # noqa: BLE001
+            conn.send(("error", traceback.format_exc()))
+    conn.close()
+
+
+class SubprocEnvPool:
+    """Run ``len(factories)`` single-env objects, one per process, and call methods on all of
+    them at once (send to every worker first, then gather: the workers run in parallel).
+
+    ``in_process=True`` builds the objects in this process and calls them in a loop (same API;
+    what single-core machines and debugging want).  Generic: used for LIBERO sub-envs and for
+    ManiSkill's CPU simulation with ``vectorization="process"``.
+    """
+
+    def __init__(self, factories: Sequence[Callable[[], Any]], in_process: bool = False,
+                 start_method: str = "spawn", env_vars: dict[str, str] | None = None):
+        self.in_process = in_process
+        self.size = len(factories)
+        self._closed = False
+        if in_process:
+            if env_vars:
+                os.environ.update(env_vars)
+            self._objs = [f() for f in factories]
+            return
+        ctx = mp.get_context(start_method)
+        self._conns, self._procs = [], []
+        for f in factories:
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker, args=(child, f, dict(env_vars or {})), daemon=True)
+            p.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(p)
+        errors = [self._recv(i) for i in range(self.size)]
+        del errors
+
+    def _recv(self, i: int) -> Any:
+        try:
+            status, payload = self._conns[i].recv()
+        except EOFError as e:
+            self.close()
+            raise RuntimeError(f"env worker {i} died (exit code {self._procs[i].exitcode})") from e
+        if status == "error":
+            self.close()
+            raise RuntimeError(f"env worker {i} failed:\n{payload}")
+        return payload
+
+    def call(self, method: str, args: Sequence[tuple] | None = None,
+             kwargs: Sequence[dict] | None = None,
+             indices: Sequence[int] | None = None) -> list[Any]:
+        """Call ``method(*args[j], **kwargs[j])`` on worker ``indices[j]`` (default: all);
+        return the results in order."""
+        idx = list(range(self.size)) if indices is None else list(indices)
+        args = [()] * len(idx) if args is None else list(args)
+        kwargs = [{}] * len(idx) if kwargs is None else list(kwargs)
+        if not (len(args) == len(kwargs) == len(idx)):
+            raise ValueError("args / kwargs must have one entry per called worker")
+        if self.in_process:
+            return [getattr(self._objs[i], method)(*a, **k) for i, a, k in zip(idx, args, kwargs)]
+        for i, a, k in zip(idx, args, kwargs):
+            self._conns[i].send(("call", method, tuple(a), dict(k)))
+        return [self._recv(i) for i in idx]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.in_process:
+            for o in self._objs:
+                if hasattr(o, "close"):
+                    o.close()
+            return
+        for c, p in zip(self._conns, self._procs):
+            try:
+                if p.is_alive():
+                    c.send(("close", None, (), {}))
+                    c.poll(10) and c.recv()
+            except (BrokenPipeError, EOFError, OSError):
+                pass
+            c.close()
+        for p in self._procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# --------------------------------------------------------------------------------------------
+# One LIBERO env slot (runs inside a worker process)
+# --------------------------------------------------------------------------------------------
+
+class LiberoSubEnv:
+    """One LIBERO env slot: rebuilds its ``OffScreenRenderEnv`` when the task changes.
+
+    Observations are returned as numpy: ``images [2, 3, S, S]`` uint8 (agent view, wrist),
+    ``state [8]`` float32.
+    """
+
+    def __init__(self, suite: str, image_size: int = 224, render_size: int = 256,
+                 allow_download: bool = False):
+        import_libero()
+        if not allow_download:
+            miss = missing_assets()
+            if miss:
+                raise FileNotFoundError(
+                    f"LIBERO assets missing under {libero_package_root() / 'assets'} "
+                    f"(e.g. {miss[:3]}); pirl does not download at run time. Let LIBERO fetch "
+                    "them once (LiberoEnv(..., allow_download=True)) or copy a complete assets "
+                    "folder there.")
+        self.suite = suite
+        self.tasks = suite_tasks(suite)
+        self.image_size = image_size
+        self.render_size = render_size
+        self.env = None
+        self.task_index: int | None = None
+        self._init_states: np.ndarray | None = None
+
+    def _make(self, task_index: int) -> None:
+        from libero.libero.envs import OffScreenRenderEnv
+
+        if self.env is not None:
+            self.env.close()
+        task = self.tasks[task_index]
+        self.env = OffScreenRenderEnv(bddl_file_name=task.bddl_file,
+                                      camera_heights=self.render_size,
+                                      camera_widths=self.render_size)
+        self.task_index = task_index
+        self._init_states = load_init_states(task)
+
+    def _format(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = np.stack([preprocess_image(raw["agentview_image"], self.image_size),
+                           preprocess_image(raw["robot0_eye_in_hand_image"], self.image_size)])
+        return {"images": images, "state": libero_state(raw)}
+
+    def reset(self, task_index: int, init_index: int, seed: int) -> dict[str, np.ndarray]:
+        """Load the task's ``init_index``-th fixed initial state, wait ``NUM_STEPS_WAIT``."""
+        if self.env is None or task_index != self.task_index:
+            self._make(task_index)
+        self.env.seed(int(seed))
+        self.env.reset()
+        raw = self.env.set_init_state(self._init_states[init_index % len(self._init_states)])
+        for _ in range(NUM_STEPS_WAIT):
+            raw, _, _, _ = self.env.step(DUMMY_ACTION)
+        return self._format(raw)
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool]:
+        """One 7-D action -> (obs, reward, success)."""
+        raw, reward, done, _ = self.env.step(np.asarray(action, dtype=np.float64))
+        success = bool(done)
+        return self._format(raw), float(success), success
+
+    def close(self) -> None:
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+
+# --------------------------------------------------------------------------------------------
+# Batched env over the pool
+# --------------------------------------------------------------------------------------------
+
+class PoolBatchedEnv(BatchedEnv):
+    """pirl episode bookkeeping over a :class:`SubprocEnvPool` of single-env slots.
+
+    Each slot object implements ``reset(task_index, init_index, seed) -> {"images", "state"}``
+    and ``step(action) -> (obs, reward, success)`` with numpy values.  This class stacks them,
+    counts steps against ``max_episode_steps``, and implements auto-reset / frozen-when-done.
+    """
+
+    def __init__(self, pool: SubprocEnvPool, task_names: list[str], instructions: list[str],
+                 action_dim: int, state_dim: int, max_episode_steps: int,
+                 auto_reset: bool = False, seed_space: int = NUM_INIT_STATES):
+        self.pool = pool
+        self.num_envs = pool.size
+        self.task_names = list(task_names)
+        self.instructions = list(instructions)
+        self.action_dim = action_dim
+        self.state_dim = state_dim
+        self.max_episode_steps = max_episode_steps
+        self.auto_reset = auto_reset
+        self.seed_space = seed_space
+        n = self.num_envs
+        self._task_ids = torch.zeros(n, dtype=torch.long)
+        self._episode_seeds = torch.zeros(n, dtype=torch.long)
+        self._elapsed = torch.zeros(n, dtype=torch.long)
+        self._return = torch.zeros(n)
+        self._done = torch.zeros(n, dtype=torch.bool)
+        self._terminated = torch.zeros(n, dtype=torch.bool)
+        self._truncated = torch.zeros(n, dtype=torch.bool)
+        self._images: np.ndarray | None = None
+        self._state: np.ndarray | None = None
+        self._rng = np.random.default_rng(0)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _obs(self) -> Obs:
+        return {"images": torch.from_numpy(self._images.copy()),
+                "state": torch.from_numpy(self._state.copy()),
+                "instruction": [self.instructions[int(t)] for t in self._task_ids],
+                "task_id": self._task_ids.clone()}
+
+    def _slot_reset_args(self, i: int) -> tuple:
+        """Arguments of slot ``i``'s ``reset``: (task index, init-state index, seed)."""
+        seed = int(self._episode_seeds[i])
+        return int(self._task_ids[i]), seed % self.seed_space, seed
+
+    def _reset_slots(self, idx: list[int]) -> None:
+        outs = self.pool.call("reset", args=[self._slot_reset_args(i) for i in idx],
+                              indices=idx)
+        for i, o in zip(idx, outs):
+            if self._images is None:
+                self._images = np.zeros((self.num_envs, *o["images"].shape), np.uint8)
+                self._state = np.zeros((self.num_envs, *o["state"].shape), np.float32)
+            self._images[i] = o["images"]
+            self._state[i] = o["state"]
+        t = torch.tensor(idx, dtype=torch.long)
+        self._elapsed[t] = 0
+        self._return[t] = 0.0
+        self._done[t] = False
+        self._terminated[t] = False
+        self._truncated[t] = False
+
+    # -- API ---------------------------------------------------------------------------------
+    def reset(self, seed: int | None = None, task_ids: torch.Tensor | None = None,
+              episode_seeds: torch.Tensor | None = None) -> Obs:
+        """Reset all slots.  ``task_ids [N]`` / ``episode_seeds [N]`` default to draws from
+        ``seed`` (tasks uniformly over :attr:`task_names`)."""
+        self._rng = np.random.default_rng(seed)
+        n = self.num_envs
+        if task_ids is None:
+            task_ids = torch.from_numpy(self._rng.integers(0, len(self.task_names), n))
+        if episode_seeds is None:
+            episode_seeds = torch.from_numpy(self._rng.integers(0, 2**31 - 1, n))
+        self._task_ids = torch.as_tensor(task_ids, dtype=torch.long).clone()
+        self._episode_seeds = torch.as_tensor(episode_seeds, dtype=torch.long).clone()
+        if self._task_ids.shape != (n,) or self._episode_seeds.shape != (n,):
+            raise ValueError(f"task_ids / episode_seeds must have shape [{n}]")
+        self._reset_slots(list(range(n)))
+        return self._obs()
+
+    def step(self, action: torch.Tensor) -> Step:
+        """``action [N, A]``; frozen (done, no auto-reset) slots are not stepped."""
+        n = self.num_envs
+        act = action.detach().to("cpu", torch.float64).numpy()
+        live = [i for i in range(n) if not bool(self._done[i])]
+        reward = torch.zeros(n)
+        success = torch.zeros(n, dtype=torch.bool)
+        outs = self.pool.call("step", args=[(act[i, :self.action_dim],) for i in live],
+                              indices=live)
+        for i, (o, r, s) in zip(live, outs):
+            self._images[i] = o["images"]
+            self._state[i] = o["state"]
+            reward[i] = r
+            success[i] = s
+        live_t = torch.tensor(live, dtype=torch.long)
+        self._elapsed[live_t] += 1
+        self._return += reward
+        self._terminated |= success
+        self._truncated[live_t] |= (self._elapsed[live_t] >= self.max_episode_steps) & ~success[live_t]
+        self._done = self._terminated | self._truncated
+        terminated, truncated = self._terminated.clone(), self._truncated.clone()
+        info: dict[str, Any] = {"success": success}
+        if self.auto_reset and bool(self._done.any()):
+            info["final_obs"] = self._obs()
+            info["episode_success"] = self._terminated.clone()
+            info["episode_return"] = self._return.clone()
+            finished = self._done.nonzero().flatten().tolist()
+            self._episode_seeds[finished] = torch.from_numpy(
+                self._rng.integers(0, 2**31 - 1, len(finished)))
+            self._reset_slots(finished)
+        return Step(obs=self._obs(), reward=reward, terminated=terminated,
+                    truncated=truncated, info=info)
+
+    def render(self) -> torch.Tensor:
+        """First camera ``[N, 3, H, W]`` uint8."""
+        return torch.from_numpy(self._images[:, 0].copy())
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class LiberoEnv(PoolBatchedEnv):
+    """``num_envs`` LIBERO env slots of one suite, each in its own process.
+
+    suite: one of :data:`SUITES`; task_indices: which of the suite's tasks to sample from
+    (default all; :attr:`task_names` lists them in that order and ``task_id`` indexes it);
+    image_size: side of the preprocessed square images (224 as in openpi); render_size: side of
+    the raw MuJoCo render (256 as in openpi's LIBERO example); max_episode_steps: defaults to
+    :data:`MAX_STEPS` of the suite; processes: ``False`` runs the slots in this process.
+
+    Observations: ``images [N, 2, 3, S, S]`` uint8 (agent view, wrist), ``state [N, 8]``,
+    ``instruction``, ``task_id``.  Actions ``[N, 7]``.
+    """
+
+    def __init__(self, suite: str = "libero_spatial", num_envs: int = 1,
+                 task_indices: Sequence[int] | None = None, image_size: int = 224,
+                 render_size: int = 256, max_episode_steps: int | None = None,
+                 auto_reset: bool = False, processes: bool = True,
+                 mujoco_gl: str | None = None, allow_download: bool = False):
+        require_libero()
+        gl = select_mujoco_gl(mujoco_gl)
+        tasks = suite_tasks(suite)
+        if task_indices is None:
+            task_indices = list(range(len(tasks)))
+        self.suite = suite
+        self.task_indices = [int(i) for i in task_indices]
+        sel = [tasks[i] for i in self.task_indices]
+        factory = functools.partial(LiberoSubEnv, suite=suite, image_size=image_size,
+                                    render_size=render_size, allow_download=allow_download)
+        pool = SubprocEnvPool([factory] * num_envs, in_process=not processes,
+                              env_vars={"MUJOCO_GL": gl, "PYOPENGL_PLATFORM": gl})
+        super().__init__(pool, task_names=[t.name for t in sel],
+                         instructions=[t.instruction for t in sel], action_dim=7, state_dim=8,
+                         max_episode_steps=max_episode_steps or MAX_STEPS[suite],
+                         auto_reset=auto_reset)
+
+    def _slot_reset_args(self, i: int) -> tuple:
+        # pirl task ids index the selected tasks; the slot wants the suite's task index
+        task, init, seed = super()._slot_reset_args(i)
+        return self.task_indices[task], init, seed
+
+
+def make_env(name: str = "libero_spatial", num_envs: int = 1, **kw) -> LiberoEnv:
+    """Registry entry: ``name`` is a suite (``libero_spatial`` ...), optionally prefixed with
+    ``libero/`` or ``libero:``; ``"libero"`` alone means ``libero_spatial``.  ``kw`` goes to
+    :class:`LiberoEnv`."""
+    suite = name.split(":", 1)[-1].split("/", 1)[-1] if name else "libero_spatial"
+    if suite == "libero":
+        suite = kw.pop("suite", "libero_spatial")
+    return LiberoEnv(suite=suite, num_envs=num_envs, **kw)

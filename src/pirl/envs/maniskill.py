@@ -1,0 +1,410 @@
+"""ManiSkill3 behind pirl's batched env API (GPU-parallel when CUDA is present, CPU otherwise).
+
+``pip install 'pirl[maniskill]'`` (mani-skill 3, SAPIEN 3).  SAPIEN needs a Vulkan device even
+for state observations; on a machine without a GPU, Mesa's lavapipe software Vulkan works if it
+is recent enough (Mesa >= 25; Debian 12: ``apt-get install -t bookworm-backports
+mesa-vulkan-drivers libvulkan1``).
+
+Backends (:class:`ManiSkillEnv`, ``sim_backend``):
+
+- ``"gpu"`` (default when CUDA is available): one ManiSkill env per task holding all of that
+  task's slots in one GPU-parallel PhysX scene (e.g. 320 envs as in pi_RL).  Slots are laid out
+  in contiguous per-task blocks fixed at construction (:attr:`ManiSkillEnv.slot_tasks`).
+- ``"cpu"``: ManiSkill's CPU simulation holds one env per scene, so pirl runs ``num_envs``
+  single-env slots, either in this process one after another (``vectorization="loop"``) or one
+  per worker process (``vectorization="process"``, :class:`pirl.envs.libero.SubprocEnvPool`).
+  Each slot builds an env for a task the first time it is asked for it, so a slot can switch
+  tasks between episodes.
+
+Observations (pirl layout): ``images [N, C, 3, H, W]`` uint8 with the task's ``base_camera``
+first and, with ``wrist_camera=True`` (robot ``panda_wristcam``), the ``hand_camera`` second;
+``state [N, 16]`` = Panda joint positions (9) + TCP pose (xyz + wxyz quaternion, 7) in ``rgb``
+mode, or ManiSkill's flattened task state zero-padded to the largest task's size in ``state``
+mode (then ``images`` is absent).  Actions: ``pd_ee_delta_pose`` by default (``[N, 7]``:
+normalised delta xyz, delta axis-angle, gripper in ``[-1, 1]``, ``+1`` open).
+
+Episodes: ``terminated`` = the task's success (``info["success"]``), ``truncated`` = the time
+limit (default: the task's registered ``max_episode_steps``); reward is ManiSkill's
+``reward_mode`` (``"sparse"`` by default: 1 on success).  Same task + same episode seed => same
+initial state (CPU: ``env.reset(seed)``; GPU: each slot is reset on its own with its own seed).
+
+Multitask (:class:`ManiSkillMultiTask` / ``make_env("maniskill_multitask", ...)``): a small
+stand-in for pi_RL's 4352-task pick-and-place set, mixing the tabletop tasks that load without
+asset downloads, each with its own instruction.  Held-out split: ``PullCube-v1`` is an unseen
+task (the mirror of ``PushCube-v1``), and episode seeds ``>= HELDOUT_SEED_OFFSET`` are held-out
+initial states of the training tasks (see :func:`split_config`).
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import importlib.util
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from pirl.envs.base import Obs
+from pirl.envs.libero import PoolBatchedEnv, SimulatorUnavailable, SubprocEnvPool
+
+MANISKILL_INSTALL = "pip install 'pirl[maniskill]'"
+VULKAN_APT = ("apt-get install -y libvulkan1 mesa-vulkan-drivers  (on Debian 12 from "
+              "bookworm-backports: Mesa >= 25 is needed for CPU-only machines)")
+
+#: Instructions written for the tabletop tasks (ManiSkill tasks carry no language).
+TASK_INSTRUCTIONS: dict[str, str] = {
+    "PickCube-v1": "pick up the red cube and move it to the green target",
+    "StackCube-v1": "stack the red cube on top of the green cube",
+    "PushCube-v1": "push the cube forward onto the red and white target",
+    "PullCube-v1": "pull the cube back onto the red and white target",
+    "PlaceSphere-v1": "place the blue sphere into the shallow bin",
+    "PokeCube-v1": "use the peg to poke the red cube to the goal",
+    "LiftPegUpright-v1": "lift the peg and stand it upright on the table",
+    "RollBall-v1": "push the ball so it rolls into the goal region",
+    "PullCubeTool-v1": "use the L-shaped tool to pull the cube closer",
+}
+
+#: Multitask split (see module docstring).
+MULTITASK_TRAIN_TASKS = ("PickCube-v1", "StackCube-v1", "PushCube-v1", "PlaceSphere-v1")
+MULTITASK_HELDOUT_TASKS = ("PullCube-v1",)
+HELDOUT_SEED_OFFSET = 1_000_000
+
+
+def split_config(split: str) -> tuple[tuple[str, ...], int, int]:
+    """``(tasks, seed_low, seed_high)`` of a multitask split.
+
+    ``train``: training tasks, seeds in ``[0, HELDOUT_SEED_OFFSET)``; ``test_seen``: training
+    tasks, held-out seeds ``[HELDOUT_SEED_OFFSET, 2 * HELDOUT_SEED_OFFSET)``; ``test_unseen``:
+    the held-out task(s), held-out seeds.
+    """
+    lo, hi = HELDOUT_SEED_OFFSET, 2 * HELDOUT_SEED_OFFSET
+    if split == "train":
+        return MULTITASK_TRAIN_TASKS, 0, HELDOUT_SEED_OFFSET
+    if split == "test_seen":
+        return MULTITASK_TRAIN_TASKS, lo, hi
+    if split == "test_unseen":
+        return MULTITASK_HELDOUT_TASKS, lo, hi
+    raise ValueError(f"unknown split {split!r} (train, test_seen, test_unseen)")
+
+
+# --------------------------------------------------------------------------------------------
+# Availability checks
+# --------------------------------------------------------------------------------------------
+
+VULKAN_ICD_DIRS = ("/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d", "/usr/local/share/vulkan/icd.d")
+
+
+def require_maniskill(icd_dirs: Sequence[str] = VULKAN_ICD_DIRS) -> None:
+    """Raise :class:`SimulatorUnavailable` naming the fix if ManiSkill or Vulkan is missing."""
+    missing = [m for m in ("mani_skill", "sapien", "gymnasium")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SimulatorUnavailable(
+            f"ManiSkill3 is not installed (missing Python packages: {', '.join(missing)}). "
+            f"Install it with: {MANISKILL_INSTALL}   (SAPIEN also needs Vulkan: {VULKAN_APT})")
+    import ctypes.util
+
+    icds = [f for d in icd_dirs for f in glob.glob(os.path.join(d, "*.json"))]
+    if ctypes.util.find_library("vulkan") is None or not icds:
+        raise SimulatorUnavailable(
+            "ManiSkill3's renderer (SAPIEN) needs a Vulkan driver and none was found "
+            f"(libvulkan: {ctypes.util.find_library('vulkan')}, ICD files: {icds}). "
+            f"Install one with: {VULKAN_APT}")
+
+
+def _registered_max_steps(task: str) -> int:
+    from mani_skill.utils.registration import REGISTERED_ENVS
+
+    if task not in REGISTERED_ENVS:
+        raise ValueError(f"unknown ManiSkill task {task!r}")
+    return int(REGISTERED_ENVS[task].max_episode_steps or 100)
+
+
+def _make_gym_env(task: str, num_envs: int, sim_backend: str, obs_mode: str, control_mode: str,
+                  image_size: int, wrist_camera: bool, reward_mode: str,
+                  render_backend: str | None):
+    import gymnasium as gym
+    import mani_skill.envs  # noqa: F401  (registers the tasks)
+
+    kw: dict[str, Any] = dict(num_envs=num_envs, obs_mode=obs_mode, control_mode=control_mode,
+                              reward_mode=reward_mode, sim_backend=sim_backend,
+                              max_episode_steps=10**9)  # pirl counts the time limit itself
+    if render_backend is not None:
+        kw["render_backend"] = render_backend
+    if obs_mode != "state":
+        kw["sensor_configs"] = dict(width=image_size, height=image_size)
+    if wrist_camera:
+        kw["robot_uids"] = "panda_wristcam"
+    return gym.make(task, **kw)
+
+
+def format_obs(env, raw: Any, obs_mode: str, state_dim: int, cameras: Sequence[str]
+               ) -> dict[str, torch.Tensor]:
+    """ManiSkill obs (batched torch) -> ``{"images": [b, C, 3, H, W] uint8, "state": [b, S]}``."""
+    if obs_mode == "state":
+        s = raw.float()
+        pad = state_dim - s.shape[-1]
+        return {"state": torch.nn.functional.pad(s, (0, pad)) if pad > 0 else s}
+    imgs = torch.stack([raw["sensor_data"][c]["rgb"] for c in cameras], dim=1)  # [b, C, H, W, 3]
+    tcp = env.unwrapped.agent.tcp.pose.raw_pose  # [b, 7]
+    state = torch.cat([raw["agent"]["qpos"].float(), tcp.float().to(raw["agent"]["qpos"].device)],
+                      dim=-1)
+    return {"images": imgs.permute(0, 1, 4, 2, 3).contiguous(), "state": state}
+
+
+# --------------------------------------------------------------------------------------------
+# CPU: single-env slots (in this process or one per worker process)
+# --------------------------------------------------------------------------------------------
+
+class ManiSkillSlot:
+    """One CPU-simulated env slot; builds one ManiSkill env per task on first use.
+
+    Implements the slot protocol of :class:`pirl.envs.libero.PoolBatchedEnv`:
+    ``reset(task_index, init_index, seed) -> obs`` and ``step(action) -> (obs, reward, success)``
+    with numpy values (``images [C, 3, H, W]`` uint8, ``state [S]`` float32).
+    """
+
+    def __init__(self, tasks: Sequence[str], obs_mode: str = "rgb",
+                 control_mode: str = "pd_ee_delta_pose", image_size: int = 128,
+                 wrist_camera: bool = False, reward_mode: str = "sparse",
+                 render_backend: str | None = "sapien_cpu", state_dim: int = 16):
+        self.tasks = list(tasks)
+        self.obs_mode = obs_mode
+        self.kw = dict(sim_backend="physx_cpu", obs_mode=obs_mode, control_mode=control_mode,
+                       image_size=image_size, wrist_camera=wrist_camera, reward_mode=reward_mode,
+                       render_backend=render_backend)
+        self.cameras = ["base_camera"] + (["hand_camera"] if wrist_camera else [])
+        self.state_dim = state_dim
+        self.envs: dict[int, Any] = {}
+        self.current: int | None = None
+
+    def env(self, task_index: int):
+        if task_index not in self.envs:
+            self.envs[task_index] = _make_gym_env(self.tasks[task_index], 1, **self.kw)
+        return self.envs[task_index]
+
+    def raw_state_dims(self) -> list[int]:
+        """Flattened ``state``-mode observation size of every task (builds all envs)."""
+        dims = []
+        for i in range(len(self.tasks)):
+            obs, _ = self.env(i).reset(seed=0)
+            dims.append(int(obs.shape[-1]))
+        return dims
+
+    def _format(self, raw) -> dict[str, np.ndarray]:
+        o = format_obs(self.envs[self.current], raw, self.obs_mode, self.state_dim, self.cameras)
+        return {k: v[0].cpu().numpy() for k, v in o.items()}
+
+    def reset(self, task_index: int, init_index: int, seed: int) -> dict[str, np.ndarray]:
+        del init_index  # ManiSkill draws the initial state from the seed
+        self.current = task_index
+        raw, _ = self.env(task_index).reset(seed=int(seed))
+        return self._format(raw)
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool]:
+        raw, reward, _, _, info = self.envs[self.current].step(
+            torch.as_tensor(np.asarray(action, dtype=np.float32))[None])
+        return self._format(raw), float(reward.reshape(-1)[0]), bool(info["success"].reshape(-1)[0])
+
+    def render(self) -> np.ndarray:
+        return self.envs[self.current].render().cpu().numpy()
+
+    def close(self) -> None:
+        for e in self.envs.values():
+            e.close()
+        self.envs.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: one GPU-parallel ManiSkill env per task, exposed as a slot pool
+# --------------------------------------------------------------------------------------------
+
+class GpuSlotPool:
+    """Same ``call`` interface as :class:`SubprocEnvPool`, backed by one GPU-parallel ManiSkill
+    env per task.  ``slot_tasks [N]`` fixes which task each slot runs.
+
+    ``reset`` resets each called slot on its own (partial reset ``env_idx=[j]`` with its own seed,
+    so a slot's initial state depends only on its task and seed); ``step`` steps every task env
+    once with the called slots' actions (uncalled slots get a zero action and are ignored).
+    Returned observations are moved to the CPU.
+    """
+
+    def __init__(self, tasks: Sequence[str], slot_tasks: Sequence[int], obs_mode: str,
+                 control_mode: str, image_size: int, wrist_camera: bool, reward_mode: str,
+                 render_backend: str | None, state_dim: int):
+        self.tasks = list(tasks)
+        self.slot_tasks = [int(t) for t in slot_tasks]
+        self.size = len(self.slot_tasks)
+        self.obs_mode = obs_mode
+        self.state_dim = state_dim
+        self.cameras = ["base_camera"] + (["hand_camera"] if wrist_camera else [])
+        self.local = []  # slot -> index inside its task's env
+        counts: dict[int, int] = {}
+        for t in self.slot_tasks:
+            self.local.append(counts.get(t, 0))
+            counts[t] = counts.get(t, 0) + 1
+        self.envs = {t: _make_gym_env(self.tasks[t], n, "physx_cuda", obs_mode, control_mode,
+                                      image_size, wrist_camera, reward_mode, render_backend)
+                     for t, n in counts.items()}
+        self.action_dim = int(next(iter(self.envs.values())).single_action_space.shape[0])
+
+    def _row(self, t: int, raw, j: int) -> dict[str, np.ndarray]:
+        o = format_obs(self.envs[t], raw, self.obs_mode, self.state_dim, self.cameras)
+        return {k: v[j].cpu().numpy() for k, v in o.items()}
+
+    def call(self, method: str, args: Sequence[tuple] | None = None, kwargs=None,
+             indices: Sequence[int] | None = None) -> list[Any]:
+        idx = list(range(self.size)) if indices is None else list(indices)
+        args = [()] * len(idx) if args is None else list(args)
+        if method == "reset":
+            out = []
+            for i, (task, _init, seed) in zip(idx, args):
+                if task != self.slot_tasks[i]:
+                    raise ValueError(f"GPU slot {i} runs task {self.slot_tasks[i]}, not {task}; "
+                                     "GPU layouts are fixed (see ManiSkillEnv.slot_tasks)")
+                env = self.envs[task]
+                raw, _ = env.reset(seed=[int(seed)], options={
+                    "env_idx": torch.tensor([self.local[i]], device=env.unwrapped.device)})
+                out.append(self._row(task, raw, self.local[i]))
+            return out
+        if method == "step":
+            acts = {t: torch.zeros(e.unwrapped.num_envs, self.action_dim,
+                                   device=e.unwrapped.device) for t, e in self.envs.items()}
+            for i, (a,) in zip(idx, args):
+                acts[self.slot_tasks[i]][self.local[i]] = torch.as_tensor(
+                    np.asarray(a, dtype=np.float32), device=acts[self.slot_tasks[i]].device)
+            res = {t: e.step(acts[t]) for t, e in self.envs.items()}
+            out = []
+            for i in idx:
+                t, j = self.slot_tasks[i], self.local[i]
+                raw, reward, _, _, info = res[t]
+                out.append((self._row(t, raw, j), float(reward[j]), bool(info["success"][j])))
+            return out
+        raise ValueError(f"GpuSlotPool supports reset / step, not {method}")
+
+    def close(self) -> None:
+        for e in self.envs.values():
+            e.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The batched env
+# --------------------------------------------------------------------------------------------
+
+class ManiSkillEnv(PoolBatchedEnv):
+    """ManiSkill3 task(s) as a pirl :class:`BatchedEnv` (see the module docstring).
+
+    tasks: one task id or several (multitask); task_ids of observations index this list.
+    num_envs: parallel envs.  sim_backend: ``"auto"`` (GPU if CUDA is available), ``"gpu"``,
+    ``"cpu"``.  vectorization (CPU): ``"loop"`` (one process) or ``"process"``.
+    obs_mode: ``"rgb"`` or ``"state"``.  control_mode: any ManiSkill controller of the robot
+    (default ``pd_ee_delta_pose``).  image_size: square camera side.  wrist_camera: add the
+    Panda hand camera (robot ``panda_wristcam``).  max_episode_steps: default the largest
+    registered limit of the tasks.  instructions: override :data:`TASK_INSTRUCTIONS`.
+    seed_range: ``(low, high)`` episode seeds drawn by :meth:`reset` when none are given.
+    slot_tasks: GPU only, the task index of each slot (default: contiguous near-equal blocks).
+    """
+
+    def __init__(self, tasks: str | Sequence[str] = "PickCube-v1", num_envs: int = 1, *,
+                 sim_backend: str = "auto", vectorization: str = "loop", obs_mode: str = "rgb",
+                 control_mode: str = "pd_ee_delta_pose", image_size: int = 128,
+                 wrist_camera: bool = False, reward_mode: str = "sparse",
+                 render_backend: str | None = None, max_episode_steps: int | None = None,
+                 auto_reset: bool = False, instructions: dict[str, str] | None = None,
+                 seed_range: tuple[int, int] = (0, 2**31 - 1),
+                 slot_tasks: Sequence[int] | None = None):
+        require_maniskill()
+        tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+        if obs_mode not in ("rgb", "state"):
+            raise ValueError(f"obs_mode must be 'rgb' or 'state', got {obs_mode!r}")
+        if sim_backend == "auto":
+            sim_backend = "gpu" if torch.cuda.is_available() else "cpu"
+        if sim_backend not in ("gpu", "cpu"):
+            raise ValueError(f"sim_backend must be auto, gpu or cpu, got {sim_backend!r}")
+        if render_backend is None:
+            render_backend = "gpu" if sim_backend == "gpu" else "sapien_cpu"
+        instr = {**TASK_INSTRUCTIONS, **(instructions or {})}
+        self.tasks = tasks
+        self.sim_backend = sim_backend
+        self.obs_mode = obs_mode
+        self.seed_range = seed_range
+        slot_kw = dict(obs_mode=obs_mode, control_mode=control_mode, image_size=image_size,
+                       wrist_camera=wrist_camera, reward_mode=reward_mode,
+                       render_backend=render_backend)
+        state_dim = 16
+        if obs_mode == "state":
+            probe = ManiSkillSlot(tasks, **slot_kw)
+            state_dim = max(probe.raw_state_dims())
+            probe.close()
+        if sim_backend == "gpu":
+            if slot_tasks is None:
+                slot_tasks = np.repeat(np.arange(len(tasks)),
+                                       [len(b) for b in np.array_split(np.arange(num_envs),
+                                                                       len(tasks))]).tolist()
+            pool: Any = GpuSlotPool(tasks, slot_tasks, state_dim=state_dim, **slot_kw)
+            self.slot_tasks = torch.as_tensor(slot_tasks, dtype=torch.long)
+        else:
+            if vectorization not in ("loop", "process"):
+                raise ValueError(f"vectorization must be loop or process, got {vectorization!r}")
+            factory = functools.partial(ManiSkillSlot, tasks, state_dim=state_dim, **slot_kw)
+            pool = SubprocEnvPool([factory] * num_envs, in_process=vectorization == "loop")
+            self.slot_tasks = None
+        # ManiSkill's pd_ee_delta_pose / pd_joint_* arms are 7-D (+gripper) for the Panda
+        action_dim = 7 if control_mode.startswith("pd_ee_delta_pose") else None
+        if action_dim is None:
+            probe_env = _make_gym_env(tasks[0], 1, "physx_cpu", **slot_kw)
+            action_dim = int(probe_env.action_space.shape[-1])
+            probe_env.close()
+        super().__init__(pool, task_names=tasks, instructions=[instr.get(t, t) for t in tasks],
+                         action_dim=action_dim, state_dim=state_dim,
+                         max_episode_steps=max_episode_steps
+                         or max(_registered_max_steps(t) for t in tasks),
+                         auto_reset=auto_reset, seed_space=1)
+
+    def reset(self, seed: int | None = None, task_ids: torch.Tensor | None = None,
+              episode_seeds: torch.Tensor | None = None) -> Obs:
+        """Reset all envs; defaults: GPU slots keep their fixed tasks, CPU tasks are drawn
+        uniformly from ``seed``; episode seeds are drawn from :attr:`seed_range`."""
+        rng = np.random.default_rng(seed)
+        n = self.num_envs
+        if task_ids is None:
+            task_ids = (self.slot_tasks if self.slot_tasks is not None
+                        else torch.from_numpy(rng.integers(0, len(self.tasks), n)))
+        if episode_seeds is None:
+            episode_seeds = torch.from_numpy(rng.integers(*self.seed_range, n))
+        obs = super().reset(seed=seed, task_ids=task_ids, episode_seeds=episode_seeds)
+        self._rng = rng
+        return obs
+
+    def _slot_reset_args(self, i: int) -> tuple:
+        return int(self._task_ids[i]), 0, int(self._episode_seeds[i])
+
+
+class ManiSkillMultiTask(ManiSkillEnv):
+    """The multitask stand-in for pi_RL's ManiSkill set: :func:`split_config` picks the tasks
+    and the episode-seed range (``train`` / ``test_seen`` / ``test_unseen``)."""
+
+    def __init__(self, num_envs: int = 1, split: str = "train",
+                 tasks: Sequence[str] | None = None, **kw):
+        split_tasks, lo, hi = split_config(split)
+        self.split = split
+        super().__init__(list(tasks or split_tasks), num_envs, seed_range=(lo, hi), **kw)
+
+
+def make_env(name: str = "maniskill", num_envs: int = 1, **kw) -> ManiSkillEnv:
+    """Registry entry.  ``name``: ``"maniskill"`` (PickCube-v1 unless ``tasks=`` is given),
+    ``"maniskill/<TaskId>"`` / ``"maniskill:<TaskId>"`` / ``"<TaskId>"`` (e.g. ``PickCube-v1``),
+    or ``"maniskill_multitask"`` (optionally ``.../train|test_seen|test_unseen``, or
+    ``split=``).  Other keywords go to :class:`ManiSkillEnv`."""
+    base, _, rest = name.replace(":", "/").partition("/")
+    if base in ("maniskill_multitask", "maniskill-multitask"):
+        if rest:
+            kw["split"] = rest
+        return ManiSkillMultiTask(num_envs=num_envs, **kw)
+    if base == "maniskill":
+        tasks = kw.pop("tasks", rest or "PickCube-v1")
+    else:
+        tasks = kw.pop("tasks", name)
+    return ManiSkillEnv(tasks, num_envs, **kw)

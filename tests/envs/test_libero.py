@@ -1,0 +1,346 @@
+"""LIBERO adapter tests.
+
+Default suite (core venv, LIBERO absent): preprocessing against independent float64
+computations, config writing, the process pool and episode bookkeeping with a fake sub-env
+(pool mechanics only), and the missing-package error path.  ``-m sim`` (``.venv-sim``): import
+without the interactive prompt, the suite tables, and a real task (skips while LIBERO's assets
+are missing on this machine).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pirl.envs import libero as L
+
+HAVE_LIBERO = importlib.util.find_spec("libero") is not None
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+def test_rotate_180_hand_example():
+    img = np.arange(2 * 3 * 1, dtype=np.uint8).reshape(2, 3, 1)  # [[0,1,2],[3,4,5]]
+    out = L.rotate_180(img)
+    assert out[:, :, 0].tolist() == [[5, 4, 3], [2, 1, 0]]
+
+
+def test_preprocess_same_size_is_rotation_and_chw():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (5, 4, 3), dtype=np.uint8)
+    out = L.preprocess_image(img, None)
+    assert out.shape == (3, 5, 4) and out.dtype == np.uint8
+    for c in range(3):
+        for y in range(5):
+            for x in range(4):
+                assert out[c, y, x] == img[4 - y, 3 - x, c]
+    assert np.array_equal(L.preprocess_image(img[:4], 4), L.preprocess_image(img[:4], None))
+
+
+def _bilinear_float64(img: np.ndarray, size: int) -> np.ndarray:
+    """Independent half-pixel-centre bilinear upsampling of ``[H, W]`` (edge clamped)."""
+    h, w = img.shape
+    out = np.zeros((size, size))
+    for oy in range(size):
+        for ox in range(size):
+            sy = max((oy + 0.5) * h / size - 0.5, 0.0)
+            sx = max((ox + 0.5) * w / size - 0.5, 0.0)
+            y0, x0 = int(np.floor(sy)), int(np.floor(sx))
+            y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+            fy, fx = sy - y0, sx - x0
+            out[oy, ox] = ((1 - fy) * ((1 - fx) * img[y0, x0] + fx * img[y0, x1])
+                           + fy * ((1 - fx) * img[y1, x0] + fx * img[y1, x1]))
+    return out
+
+
+def test_preprocess_resize_matches_float64_bilinear():
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    out = L.preprocess_image(img, 8)
+    rot = img[::-1, ::-1].astype(np.float64)
+    for c in range(3):
+        ref = np.round(_bilinear_float64(rot[:, :, c], 8))
+        assert np.abs(out[c].astype(np.float64) - ref).max() <= 1.0
+
+
+def test_preprocess_downsample_keeps_constant_and_mean():
+    img = np.full((16, 16, 3), 77, np.uint8)
+    assert (L.preprocess_image(img, 7) == 77).all()
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    out = L.preprocess_image(img, 32).astype(np.float64)
+    # antialiased 2x downsampling averages; the mean is preserved up to edge effects/rounding
+    assert abs(out.mean() - img.mean()) < 1.0
+
+
+def _rodrigues(axis: np.ndarray, angle: float) -> np.ndarray:
+    k = axis / np.linalg.norm(axis)
+    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + np.sin(angle) * kx + (1 - np.cos(angle)) * kx @ kx
+
+
+def _matrix_to_quat_xyzw(r: np.ndarray) -> np.ndarray:
+    """Shepperd's method (independent of the axis-angle formula)."""
+    tr = np.trace(r)
+    if tr > 0:
+        s = 2 * np.sqrt(tr + 1)
+        return np.array([(r[2, 1] - r[1, 2]) / s, (r[0, 2] - r[2, 0]) / s,
+                         (r[1, 0] - r[0, 1]) / s, s / 4])
+    i = int(np.argmax(np.diag(r)))
+    j, k = (i + 1) % 3, (i + 2) % 3
+    s = 2 * np.sqrt(1 + r[i, i] - r[j, j] - r[k, k])
+    q = np.zeros(4)
+    q[i] = s / 4
+    q[j] = (r[j, i] + r[i, j]) / s
+    q[k] = (r[k, i] + r[i, k]) / s
+    q[3] = (r[k, j] - r[j, k]) / s
+    return q
+
+
+def test_quat_to_axis_angle_matches_rodrigues():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        axis = rng.normal(size=3)
+        angle = rng.uniform(0.01, np.pi - 0.01)
+        q = _matrix_to_quat_xyzw(_rodrigues(axis, angle))
+        if q[3] < 0:
+            q = -q  # the same rotation; robosuite keeps w >= 0 for angles < pi
+        aa = L.quat_to_axis_angle(q)
+        assert np.allclose(aa, axis / np.linalg.norm(axis) * angle, atol=1e-9)
+        # and the recovered rotation is the original one
+        assert np.allclose(_rodrigues(aa, np.linalg.norm(aa)), _rodrigues(axis, angle), atol=1e-9)
+    assert np.allclose(L.quat_to_axis_angle(np.array([0.0, 0.0, 0.0, 1.0])), 0.0)
+    # batched
+    qs = np.stack([[0, 0, np.sin(0.25), np.cos(0.25)], [np.sin(0.5), 0, 0, np.cos(0.5)]])
+    assert np.allclose(L.quat_to_axis_angle(qs), [[0, 0, 0.5], [1.0, 0, 0]])
+
+
+def test_libero_state_layout():
+    obs = {"robot0_eef_pos": np.array([0.1, 0.2, 0.3]),
+           "robot0_eef_quat": np.array([0.0, np.sin(0.5), 0.0, np.cos(0.5)]),
+           "robot0_gripper_qpos": np.array([0.04, -0.04])}
+    s = L.libero_state(obs)
+    assert s.dtype == np.float32 and s.shape == (8,)
+    assert np.allclose(s, [0.1, 0.2, 0.3, 0.0, 1.0, 0.0, 0.04, -0.04], atol=1e-6)
+
+
+def test_tables():
+    assert set(L.SUITES) == set(L.MAX_STEPS)
+    assert L.MAX_STEPS == {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300,
+                           "libero_10": 520, "libero_90": 400}
+    assert L.DUMMY_ACTION.shape == (7,) and L.DUMMY_ACTION[-1] == -1
+
+
+# ----------------------------------------------------------------------------- config file
+
+def test_write_libero_config(tmp_path: Path):
+    import yaml
+
+    root = tmp_path / "pkg" / "libero"
+    path = L.write_libero_config(tmp_path / "cfg", package_root=root)
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg["bddl_files"] == str(root / "bddl_files")
+    assert cfg["init_states"] == str(root / "init_files")
+    assert cfg["assets"] == str(root / "assets")
+    assert set(cfg) == {"benchmark_root", "bddl_files", "init_states", "datasets", "assets"}
+    # an existing file is kept unless overwrite
+    path.write_text("custom: 1\n")
+    L.write_libero_config(tmp_path / "cfg", package_root=root)
+    assert path.read_text() == "custom: 1\n"
+    L.write_libero_config(tmp_path / "cfg", package_root=root, overwrite=True)
+    assert "bddl_files" in path.read_text()
+
+
+def test_missing_assets(tmp_path: Path):
+    assert L.missing_assets(tmp_path / "nope") == [str(tmp_path / "nope")]
+    for s in L.ASSET_SENTINELS:
+        (tmp_path / s).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / s).touch()
+    assert L.missing_assets(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- error path
+
+@pytest.mark.skipif(HAVE_LIBERO, reason="LIBERO is installed in this environment")
+def test_missing_libero_names_install_command():
+    with pytest.raises(L.SimulatorUnavailable, match=r"pip install 'pirl\[libero\]'"):
+        L.LiberoEnv("libero_spatial", 1)
+    with pytest.raises(L.SimulatorUnavailable, match=r"pip install 'pirl\[libero\]'"):
+        L.make_env("libero_spatial", 1)
+
+
+def test_missing_gl_names_apt_packages(monkeypatch):
+    import ctypes.util
+
+    monkeypatch.delenv("MUJOCO_GL", raising=False)
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    with pytest.raises(L.SimulatorUnavailable, match="libegl1 libgl1 libosmesa6"):
+        L.select_mujoco_gl()
+    monkeypatch.setattr(ctypes.util, "find_library",
+                        lambda name: "libOSMesa.so.8" if name == "OSMesa" else None)
+    assert L.select_mujoco_gl() == "osmesa"
+    monkeypatch.setenv("MUJOCO_GL", "egl")
+    assert L.select_mujoco_gl() == "egl"
+
+
+# ----------------------------------------------------------------------------- pool mechanics
+
+class FakeSlotForPoolTests:
+    """A fake single-env slot, ONLY for testing the pool and the episode bookkeeping.
+
+    State: a counter; ``reset(task, init, seed)`` sets it to ``100 * task + init``; ``step(a)``
+    adds ``a[0]``; success when the counter reaches ``goal``.
+    """
+
+    def __init__(self, goal: float = 3.0, fail_on_step: bool = False):
+        self.goal = goal
+        self.fail_on_step = fail_on_step
+        self.value = 0.0
+        self.pid = os.getpid()
+
+    def _obs(self):
+        return {"images": np.full((1, 3, 2, 2), int(self.value) % 256, np.uint8),
+                "state": np.array([self.value], np.float32)}
+
+    def reset(self, task, init, seed):
+        self.value = 100.0 * task + init
+        return self._obs()
+
+    def step(self, action):
+        if self.fail_on_step:
+            raise ValueError("boom in worker")
+        self.value += float(action[0])
+        success = self.value >= self.goal
+        return self._obs(), float(success), success
+
+    def getpid(self):
+        return self.pid
+
+
+def _fake_env(n, in_process=True, auto_reset=False, max_steps=5, goal=3.0):
+    import functools
+
+    pool = L.SubprocEnvPool([functools.partial(FakeSlotForPoolTests, goal)] * n,
+                            in_process=in_process)
+    return L.PoolBatchedEnv(pool, task_names=["a", "b"], instructions=["do a", "do b"],
+                            action_dim=1, state_dim=1, max_episode_steps=max_steps,
+                            auto_reset=auto_reset, seed_space=1000)
+
+
+def test_pool_processes_parallel_ordered_and_errors():
+    import functools
+
+    pool = L.SubprocEnvPool([functools.partial(FakeSlotForPoolTests, 3.0),
+                             functools.partial(FakeSlotForPoolTests, 3.0, True)],
+                            start_method="fork")  # fork: fast start; LIBERO itself uses spawn
+    try:
+        pids = pool.call("getpid")
+        assert len(set(pids)) == 2 and os.getpid() not in pids
+        outs = pool.call("reset", args=[(0, 7, 7), (1, 2, 2)])
+        assert [o["state"][0] for o in outs] == [7.0, 102.0]
+        outs = pool.call("step", args=[(np.array([1.0]),)], indices=[0])
+        assert outs[0][0]["state"][0] == 8.0
+        # worker 1 raises inside step: the parent re-raises with the worker's traceback
+        with pytest.raises(RuntimeError, match="boom in worker"):
+            pool.call("step", args=[(np.array([1.0]),)], indices=[1])
+    finally:
+        pool.close()
+
+
+def test_frozen_when_done_without_auto_reset():
+    env = _fake_env(3, max_steps=4)
+    obs = env.reset(task_ids=torch.tensor([0, 0, 1]), episode_seeds=torch.tensor([0, 2, 0]))
+    assert obs["instruction"] == ["do a", "do a", "do b"]
+    assert obs["state"][:, 0].tolist() == [0.0, 2.0, 100.0]
+    assert obs["images"].shape == (3, 1, 3, 2, 2) and obs["images"].dtype == torch.uint8
+    a = torch.ones(3, 1)
+    out = env.step(a)  # values 1, 3 (success), 101 (success: >= goal)
+    assert out.terminated.tolist() == [False, True, True]
+    assert out.reward.tolist() == [0.0, 1.0, 1.0]
+    for t in range(3):
+        out = env.step(a)
+        # finished envs are frozen: reward 0, flags kept, obs unchanged
+        assert out.reward[1:].tolist() == [0.0, 0.0]
+        assert out.terminated[1:].all() and out.obs["state"][1:, 0].tolist() == [3.0, 101.0]
+    # env 0: 1 -> 2 -> 3 (success at its 3rd step) -> frozen at step 4
+    assert out.terminated.tolist() == [True, True, True] and not out.truncated.any()
+
+
+def test_truncation_and_auto_reset():
+    env = _fake_env(2, auto_reset=True, max_steps=2, goal=1e9)
+    env.reset(seed=0, task_ids=torch.tensor([0, 1]), episode_seeds=torch.tensor([0, 0]))
+    out = env.step(torch.ones(2, 1))
+    assert not out.done.any()
+    out = env.step(torch.ones(2, 1))
+    assert out.truncated.all() and not out.terminated.any()
+    assert out.info["final_obs"]["state"][:, 0].tolist() == [2.0, 102.0]
+    assert out.info["episode_success"].tolist() == [False, False]
+    # the new episode starts from a fresh seed: value = 100 * task + (seed % seed_space)
+    init = (env._episode_seeds % 1000).tolist()
+    assert out.obs["state"][:, 0].tolist() == [float(init[0]), 100.0 + float(init[1])]
+    out = env.step(torch.ones(2, 1))
+    assert not out.done.any()
+
+
+def test_same_seed_same_start_defaults_deterministic():
+    env = _fake_env(4)
+    o1 = env.reset(seed=123)
+    o2 = env.reset(seed=123)
+    assert torch.equal(o1["state"], o2["state"]) and torch.equal(o1["task_id"], o2["task_id"])
+
+
+# ----------------------------------------------------------------------------- real LIBERO
+
+
+@pytest.mark.sim
+def test_import_without_prompt(tmp_path: Path):
+    pytest.importorskip("libero")
+    code = ("from pirl.envs import libero as L; L.import_libero(); "
+            "from libero.libero import benchmark; print('ok', len(benchmark.get_benchmark_dict()))")
+    env = {**os.environ, "LIBERO_CONFIG_PATH": str(tmp_path / "cfg")}
+    res = subprocess.run([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "ok" in res.stdout and "Do you want" not in res.stdout
+    assert (tmp_path / "cfg" / "config.yaml").exists()
+
+
+@pytest.mark.sim
+def test_suite_tables_and_init_states():
+    pytest.importorskip("libero")
+    sizes = {s: len(L.suite_tasks(s)) for s in L.SUITES}
+    assert sizes == {"libero_spatial": 10, "libero_object": 10, "libero_goal": 10,
+                     "libero_10": 10, "libero_90": 90}
+    t = L.suite_tasks("libero_spatial")[0]
+    assert t.instruction.startswith("pick up the black bowl")
+    assert Path(t.bddl_file).exists()
+    init = L.load_init_states(t)
+    assert init.shape[0] == L.NUM_INIT_STATES and init.ndim == 2
+
+
+@pytest.mark.sim
+def test_real_task_smoke():
+    pytest.importorskip("libero")
+    miss = L.missing_assets()
+    if miss:
+        pytest.skip("LIBERO's assets (meshes/textures, ~200 MB, downloaded by LIBERO on first "
+                    "use) are not on this machine and it cannot download them: missing "
+                    f"{miss[:3]} under {L.libero_package_root() / 'assets'}")
+    env = L.LiberoEnv("libero_spatial", 2, image_size=64, render_size=128)
+    try:
+        obs = env.reset(seed=0, task_ids=torch.tensor([0, 0]), episode_seeds=torch.tensor([3, 3]))
+        assert obs["images"].shape == (2, 2, 3, 64, 64)
+        assert obs["state"].shape == (2, 8)
+        assert torch.allclose(obs["state"][0], obs["state"][1])
+        for _ in range(5):
+            out = env.step(torch.zeros(2, 7))
+        assert out.info["success"].dtype == torch.bool
+    finally:
+        env.close()
