@@ -215,32 +215,30 @@ def test_log_prob_reevaluation_matches_rollout(name):
     with torch.inference_mode():
         prefix = pol.encode_prefix(obs)
         chain = sampler.sample(pol, prefix, generator=torch.Generator().manual_seed(5))
-    chain = _clone_chain(chain)
     prefix = pol.encode_prefix(obs)  # fresh, grad-enabled (as in a PPO update)
-    re = sampler.log_prob(pol, prefix, chain)
-    assert (re.logp - chain.logp).abs().max().item() < 1e-5
-    assert torch.isfinite(chain.logp).all() and (chain.logp != 0).all()
-    s4 = chain.stochastic[:, :, None, None]
-    assert (re.step_logp - chain.step_logp).abs().max().item() < 1e-5
-    assert ((re.mean - chain.mean).abs() * s4).max().item() < 1e-6
-    # all-steps recomputation and a minibatch give the same numbers
-    re_all = sampler.log_prob(pol, prefix, chain, all_steps=True)
-    assert (re_all.mean - chain.mean).abs().max().item() < 1e-5
-    assert (re_all.logp - chain.logp).abs().max().item() < 1e-5
-    idx = torch.tensor([7, 2, 3])
-    re_mb = sampler.log_prob(pol, pol.prefix_index(prefix, idx), chain.index(idx))
-    assert (re_mb.logp - chain.logp[idx]).abs().max().item() < 1e-5
+    re = sampler.log_prob(pol, prefix, chain)  # the chain holds inference-mode tensors
+    assert (re.logp.detach() - chain.logp).abs().max().item() < 1e-5
+    re.logp.sum().backward()
+    assert pol.action_out.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # comparisons with the (inference-mode) rollout chain
+        re = sampler.log_prob(pol, prefix, chain)
+        assert (re.logp - chain.logp).abs().max().item() < 1e-5
+        assert torch.isfinite(chain.logp).all() and (chain.logp != 0).all()
+        s4 = chain.stochastic[:, :, None, None]
+        assert (re.step_logp - chain.step_logp).abs().max().item() < 1e-5
+        assert ((re.mean - chain.mean).abs() * s4).max().item() < 1e-6
+        # all-steps recomputation and a minibatch give the same numbers
+        re_all = sampler.log_prob(pol, prefix, chain, all_steps=True)
+        assert (re_all.mean - chain.mean).abs().max().item() < 1e-5
+        assert (re_all.logp - chain.logp).abs().max().item() < 1e-5
+        idx = torch.tensor([7, 2, 3])
+        re_mb = sampler.log_prob(pol, pol.prefix_index(prefix, idx), chain.index(idx))
+        assert (re_mb.logp - chain.logp[idx]).abs().max().item() < 1e-5
     # after a parameter change, the log-prob moves (it is really recomputed)
     with torch.no_grad():
         pol.action_out.bias.add_(0.05)
     re2 = sampler.log_prob(pol, pol.encode_prefix(obs), chain)
     assert (re2.logp - chain.logp).abs().max().item() > 1e-3
-
-
-def _clone_chain(c):
-    from pirl.flow import Chain
-    return Chain(*(getattr(c, f).clone() for f in ("x", "t", "mean", "std", "stochastic",
-                                                    "step_logp", "init_logp", "logp")))
 
 
 @pytest.mark.parametrize("kind", ["flow_noise", "flow_sde"])

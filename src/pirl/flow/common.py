@@ -58,6 +58,13 @@ def _first_tensor(x: Any) -> torch.Tensor | None:
     return None
 
 
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    """Detached, and a normal tensor if ``x`` was made under ``torch.inference_mode`` (a
+    rollout's chain) so autograd may use it."""
+    x = x.detach()
+    return x.clone() if x.is_inference() else x
+
+
 def _index_prefix(policy, prefix: Any, index: torch.Tensor) -> Any:
     if hasattr(policy, "prefix_index"):
         return policy.prefix_index(prefix, index)
@@ -91,7 +98,9 @@ class GaussianChainSampler(Sampler):
             ref = _first_tensor(prefix)
             if ref is None:
                 raise ValueError("cannot infer batch size from the prefix; pass noise")
-            dtype = ref.dtype if ref.is_floating_point() else torch.float32
+            # chains live in float32 (float64 for float64 policies) whatever the policy's
+            # compute dtype: log-probs of small-std Gaussians need the precision
+            dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
             shape = (ref.shape[0], policy.action_horizon, policy.action_dim)
             noise = torch.randn(shape, generator=generator, device=ref.device, dtype=dtype)
         b = noise.shape[0]
@@ -142,13 +151,13 @@ class GaussianChainSampler(Sampler):
         ODE sampler) every transition is.  The ``mean`` / ``std`` of transitions that were not
         recomputed are copied from ``chain`` (detached).
         """
-        x = chain.x.detach()
+        x = _plain(chain.x)
         b, k1 = x.shape[:2]
         k = k1 - 1
         if k != self.num_steps:
             raise ValueError(f"chain has {k} steps but the sampler has num_steps={self.num_steps}")
-        stoch = chain.stochastic
-        grid = chain.t.to(device=x.device, dtype=x.dtype)
+        stoch = _plain(chain.stochastic)
+        grid = _plain(chain.t).to(device=x.device, dtype=x.dtype)
         compute = torch.ones_like(stoch) if (all_steps or not bool(stoch.any())) else stoch
         rows, steps = compute.nonzero(as_tuple=True)                               # [N]
         pre = _index_prefix(policy, prefix, rows)
@@ -156,7 +165,7 @@ class GaussianChainSampler(Sampler):
         t, t_next = grid[steps], grid[steps + 1]
         out = policy.velocity(pre, x_in, t)
         mean_n, std_n = self.transition(x_in, out, t, t_next, stoch[rows, steps])
-        mean = chain.mean.detach().index_put((rows, steps), mean_n)
-        std = chain.std.detach().index_put((rows, steps), std_n)
+        mean = _plain(chain.mean).to(mean_n.dtype).index_put((rows, steps), mean_n)
+        std = _plain(chain.std).to(std_n.dtype).index_put((rows, steps), std_n)
         std = torch.where(stoch[:, :, None, None], std, torch.zeros_like(std))
-        return self._finish(x, chain.t, mean, std, stoch)
+        return self._finish(x, grid, mean, std, stoch)

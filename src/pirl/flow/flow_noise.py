@@ -54,10 +54,12 @@ class NoiseNet(nn.Module):
         """features ``[N, H, D]``, x_t ``[N, H, A]``, t ``[N]`` -> std ``[N, H, A]``."""
         if self.detach_features:
             features = features.detach()
-        tf = time_features(t.to(x_t.dtype), self.time_dim)[:, None, :].expand(-1, x_t.shape[1], -1)
-        raw = self.net(torch.cat([features.to(x_t.dtype), x_t, tf], dim=-1))
+        dtype = self.net[0].weight.dtype  # the noise net's own precision
+        tf = time_features(t.to(dtype), self.time_dim)[:, None, :].expand(-1, x_t.shape[1], -1)
+        raw = self.net(torch.cat([features.to(dtype), x_t.to(dtype), tf], dim=-1))
         frac = 0.5 * (torch.tanh(raw) + 1.0)
-        return torch.exp(self.log_min + (self.log_max - self.log_min) * frac)
+        std = torch.exp(self.log_min + (self.log_max - self.log_min) * frac)
+        return std.to(torch.promote_types(std.dtype, x_t.dtype))
 
 
 class FlowNoiseSampler(GaussianChainSampler):
