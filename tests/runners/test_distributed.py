@@ -1,0 +1,145 @@
+"""Scale-out: split-invariant sampling, staged / pipelined rollouts, Ray workers, DDP learner.
+
+The no-Ray tests check the math that makes split placements reproduce a local run: chain noise
+drawn for the full batch in the sampler's own order (replayed chains equal ``sampler.sample``
+bit for bit), and staged collection equal to :func:`pirl.runners.rollout.collect`.  The Ray
+tests start a 2-CPU local Ray once per module.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from pirl.envs.base import ChunkedEnv
+from pirl.envs.tabletop import TabletopEnv
+from pirl.flow import build_sampler
+from pirl.models import build_policy
+from pirl.runners.distributed import (EnvSlice, LocalStage, cat_rollouts, collect_staged,
+                                      draw_chain_noise, sample_with_noise, slice_reset_kwargs)
+from pirl.runners.rollout import collect
+
+N = 6
+IMG = 32
+
+
+def make_env(n: int, max_steps: int = 12) -> TabletopEnv:
+    return TabletopEnv(num_envs=n, image_size=IMG, max_episode_steps=max_steps)
+
+
+def make_policy(env: TabletopEnv, seed: int = 0):
+    torch.manual_seed(seed)
+    vocab = sorted({w for s in env.instructions for w in s.split()})
+    return build_policy("tiny", action_dim=3, state_dim=4, vocabulary=vocab, width=32, depth=1,
+                        heads=2, image_size=IMG, action_horizon=4, conv_channels=[8, 8, 8])
+
+
+def reset_kwargs(env, seed: int = 5) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"seed": seed, "task_ids": torch.randint(0, len(env.task_names), (env.num_envs,),
+                                                    generator=g),
+            "episode_seeds": 1000 + torch.arange(env.num_envs)}
+
+
+SAMPLERS = [("flow_noise", {}), ("flow_sde", {}), ("flow_sde", {"shared_across_batch": False}),
+            ("ode", {})]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.set_num_threads(1)
+    env = make_env(N)
+    return env, make_policy(env).eval()
+
+
+@pytest.mark.parametrize("kind,kw", SAMPLERS)
+def test_replayed_chain_equals_sampler_sample_bitwise(setup, kind, kw):
+    """Noise drawn in the sampler's order + replay == sampler.sample with the same generator."""
+    env, policy = setup
+    sampler = build_sampler(kind, num_steps=3, feature_dim=policy.feature_dim,
+                            action_dim=policy.action_dim, **kw)
+    obs = env.reset(**reset_kwargs(env))
+    prefix = policy.encode_prefix({k: obs[k] for k in ("images", "state", "instruction")})
+    with torch.no_grad():
+        ref = sampler.sample(policy, prefix, generator=torch.Generator().manual_seed(3))
+        g = torch.Generator().manual_seed(3)
+        noise = draw_chain_noise(sampler, policy, N, generator=g)
+        got = sample_with_noise(sampler, policy, prefix, noise)
+    for f in ("x", "mean", "std", "stochastic", "step_logp", "init_logp", "logp"):
+        assert torch.equal(getattr(ref, f), getattr(got, f)), f
+    # the generator is left where sampler.sample leaves it
+    g_ref = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        sampler.sample(policy, prefix, generator=g_ref)
+    assert torch.equal(g.get_state(), g_ref.get_state())
+    # rows sampled on their own get the same chain (up to batch-size float effects)
+    with torch.no_grad():
+        part = sample_with_noise(sampler, policy, policy.prefix_index(prefix, torch.arange(2, 5)),
+                                 noise.rows(2, 5))
+    torch.testing.assert_close(part.x, ref.x[2:5], rtol=0, atol=1e-5)
+    torch.testing.assert_close(part.logp, ref.logp[2:5], rtol=1e-5, atol=1e-4)
+
+
+def _assert_rollouts_close(a, b, exact: bool = False):
+    assert len(a.chains) == len(b.chains)
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-4)
+    for ca, cb in zip(a.chains, b.chains):
+        for f in ("x", "logp", "std", "stochastic"):
+            torch.testing.assert_close(getattr(ca, f), getattr(cb, f), **tol)
+    for oa, ob in zip(a.obs, b.obs):
+        assert oa["instruction"] == ob["instruction"]
+        # actions differ by float rounding when batch sizes differ: states by as little
+        torch.testing.assert_close(oa["state"], ob["state"], **tol)
+        assert (oa["images"].int() - ob["images"].int()).abs().float().mean() < 0.5
+    for f in ("rewards", "terminated", "truncated", "success", "valid"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+    torch.testing.assert_close(a.values, b.values, **tol)
+    torch.testing.assert_close(a.next_values, b.next_values, **tol)
+    assert a.env_steps == b.env_steps
+
+
+@pytest.mark.parametrize("bounds,num_chunks", [([(0, 6)], 3), ([(0, 3), (3, 6)], 3),
+                                               ([(0, 2), (2, 4), (4, 6)], 6)])
+def test_staged_collect_equals_local_collect(setup, bounds, num_chunks):
+    """Envs split into stages (pipelined) give the local rollout; with num_chunks=6 every
+    episode (12 steps = 4 chunks of 3) ends early, exercising the speculative last step."""
+    env, policy = setup
+    sampler = build_sampler("flow_sde", num_steps=3, feature_dim=policy.feature_dim,
+                            action_dim=policy.action_dim, shared_across_batch=False)
+    kw = reset_kwargs(env)
+    g_local, g_staged = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    ref = collect(policy, sampler, ChunkedEnv(env), num_chunks=num_chunks, reset_kwargs=kw,
+                  action_chunk=3, generator=g_local)
+    stages = [LocalStage(EnvSlice(make_env(b - a), a, b)) for a, b in bounds]
+    got = collect_staged(policy, sampler, stages, num_envs=N, num_chunks=num_chunks,
+                         reset_kwargs=kw, action_chunk=3, generator=g_staged)
+    assert len(ref.chains) == min(num_chunks, 4)
+    _assert_rollouts_close(ref, got, exact=len(bounds) == 1)
+    # same generator position: the next iteration's noise is the same too
+    assert torch.equal(g_local.get_state(), g_staged.get_state())
+
+
+def test_slices_concatenate_to_full_rollout(setup):
+    """Two processes each collecting their rows (colocated mode) == the full rollout."""
+    env, policy = setup
+    sampler = build_sampler("flow_noise", num_steps=2, feature_dim=policy.feature_dim,
+                            action_dim=policy.action_dim)
+    kw = reset_kwargs(env, seed=9)
+    ref = collect(policy, sampler, ChunkedEnv(env), num_chunks=3, reset_kwargs=kw,
+                  action_chunk=3, generator=torch.Generator().manual_seed(4))
+    parts = [collect_staged(policy, sampler, [LocalStage(EnvSlice(make_env(b - a), a, b))],
+                            num_envs=N, num_chunks=3, reset_kwargs=kw, action_chunk=3,
+                            generator=torch.Generator().manual_seed(4))
+             for a, b in [(0, 4), (4, 6)]]
+    _assert_rollouts_close(ref, cat_rollouts(parts))
+
+
+def test_slice_reset_kwargs_needs_episode_seeds():
+    kw = {"seed": 1, "task_ids": torch.arange(4), "episode_seeds": torch.arange(4) + 10}
+    s = slice_reset_kwargs(kw, 1, 3)
+    assert s["task_ids"].tolist() == [1, 2] and s["episode_seeds"].tolist() == [11, 12]
+    assert s["seed"] == 1 and kw["task_ids"].tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="episode_seeds"):
+        slice_reset_kwargs({"seed": 1}, 0, 2)

@@ -1,0 +1,49 @@
+"""Placement config and row sharding (no Ray needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pirl.configs import ConfigError, apply_overrides
+from pirl.runners.placement import LearnerPlacement, PlacementConfig, shard_rows
+
+
+@pytest.mark.parametrize("n,parts", [(1, 1), (7, 1), (8, 2), (7, 2), (10, 3), (5, 5)])
+def test_shard_rows_partition(n, parts):
+    rows = shard_rows(n, parts)
+    assert len(rows) == parts
+    assert rows[0][0] == 0 and rows[-1][1] == n
+    for (a, b), (c, _) in zip(rows, rows[1:]):
+        assert b == c  # contiguous
+    sizes = [b - a for a, b in rows]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+    assert sizes == sorted(sizes, reverse=True)  # the extra rows go to the first parts
+
+
+def test_shard_rows_hand_example():
+    assert shard_rows(7, 3) == [(0, 3), (3, 5), (5, 7)]
+
+
+def test_shard_rows_rejects_too_many_parts():
+    with pytest.raises(ValueError):
+        shard_rows(2, 3)
+
+
+def test_placement_validation_names_field():
+    with pytest.raises(ValueError, match="placement.pipeline_stages"):
+        PlacementConfig(mode="disaggregated", env_workers=3, pipeline_stages=2)
+    with pytest.raises(ValueError, match="placement.learner.ranks"):
+        LearnerPlacement(ranks=0)
+    with pytest.raises(ValueError, match="env.num_envs"):
+        PlacementConfig(mode="colocated", learner=LearnerPlacement(ranks=4)).validate_for(3)
+    PlacementConfig(mode="local").validate_for(1)
+
+
+def test_placement_overrides_parse():
+    cfg = apply_overrides(PlacementConfig(), ["mode=disaggregated", "env_workers=4",
+                                              "pipeline_stages=2", "learner.ranks=2",
+                                              "learner.fsdp=true"])
+    assert (cfg.mode, cfg.env_workers, cfg.pipeline_stages) == ("disaggregated", 4, 2)
+    assert cfg.learner.ranks == 2 and cfg.learner.fsdp is True
+    with pytest.raises((ConfigError, ValueError)):
+        apply_overrides(PlacementConfig(), ["mode=everywhere"])
