@@ -93,8 +93,9 @@ def test_pickcube_rgb_reset_seeds_and_chunks():
         for _ in range(3):  # 3 chunks of 4 steps = the 12-step horizon
             if policy is not None:
                 with torch.no_grad():
-                    chunk = sampler.sample(policy, policy.encode_prefix(obs2),
-                                           generator=g).actions[:, :4, :7].clamp(-1, 1)
+                    chain = sampler.sample(policy, policy.encode_prefix(obs2), generator=g)
+                    assert torch.isfinite(chain.logp).all()
+                    chunk = chain.actions.clamp(-1, 1)
             else:
                 chunk = torch.rand(2, 4, 7, generator=g) * 2 - 1
             res = chunked.step_chunk(chunk)
@@ -110,17 +111,21 @@ def test_pickcube_rgb_reset_seeds_and_chunks():
 
 
 def _tiny_policy_or_none(env):
-    """TinyVLA + a sampler if the model/flow packages have landed, else None (random chunks)."""
+    """A small random-init TinyVLA + Flow-SDE sampler for ``env`` (None, None if the model /
+    flow packages are not importable: then the test steps random chunks)."""
     try:
         from pirl.flow import build_sampler
         from pirl.models import build_policy
+        from pirl.models.tokenizer import vocab_from_texts
     except ImportError:
         return None, None
-    try:
-        policy = build_policy("tiny", action_dim=env.action_dim, state_dim=env.state_dim)
-        sampler = build_sampler("ode", num_steps=2)
-    except TypeError:
-        return None, None
+    torch.manual_seed(0)
+    policy = build_policy("tiny", action_horizon=4, action_dim=env.action_dim,
+                          state_dim=env.state_dim, num_cameras=2, image_size=64, width=32,
+                          depth=1, heads=2, conv_channels=[8, 16, 16],
+                          vocab=vocab_from_texts(env.instructions))
+    sampler = build_sampler("flow_sde", num_steps=2, feature_dim=policy.feature_dim,
+                            action_dim=env.action_dim)
     return policy.eval(), sampler
 
 
@@ -139,5 +144,38 @@ def test_state_mode_and_multitask_padding():
         assert out.truncated.all()
         out2 = env.step(torch.ones(2, 7))  # frozen: ignored
         assert torch.equal(out2.obs["state"], out.obs["state"]) and (out2.reward == 0).all()
+    finally:
+        env.close()
+
+
+@pytest.mark.sim
+def test_motionplanning_demos_replay_in_env(tmp_path):
+    """A motion-planned PickCube demo (converted to pd_ee_delta_pose) is a valid episode of
+    ManiSkillEnv: replaying its actions from the same seed reproduces its observations and
+    succeeds at its last step."""
+    pytest.importorskip("mplib")
+    eps, stats = M.generate_motionplanning_demos("PickCube-v1", 1, seed=3, image_size=64)
+    assert stats["attempts"] >= 1 and len(eps) == 1
+    e = eps[0]
+    t = len(e.actions)
+    assert e.success and e.images.shape == (t, 1, 3, 64, 64) and e.state.shape == (t, 16)
+    assert np.abs(e.actions).max() <= 1.0 + 1e-6
+    paths = M.save_demos(eps, tmp_path)
+    with np.load(paths[0]) as z:
+        assert np.array_equal(z["actions"], e.actions) and str(z["task"]) == "PickCube-v1"
+    env = _sim_env(tasks="PickCube-v1", num_envs=1, image_size=64, sim_backend="cpu")
+    try:
+        obs = env.reset(seed=0, episode_seeds=torch.tensor([e.seed]))
+        assert torch.allclose(obs["state"][0], torch.from_numpy(e.state[0]), atol=1e-5)
+        success_at = None
+        for k in range(t):
+            if k > 0:
+                assert torch.allclose(obs["state"][0], torch.from_numpy(e.state[k]), atol=1e-3)
+            out = env.step(torch.from_numpy(e.actions[k])[None])
+            obs = out.obs
+            if bool(out.info["success"][0]):
+                success_at = k
+                break
+        assert success_at == t - 1 and bool(out.terminated[0]) and float(out.reward[0]) == 1.0
     finally:
         env.close()

@@ -479,16 +479,21 @@ class PoolBatchedEnv(BatchedEnv):
         self._done = torch.zeros(n, dtype=torch.bool)
         self._terminated = torch.zeros(n, dtype=torch.bool)
         self._truncated = torch.zeros(n, dtype=torch.bool)
-        self._images: np.ndarray | None = None
-        self._state: np.ndarray | None = None
+        self._buf: dict[str, np.ndarray] = {}  # "images" [N, C, 3, H, W] (optional), "state"
         self._rng = np.random.default_rng(0)
 
     # -- helpers -----------------------------------------------------------------------------
     def _obs(self) -> Obs:
-        return {"images": torch.from_numpy(self._images.copy()),
-                "state": torch.from_numpy(self._state.copy()),
+        obs: Obs = {k: torch.from_numpy(v.copy()) for k, v in self._buf.items()}
+        return {**obs,
                 "instruction": [self.instructions[int(t)] for t in self._task_ids],
                 "task_id": self._task_ids.clone()}
+
+    def _store(self, i: int, o: dict[str, np.ndarray]) -> None:
+        for k, v in o.items():
+            if k not in self._buf:
+                self._buf[k] = np.zeros((self.num_envs, *v.shape), v.dtype)
+            self._buf[k][i] = v
 
     def _slot_reset_args(self, i: int) -> tuple:
         """Arguments of slot ``i``'s ``reset``: (task index, init-state index, seed)."""
@@ -499,11 +504,7 @@ class PoolBatchedEnv(BatchedEnv):
         outs = self.pool.call("reset", args=[self._slot_reset_args(i) for i in idx],
                               indices=idx)
         for i, o in zip(idx, outs):
-            if self._images is None:
-                self._images = np.zeros((self.num_envs, *o["images"].shape), np.uint8)
-                self._state = np.zeros((self.num_envs, *o["state"].shape), np.float32)
-            self._images[i] = o["images"]
-            self._state[i] = o["state"]
+            self._store(i, o)
         t = torch.tensor(idx, dtype=torch.long)
         self._elapsed[t] = 0
         self._return[t] = 0.0
@@ -539,8 +540,7 @@ class PoolBatchedEnv(BatchedEnv):
         outs = self.pool.call("step", args=[(act[i, :self.action_dim],) for i in live],
                               indices=live)
         for i, (o, r, s) in zip(live, outs):
-            self._images[i] = o["images"]
-            self._state[i] = o["state"]
+            self._store(i, o)
             reward[i] = r
             success[i] = s
         live_t = torch.tensor(live, dtype=torch.long)
@@ -564,7 +564,9 @@ class PoolBatchedEnv(BatchedEnv):
 
     def render(self) -> torch.Tensor:
         """First camera ``[N, 3, H, W]`` uint8."""
-        return torch.from_numpy(self._images[:, 0].copy())
+        if "images" not in self._buf:
+            raise RuntimeError("render() needs image observations (this env has none)")
+        return torch.from_numpy(self._buf["images"][:, 0].copy())
 
     def close(self) -> None:
         self.pool.close()

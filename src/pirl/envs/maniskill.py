@@ -24,7 +24,7 @@ mode (then ``images`` is absent).  Actions: ``pd_ee_delta_pose`` by default (``[
 normalised delta xyz, delta axis-angle, gripper in ``[-1, 1]``, ``+1`` open).
 
 Episodes: ``terminated`` = the task's success (``info["success"]``), ``truncated`` = the time
-limit (default: the task's registered ``max_episode_steps``); reward is ManiSkill's
+limit (default: ``max(DEFAULT_MAX_STEPS = 100, the task's registered limit)``); reward is ManiSkill's
 ``reward_mode`` (``"sparse"`` by default: 1 on success).  Same task + same episode seed => same
 initial state (CPU: ``env.reset(seed)``; GPU: each slot is reset on its own with its own seed).
 
@@ -38,6 +38,7 @@ initial states of the training tasks (see :func:`split_config`).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 import glob
 import importlib.util
 import os
@@ -70,6 +71,10 @@ TASK_INSTRUCTIONS: dict[str, str] = {
 MULTITASK_TRAIN_TASKS = ("PickCube-v1", "StackCube-v1", "PushCube-v1", "PlaceSphere-v1")
 MULTITASK_HELDOUT_TASKS = ("PullCube-v1",)
 HELDOUT_SEED_OFFSET = 1_000_000
+#: Default time limit.  ManiSkill registers 50 steps for these tasks (tuned for joint-delta
+#: control); its motion-planning demos converted to ``pd_ee_delta_pose`` take ~70 steps
+#: (measured on PickCube-v1), so pirl uses at least 100.
+DEFAULT_MAX_STEPS = 100
 
 
 def split_config(split: str) -> tuple[tuple[str, ...], int, int]:
@@ -148,7 +153,9 @@ def format_obs(env, raw: Any, obs_mode: str, state_dim: int, cameras: Sequence[s
         pad = state_dim - s.shape[-1]
         return {"state": torch.nn.functional.pad(s, (0, pad)) if pad > 0 else s}
     imgs = torch.stack([raw["sensor_data"][c]["rgb"] for c in cameras], dim=1)  # [b, C, H, W, 3]
-    tcp = env.unwrapped.agent.tcp.pose.raw_pose  # [b, 7]
+    extra = raw.get("extra", {})
+    # the TCP pose at observation time (ManiSkill's own obs field if the task has it)
+    tcp = extra["tcp_pose"] if "tcp_pose" in extra else env.unwrapped.agent.tcp.pose.raw_pose
     state = torch.cat([raw["agent"]["qpos"].float(), tcp.float().to(raw["agent"]["qpos"].device)],
                       dim=-1)
     return {"images": imgs.permute(0, 1, 4, 2, 3).contiguous(), "state": state}
@@ -302,7 +309,8 @@ class ManiSkillEnv(PoolBatchedEnv):
     obs_mode: ``"rgb"`` or ``"state"``.  control_mode: any ManiSkill controller of the robot
     (default ``pd_ee_delta_pose``).  image_size: square camera side.  wrist_camera: add the
     Panda hand camera (robot ``panda_wristcam``).  max_episode_steps: default the largest
-    registered limit of the tasks.  instructions: override :data:`TASK_INSTRUCTIONS`.
+    registered limit of the tasks and :data:`DEFAULT_MAX_STEPS`.
+    instructions: override :data:`TASK_INSTRUCTIONS`.
     seed_range: ``(low, high)`` episode seeds drawn by :meth:`reset` when none are given.
     slot_tasks: GPU only, the task index of each slot (default: contiguous near-equal blocks).
     """
@@ -359,8 +367,8 @@ class ManiSkillEnv(PoolBatchedEnv):
             probe_env.close()
         super().__init__(pool, task_names=tasks, instructions=[instr.get(t, t) for t in tasks],
                          action_dim=action_dim, state_dim=state_dim,
-                         max_episode_steps=max_episode_steps
-                         or max(_registered_max_steps(t) for t in tasks),
+                         max_episode_steps=max_episode_steps or max(
+                             [DEFAULT_MAX_STEPS] + [_registered_max_steps(t) for t in tasks]),
                          auto_reset=auto_reset, seed_space=1)
 
     def reset(self, seed: int | None = None, task_ids: torch.Tensor | None = None,
@@ -408,3 +416,162 @@ def make_env(name: str = "maniskill", num_envs: int = 1, **kw) -> ManiSkillEnv:
     else:
         tasks = kw.pop("tasks", name)
     return ManiSkillEnv(tasks, num_envs, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Demonstrations from ManiSkill's motion-planning solutions
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class DemoEpisode:
+    """One demonstration in pirl's layout (observation ``t`` is the one action ``t`` saw).
+
+    images: ``[T, C, 3, H, W]`` uint8 (None in ``state`` mode); state: ``[T, S]`` float32;
+    actions: ``[T, A]`` float32 in the env's control mode; success: reached the goal (the episode
+    is cut at the first success step, pirl's ``terminated``).
+    """
+
+    task: str
+    instruction: str
+    seed: int
+    images: np.ndarray | None
+    state: np.ndarray
+    actions: np.ndarray
+    success: bool
+
+
+def motion_planning_tasks() -> list[str]:
+    """Tasks with a motion-planning solution in the installed ManiSkill (needs ``mplib``)."""
+    from mani_skill.examples.motionplanning.panda import solutions as S
+
+    names = {"PickCube-v1": "solvePickCube", "StackCube-v1": "solveStackCube",
+             "PushCube-v1": "solvePushCube", "PullCube-v1": "solvePullCube",
+             "PlaceSphere-v1": "solvePlaceSphere", "LiftPegUpright-v1": "solveLiftPegUpright",
+             "PullCubeTool-v1": "solvePullCubeTool", "PegInsertionSide-v1":
+             "solvePegInsertionSide", "PlugCharger-v1": "solvePlugCharger"}
+    return [t for t, f in names.items() if hasattr(S, f)]
+
+
+def _solver(task: str):
+    from mani_skill.examples.motionplanning.panda import solutions as S
+
+    return getattr(S, "solve" + task.split("-")[0])
+
+
+class _Recorder:
+    """Gymnasium-style wrapper recording (obs before the step, action, success) of each step;
+    ``fmt`` converts a raw observation when it is produced (it may read the env's live state)."""
+
+    def __init__(self, env, first_obs, fmt: Any = None):
+        self.env = env
+        self.fmt = fmt or (lambda raw: raw)
+        self.last = self.fmt(first_obs) if first_obs is not None else None
+        self.obs, self.actions, self.success = [], [], []
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    def step(self, action):
+        self.obs.append(self.last)
+        self.actions.append(np.asarray(torch.as_tensor(action).reshape(-1).cpu(), np.float32))
+        out = self.env.step(action)
+        self.last = self.fmt(out[0])
+        self.success.append(bool(out[4]["success"].reshape(-1)[0]))
+        return out
+
+
+def generate_motionplanning_demos(task: str, num_episodes: int, seed: int = 0, *,
+                                  obs_mode: str = "rgb", control_mode: str = "pd_ee_delta_pose",
+                                  image_size: int = 128, wrist_camera: bool = False,
+                                  max_attempts: int | None = None, only_success: bool = True,
+                                  ) -> tuple[list[DemoEpisode], dict[str, float]]:
+    """Demonstrations of ``task`` from ManiSkill's motion-planning solution, in pirl's layout.
+
+    For each seed (``seed, seed + 1, ...``) the solution plans in ``pd_joint_pos`` on a
+    state-free env; the joint-target trajectory is then converted closed-loop to
+    ``control_mode`` (ManiSkill's own converter, ``from_pd_joint_pos``) on an env built exactly
+    like :class:`ManiSkillEnv`'s CPU slots, recording its observations.  Returns the episodes and
+    stats (``attempts``, ``plan_success`` = planner reached the goal, ``success`` = the converted
+    replay reached the goal, ``mean_len``, ``seconds``).
+    """
+    import time
+
+    from mani_skill.trajectory.utils.actions.conversion import from_pd_joint_pos
+
+    require_maniskill()
+    t0 = time.time()
+    solve = _solver(task)
+    plan_env = _make_gym_env(task, 1, "physx_cpu", "none", "pd_joint_pos", image_size, False,
+                             "sparse", "sapien_cpu")
+    slot = ManiSkillSlot([task], obs_mode=obs_mode, control_mode=control_mode,
+                         image_size=image_size, wrist_camera=wrist_camera)
+    instruction = TASK_INSTRUCTIONS.get(task, task)
+    if obs_mode == "state":
+        slot.state_dim = slot.raw_state_dims()[0]
+    episodes: list[DemoEpisode] = []
+    attempts = plans_ok = 0
+    lengths = []
+    max_attempts = max_attempts or 3 * num_episodes
+    s = seed
+    while len(episodes) < num_episodes and attempts < max_attempts:
+        attempts += 1
+        rec_plan = _Recorder(plan_env, None)
+        try:
+            res = solve(rec_plan, seed=s)
+        except Exception:  # noqa: BLE001 - planner failures count as failed attempts
+            res = -1
+        plan_ok = res != -1 and bool(res[-1]["success"].reshape(-1)[0])
+        plans_ok += plan_ok
+        if plan_ok:
+            plan_env.reset(seed=s)
+            genv = slot.env(0)
+            slot.current = 0
+            raw0, _ = genv.reset(seed=s)
+            rec = _Recorder(genv, raw0, fmt=functools.partial(
+                format_obs, genv, obs_mode=obs_mode, state_dim=slot.state_dim,
+                cameras=slot.cameras))
+            from_pd_joint_pos(control_mode, np.stack(rec_plan.actions), plan_env, rec)
+            ok = any(rec.success)
+            end = rec.success.index(True) + 1 if ok else len(rec.actions)
+            if ok or not only_success:
+                fo = rec.obs[:end]
+                episodes.append(DemoEpisode(
+                    task=task, instruction=instruction, seed=s,
+                    images=(torch.cat([f["images"] for f in fo]).cpu().numpy()
+                            if obs_mode != "state" else None),
+                    state=torch.cat([f["state"] for f in fo]).cpu().numpy().astype(np.float32),
+                    actions=np.stack(rec.actions[:end]).astype(np.float32), success=ok))
+                lengths.append(end)
+        s += 1
+    plan_env.close()
+    slot.close()
+    n_ok = sum(e.success for e in episodes)
+    return episodes, {"attempts": attempts, "plan_success": plans_ok / max(attempts, 1),
+                      "success": n_ok / max(plans_ok, 1),
+                      "mean_len": float(np.mean(lengths)) if lengths else 0.0,
+                      "seconds": time.time() - t0}
+
+
+def save_demos(episodes: Sequence[DemoEpisode], out_dir: str | os.PathLike) -> list[str]:
+    """Write episodes as ``<out_dir>/<task>_<seed>.npz`` (fields of :class:`DemoEpisode`;
+    ``images`` omitted in state mode).  Returns the paths.
+
+    This is the adapter to pirl's demo format: ``pirl.envs.demos`` (once it has a writer) can
+    take :class:`DemoEpisode` fields directly (obs ``images`` / ``state`` / ``instruction`` per
+    step, actions per step).
+    """
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for e in episodes:
+        p = out / f"{e.task}_{e.seed}.npz"
+        arrays = dict(state=e.state, actions=e.actions, success=np.array(e.success),
+                      seed=np.array(e.seed), task=np.array(e.task),
+                      instruction=np.array(e.instruction))
+        if e.images is not None:
+            arrays["images"] = e.images
+        np.savez_compressed(p, **arrays)
+        paths.append(str(p))
+    return paths

@@ -1,0 +1,119 @@
+"""Real-simulator throughput: ManiSkill3 and LIBERO behind pirl's batched env API.
+
+Run in the simulator venv (see docs/simulators.md)::
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv-sim/bin/python benchmarks/sim_throughput.py
+
+Each row is produced by one function returning a dict; rows that cannot run on this machine say
+why instead of a number.  Steps/s counts env steps summed over all envs (``num_envs * steps /
+seconds``) with random actions, rendering included, after a reset that is not timed (env
+construction and the first reset are reported separately as ``setup_s``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any, Callable
+
+import torch
+
+
+def _time_steps(env, steps: int, action_dim: int, seed: int = 0) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    env.reset(seed=seed)
+    setup = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        env.step(torch.rand(env.num_envs, action_dim, generator=g) * 2 - 1)
+    dt = time.perf_counter() - t0
+    return env.num_envs * steps / dt, setup
+
+
+def maniskill_row(num_envs: int = 1, obs_mode: str = "rgb", vectorization: str = "loop",
+                  image_size: int = 128, wrist_camera: bool = False, steps: int = 20,
+                  task: str = "PickCube-v1") -> dict[str, Any]:
+    """ManiSkill3 task on this machine's backend (GPU if CUDA, else CPU sim + SAPIEN CPU render)."""
+    from pirl.envs.maniskill import ManiSkillEnv
+
+    t0 = time.perf_counter()
+    env = ManiSkillEnv(task, num_envs, obs_mode=obs_mode, vectorization=vectorization,
+                       image_size=image_size, wrist_camera=wrist_camera, max_episode_steps=10**6)
+    build = time.perf_counter() - t0
+    try:
+        sps, setup = _time_steps(env, steps, env.action_dim)
+    finally:
+        env.close()
+    cams = (2 if wrist_camera else 1) if obs_mode == "rgb" else 0
+    return {"sim": f"ManiSkill {task}", "backend": env.sim_backend, "num_envs": num_envs,
+            "vectorization": vectorization if env.sim_backend == "cpu" else "gpu",
+            "obs": f"{obs_mode}" + (f" {cams}x{image_size}px" if cams else ""),
+            "steps_per_s": round(sps, 1), "setup_s": round(build + setup, 1)}
+
+
+def libero_row(num_envs: int = 2, suite: str = "libero_spatial", steps: int = 20,
+               image_size: int = 224) -> dict[str, Any]:
+    """LIBERO suite, one process per env, agent-view + wrist at 256 px resized to 224."""
+    from pirl.envs import libero as L
+
+    base = {"sim": f"LIBERO {suite}", "backend": "cpu (MuJoCo)", "num_envs": num_envs,
+            "vectorization": "process", "obs": f"rgb 2x{image_size}px"}
+    miss = L.missing_assets()
+    if miss:
+        return {**base, "steps_per_s": "n/a",
+                "setup_s": f"cannot load a task: LIBERO assets missing ({miss[0]})"}
+    t0 = time.perf_counter()
+    env = L.LiberoEnv(suite, num_envs, image_size=image_size, max_episode_steps=10**6)
+    build = time.perf_counter() - t0
+    try:
+        sps, setup = _time_steps(env, steps, 7)
+    finally:
+        env.close()
+    return {**base, "steps_per_s": round(sps, 1), "setup_s": round(build + setup, 1)}
+
+
+def maniskill_demo_row(task: str = "PickCube-v1", episodes: int = 3) -> dict[str, Any]:
+    """Motion-planning demos (plan in joint space, convert to pd_ee_delta_pose, record rgb)."""
+    from pirl.envs.maniskill import generate_motionplanning_demos
+
+    eps, st = generate_motionplanning_demos(task, episodes, seed=0, image_size=128)
+    return {"sim": f"ManiSkill demos {task}", "backend": "cpu", "num_envs": 1,
+            "vectorization": "-", "obs": "rgb 1x128px",
+            "steps_per_s": f"{st['seconds'] / max(len(eps), 1):.1f} s/demo",
+            "setup_s": (f"{len(eps)} demos, plan ok {st['plan_success']:.0%}, replay ok "
+                        f"{st['success']:.0%}, mean len {st['mean_len']:.0f}")}
+
+
+ROWS: dict[str, Callable[[], dict[str, Any]]] = {
+    "maniskill_state_1": lambda: maniskill_row(1, "state", steps=50),
+    "maniskill_rgb_1": lambda: maniskill_row(1, "rgb"),
+    "maniskill_rgb_wrist_1": lambda: maniskill_row(1, "rgb", wrist_camera=True),
+    "maniskill_rgb_2_loop": lambda: maniskill_row(2, "rgb", "loop"),
+    "maniskill_rgb_2_process": lambda: maniskill_row(2, "rgb", "process"),
+    "maniskill_demos": maniskill_demo_row,
+    "libero_2": lambda: libero_row(2),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cols = ["sim", "backend", "num_envs", "vectorization", "obs", "steps_per_s", "setup_s"]
+    print(f"cpu cores: {os.cpu_count()}, load avg: {os.getloadavg()[0]:.1f}, "
+          f"cuda: {torch.cuda.is_available()}")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for name in args.rows:
+        try:
+            r = ROWS[name]()
+        except Exception as e:  # noqa: BLE001 - a row that cannot run says why
+            r = {"sim": name, "steps_per_s": "error", "setup_s": f"{type(e).__name__}: {e}"}
+        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
