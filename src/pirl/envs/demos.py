@@ -1,0 +1,327 @@
+"""Scripted-expert demonstrations: generation, an on-disk layout, and SFT sample building.
+
+Layout (LeRobotDataset-v3-like, parquet; images stored as raw uint8 arrays instead of videos)::
+
+    DIR/meta/info.json                          # format, env + kwargs, fps, features, counts
+    DIR/meta/tasks.parquet                      # task_index, task (instruction), task_name
+    DIR/meta/episodes/chunk-000/file-000.parquet  # episode_index, task_index, length, success,
+                                                #   episode_seed, dataset_from_index, dataset_to_index
+    DIR/data/chunk-000/file-000.parquet         # one row per frame (see below)
+
+Frame columns: ``index`` (global frame), ``episode_index``, ``frame_index``, ``timestamp``,
+``task_index``, ``observation.state`` (float32[S]), ``action`` (float32[A]), ``next.reward``,
+``next.done``, ``next.success`` and one ``observation.images.<camera>`` column per camera
+(``top``, ``wrist``) holding the ``[3, H, W]`` uint8 image flattened (fixed-size list).
+``task_index`` is the env's task id in the recorded split (``env.task_names[task_index]``).
+Frame t holds the observation *before* action t.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+CAMERA_NAMES = ("top", "wrist")
+FORMAT = "pirl-demos/v1 (LeRobotDataset v3-like)"
+
+
+def _fixed_list(arr: np.ndarray, pa_type: pa.DataType) -> pa.FixedSizeListArray:
+    flat = arr.reshape(arr.shape[0], -1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=pa_type), flat.shape[1])
+
+
+def _record_batch(env, expert, tasks: torch.Tensor, seeds: torch.Tensor) -> dict[str, Any]:
+    """Run the expert on one batch of episodes (fixed horizon); return per-episode arrays."""
+    n = env.num_envs
+    k = tasks.shape[0]
+    pad = n - k
+    tasks_p = torch.cat([tasks, tasks[:1].expand(pad)]) if pad else tasks
+    seeds_p = torch.cat([seeds, seeds[:1].expand(pad)]) if pad else seeds
+    obs = env.reset(task_ids=tasks_p, episode_seeds=seeds_p)
+    images, states, actions, rewards, successes = [], [], [], [], []
+    done = torch.zeros(n, dtype=torch.bool)
+    for _ in range(env.max_episode_steps):
+        act = expert.act()
+        if "images" in obs:
+            images.append(obs["images"].cpu())
+        states.append(obs["state"].cpu())
+        actions.append(act.cpu())
+        step = env.step(act)
+        rewards.append(step.reward.cpu())
+        successes.append(step.info["success"].cpu())
+        done = step.done.cpu()
+        obs = step.obs
+        if bool(done.all()):
+            break
+    length = env.elapsed.cpu()[:k]
+    success = torch.stack(successes).any(0)[:k]
+    out = {"length": length, "success": success,
+           "state": torch.stack(states, 1)[:k], "action": torch.stack(actions, 1)[:k],
+           "reward": torch.stack(rewards, 1)[:k]}
+    if images:
+        out["images"] = torch.stack(images, 1)[:k]  # [K, T, C, 3, S, S]
+    return out
+
+
+def generate_demos(env_name: str = "tabletop", episodes: int = 4, out_dir: str | Path = "demos",
+                   seed: int = 0, noise: float = 0.1, split: str = "train",
+                   num_envs: int = 128, only_success: bool = True, max_rounds: int = 10,
+                   env_kwargs: dict[str, Any] | None = None) -> Path:
+    """Record ``episodes`` scripted-expert episodes **per task** of ``split`` into ``out_dir``.
+
+    The expert acts with Gaussian action noise of std ``noise``.  With ``only_success`` failed
+    episodes are dropped and retried with new seeds (up to ``max_rounds`` rounds), so every
+    task gets ``episodes`` successful demos.  Deterministic given ``seed``.  Returns ``out_dir``.
+    """
+    if env_name != "tabletop":
+        raise ValueError(f"scripted demos exist only for the 'tabletop' env, not {env_name!r}")
+    from pirl.envs.tabletop import ScriptedExpert, TabletopEnv
+
+    kwargs = dict(env_kwargs or {})
+    kwargs.update(split=split, auto_reset=False)
+    env = TabletopEnv(num_envs, **kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    expert = ScriptedExpert(env, noise=noise, generator=gen)
+    num_tasks = len(env.tasks)
+    kept: list[dict[str, Any]] = []
+    need = torch.full((num_tasks,), episodes, dtype=torch.long)
+    for _ in range(max_rounds):
+        if int(need.sum()) == 0:
+            break
+        tasks = torch.repeat_interleave(torch.arange(num_tasks), need)
+        seeds = torch.randint(2**31 - 1, (tasks.numel(),), generator=gen)
+        for lo in range(0, tasks.numel(), num_envs):
+            t, s = tasks[lo:lo + num_envs], seeds[lo:lo + num_envs]
+            rec = _record_batch(env, expert, t, s)
+            for i in range(t.numel()):
+                ok = bool(rec["success"][i])
+                if only_success and (not ok or need[t[i]] == 0):
+                    continue
+                if not only_success and need[t[i]] == 0:
+                    continue
+                need[t[i]] -= 1
+                length = int(rec["length"][i])
+                ep = {"task_index": int(t[i]), "episode_seed": int(s[i]), "success": ok,
+                      "length": length}
+                for key in ("state", "action", "reward", "images"):
+                    if key in rec:
+                        ep[key] = rec[key][i, :length]
+                kept.append(ep)
+    kept.sort(key=lambda e: (e["task_index"], e["episode_seed"]))
+    return _write(Path(out_dir), env, kept, dict(env_name=env_name, env_kwargs=kwargs, seed=seed,
+                                                 noise=noise, split=split,
+                                                 episodes_per_task=episodes))
+
+
+def _write(out: Path, env, episodes: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
+    (out / "meta" / "episodes" / "chunk-000").mkdir(parents=True, exist_ok=True)
+    (out / "data" / "chunk-000").mkdir(parents=True, exist_ok=True)
+    fps = 10
+    lengths = [e["length"] for e in episodes]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if episodes else \
+        np.zeros(0, np.int64)
+    total = int(sum(lengths))
+    cat = lambda key: torch.cat([e[key] for e in episodes]).numpy() if episodes else None  # noqa
+    ep_index = np.repeat(np.arange(len(episodes)), lengths).astype(np.int64)
+    frame_index = np.concatenate([np.arange(n) for n in lengths]).astype(np.int64) \
+        if episodes else np.zeros(0, np.int64)
+    task_index = np.repeat([e["task_index"] for e in episodes], lengths).astype(np.int64)
+    done = frame_index == np.repeat(np.array(lengths) - 1, lengths)
+    succ = done & np.repeat([e["success"] for e in episodes], lengths).astype(bool)
+    columns: dict[str, pa.Array] = {
+        "index": pa.array(np.arange(total, dtype=np.int64)),
+        "episode_index": pa.array(ep_index), "frame_index": pa.array(frame_index),
+        "timestamp": pa.array((frame_index / fps).astype(np.float32)),
+        "task_index": pa.array(task_index),
+        "observation.state": _fixed_list(cat("state").astype(np.float32), pa.float32()),
+        "action": _fixed_list(cat("action").astype(np.float32), pa.float32()),
+        "next.reward": pa.array(cat("reward").astype(np.float32)),
+        "next.done": pa.array(done), "next.success": pa.array(succ),
+    }
+    features: dict[str, Any] = {
+        "observation.state": {"dtype": "float32", "shape": [env.state_dim]},
+        "action": {"dtype": "float32", "shape": [env.action_dim]},
+    }
+    image_keys = []
+    if episodes and "images" in episodes[0]:
+        images = cat("images")  # [F, C, 3, S, S]
+        for c in range(images.shape[1]):
+            key = f"observation.images.{CAMERA_NAMES[c]}"
+            image_keys.append(key)
+            columns[key] = _fixed_list(images[:, c], pa.uint8())
+            features[key] = {"dtype": "uint8", "shape": list(images.shape[2:]),
+                             "names": ["channel", "height", "width"]}
+    pq.write_table(pa.table(columns), out / "data" / "chunk-000" / "file-000.parquet",
+                   compression="zstd")
+    pq.write_table(pa.table({
+        "episode_index": pa.array(np.arange(len(episodes), dtype=np.int64)),
+        "task_index": pa.array(np.array([e["task_index"] for e in episodes], dtype=np.int64)),
+        "length": pa.array(np.array(lengths, dtype=np.int64)),
+        "success": pa.array(np.array([e["success"] for e in episodes], dtype=bool)),
+        "episode_seed": pa.array(np.array([e["episode_seed"] for e in episodes], dtype=np.int64)),
+        "dataset_from_index": pa.array(starts),
+        "dataset_to_index": pa.array(starts + np.array(lengths, dtype=np.int64)),
+    }), out / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
+    pq.write_table(pa.table({
+        "task_index": pa.array(np.arange(len(env.tasks), dtype=np.int64)),
+        "task": pa.array(env.instructions), "task_name": pa.array(env.task_names),
+    }), out / "meta" / "tasks.parquet")
+    info = {"format": FORMAT, "fps": fps, "total_episodes": len(episodes), "total_frames": total,
+            "total_tasks": len(env.tasks), "image_keys": image_keys, "features": features,
+            "data_path": "data/chunk-000/file-000.parquet",
+            "episodes_path": "meta/episodes/chunk-000/file-000.parquet",
+            "max_episode_steps": env.max_episode_steps, **meta}
+    (out / "meta" / "info.json").write_text(json.dumps(info, indent=2))
+    return out
+
+
+@dataclass
+class DemoDataset:
+    """Demonstrations in memory (frame-major tensors).
+
+    images: ``[F, C, 3, S, S]`` uint8 or None; state: ``[F, S]``; actions: ``[F, A]``;
+    reward: ``[F]``; episode_index / frame_index / task_index: ``[F]`` int64;
+    ep_task / ep_start / ep_length / ep_success / ep_seed: ``[E]`` per episode;
+    instructions / task_names: per task index.
+    """
+
+    images: torch.Tensor | None
+    state: torch.Tensor
+    actions: torch.Tensor
+    reward: torch.Tensor
+    episode_index: torch.Tensor
+    frame_index: torch.Tensor
+    task_index: torch.Tensor
+    ep_task: torch.Tensor
+    ep_start: torch.Tensor
+    ep_length: torch.Tensor
+    ep_success: torch.Tensor
+    ep_seed: torch.Tensor
+    instructions: list[str]
+    task_names: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.state.shape[0])
+
+    @property
+    def num_episodes(self) -> int:
+        return int(self.ep_task.shape[0])
+
+    def episodes_per_task(self) -> dict[int, int]:
+        """``{task_index: number of episodes}`` for the tasks present."""
+        t, c = self.ep_task.unique(return_counts=True)
+        return dict(zip(t.tolist(), c.tolist()))
+
+    def select_episodes(self, episodes: torch.Tensor | list[int]) -> "DemoDataset":
+        """A new dataset with only the given episodes (renumbered in the given order)."""
+        episodes = torch.as_tensor(episodes, dtype=torch.long)
+        frames = torch.cat([torch.arange(int(self.ep_start[e]), int(self.ep_start[e] + self.ep_length[e]))
+                            for e in episodes.tolist()]) if episodes.numel() else \
+            torch.zeros(0, dtype=torch.long)
+        lengths = self.ep_length[episodes]
+        starts = torch.cumsum(lengths, 0) - lengths
+        return DemoDataset(
+            images=None if self.images is None else self.images[frames],
+            state=self.state[frames], actions=self.actions[frames], reward=self.reward[frames],
+            episode_index=torch.repeat_interleave(torch.arange(episodes.numel()), lengths),
+            frame_index=self.frame_index[frames], task_index=self.task_index[frames],
+            ep_task=self.ep_task[episodes], ep_start=starts, ep_length=lengths,
+            ep_success=self.ep_success[episodes], ep_seed=self.ep_seed[episodes],
+            instructions=self.instructions, task_names=self.task_names, info=self.info)
+
+    def few_shot(self, k: int, seed: int | None = None) -> "DemoDataset":
+        """K episodes per task (the first K in file order, or K random ones given ``seed``)."""
+        chosen = []
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for t in sorted(self.episodes_per_task()):
+            eps = (self.ep_task == t).nonzero()[:, 0]
+            if gen is not None:
+                eps = eps[torch.randperm(eps.numel(), generator=gen)]
+            chosen.append(eps[:k])
+        return self.select_episodes(torch.cat(chosen) if chosen else [])
+
+    def action_chunks(self, frames: torch.Tensor, horizon: int,
+                      pad: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
+        """Action chunks starting at ``frames [B]``: ``actions[t : t + H]`` of the same episode,
+        padded past the episode end with the episode's last action (``pad="last"``) or zeros
+        (``pad="zero"``).  Returns ``(chunks [B, H, A], mask [B, H] bool: real steps)``."""
+        if pad not in ("last", "zero"):
+            raise ValueError(f"pad must be 'last' or 'zero', got {pad!r}")
+        ep = self.episode_index[frames]
+        end = self.ep_start[ep] + self.ep_length[ep]  # exclusive
+        idx = frames[:, None] + torch.arange(horizon)[None, :]
+        mask = idx < end[:, None]
+        idx = torch.minimum(idx, (end - 1)[:, None])
+        chunks = self.actions[idx]
+        if pad == "zero":
+            chunks = chunks * mask[..., None]
+        return chunks, mask
+
+    def observations(self, frames: torch.Tensor) -> dict[str, Any]:
+        """Batched observation dict (the env's format) of ``frames [B]``."""
+        obs: dict[str, Any] = {"state": self.state[frames], "task_id": self.task_index[frames],
+                               "instruction": [self.instructions[t]
+                                               for t in self.task_index[frames].tolist()]}
+        if self.images is not None:
+            obs["images"] = self.images[frames]
+        return obs
+
+    def sft_samples(self, horizon: int, pad: str = "last",
+                    frames: torch.Tensor | None = None) -> dict[str, Any]:
+        """SFT samples for ``frames`` (default all): ``{"obs": obs dict, "actions": [B, H, A],
+        "mask": [B, H]}``."""
+        frames = torch.arange(len(self)) if frames is None else frames
+        chunks, mask = self.action_chunks(frames, horizon, pad)
+        return {"obs": self.observations(frames), "actions": chunks, "mask": mask}
+
+    def sample_batch(self, batch_size: int, horizon: int, generator: torch.Generator | None = None,
+                     pad: str = "last") -> dict[str, Any]:
+        """A uniformly random minibatch of SFT samples (frames drawn with replacement)."""
+        frames = torch.randint(len(self), (batch_size,), generator=generator)
+        return self.sft_samples(horizon, pad, frames)
+
+
+def _column(table: pa.Table, name: str) -> np.ndarray:
+    col = table.column(name).combine_chunks()
+    if pa.types.is_fixed_size_list(col.type):
+        return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+    return col.to_numpy(zero_copy_only=False)
+
+
+def load_demos(path: str | Path) -> DemoDataset:
+    """Load a demo folder written by :func:`generate_demos`."""
+    path = Path(path)
+    info = json.loads((path / "meta" / "info.json").read_text())
+    data = pq.read_table(path / info["data_path"])
+    eps = pq.read_table(path / info["episodes_path"])
+    tasks = pq.read_table(path / "meta" / "tasks.parquet")
+    t = lambda a, dt=None: torch.from_numpy(np.array(a)).to(dt) if dt else \
+        torch.from_numpy(np.array(a))  # noqa: E731
+    images = None
+    if info["image_keys"]:
+        cams = [_column(data, k).reshape(data.num_rows, *info["features"][k]["shape"])
+                for k in info["image_keys"]]
+        images = t(np.stack(cams, 1))
+    return DemoDataset(
+        images=images,
+        state=t(_column(data, "observation.state"), torch.float32),
+        actions=t(_column(data, "action"), torch.float32),
+        reward=t(_column(data, "next.reward"), torch.float32),
+        episode_index=t(_column(data, "episode_index"), torch.long),
+        frame_index=t(_column(data, "frame_index"), torch.long),
+        task_index=t(_column(data, "task_index"), torch.long),
+        ep_task=t(_column(eps, "task_index"), torch.long),
+        ep_start=t(_column(eps, "dataset_from_index"), torch.long),
+        ep_length=t(_column(eps, "length"), torch.long),
+        ep_success=t(_column(eps, "success"), torch.bool),
+        ep_seed=t(_column(eps, "episode_seed"), torch.long),
+        instructions=tasks.column("task").to_pylist(),
+        task_names=tasks.column("task_name").to_pylist(), info=info)
