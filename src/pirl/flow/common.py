@@ -107,6 +107,7 @@ class GaussianChainSampler(Sampler):
         dev, dtype = noise.device, noise.dtype
         grid = time_grid(self.num_steps, device=dev, dtype=dtype)
         stoch = self.stochastic_mask(b, dev, generator)                       # [B, K]
+        any_k, all_k = stoch.any(0).tolist(), stoch.all(0).tolist()  # one host sync
         x = noise
         xs, means, stds = [x], [], []
         for k in range(self.num_steps):
@@ -115,13 +116,17 @@ class GaussianChainSampler(Sampler):
             out = policy.velocity(prefix, x, t)
             s_k = stoch[:, k]
             mean, std = self.transition(x, out, t, t_next, s_k)
-            sk3 = s_k.view(b, 1, 1)
-            std = torch.where(sk3, std, torch.zeros_like(std))
-            if bool(s_k.any()):
+            if all_k[k]:  # fast paths: whole batch stochastic / deterministic at this step
+                z = torch.randn(mean.shape, generator=generator, device=dev, dtype=dtype)
+                x = mean + std * z
+            elif not any_k[k]:
+                std = torch.zeros_like(std)
+                x = mean
+            else:
+                sk3 = s_k.view(b, 1, 1)
+                std = torch.where(sk3, std, torch.zeros_like(std))
                 z = torch.randn(mean.shape, generator=generator, device=dev, dtype=dtype)
                 x = torch.where(sk3, mean + std * z, mean)
-            else:
-                x = mean
             xs.append(x)
             means.append(mean)
             stds.append(std)

@@ -42,6 +42,8 @@ class TinyVLAConfig:
 
     vocab: instruction words (build it with ``pirl.models.tokenizer.vocab_from_texts``); words
         outside it map to ``<unk>``.
+    image_size: the env's image side (informational: the conv encoder ends with adaptive
+        pooling, so any square size works; 64 is what the tiny model is sized for).
     image_tokens: side of the token grid per camera (4 -> 16 tokens per image).
     value_head: ``"expert"`` or ``"prefix"`` (see module docstring).
     critic_detach: whether the critic's input is detached from the shared trunk.
