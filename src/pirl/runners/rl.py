@@ -118,7 +118,12 @@ class RLTrainer:
         """One rollout + update; returns metrics."""
         t0 = time.perf_counter()
         ro = self.rollout()
-        t_roll = time.perf_counter() - t0
+        return self.learn(ro, time.perf_counter() - t0)
+
+    def learn(self, ro: Rollout, t_roll: float = 0.0) -> dict[str, float]:
+        """Advantages + update on a collected rollout (the learner's half of :meth:`iteration`;
+        distributed placements run it on the learner ranks, see
+        :mod:`pirl.runners.distributed`).  ``t_roll``: the rollout's wall time, for metrics."""
         self.env_steps += ro.env_steps
         valid = ro.valid
         flat_valid = valid.reshape(-1)
@@ -171,47 +176,20 @@ class RLTrainer:
         for _ in range(hp.update_epochs):
             perm = torch.randperm(m, generator=self.update_gen)
             for start in range(0, m, mb):
-                i = perm[start:start + mb]
+                i = self._minibatch_rows(perm[start:start + mb])
                 o = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
                      for k, v in index_batch(obs, i).items()}
                 c = chain.index(i)
                 c = type(c)(*(getattr(c, f).to(device) for f in
                               ("x", "t", "mean", "std", "stochastic", "step_logp", "init_logp", "logp")))
-                prefix = self.policy.encode_prefix(o)
-                new = self.sampler.log_prob(self.policy, prefix, c)
-                new_logp = self._aggregate(new)
-                mask = level_mask(self.action_mask.to(device), len(i), hp.ratio_level)
-                pg, s = policy_loss(new_logp, old_logp[i].to(device), adv[i].to(device),
-                                    clip_low=hp.clip_low, clip_high=hp.clip_high,
-                                    dual_clip=hp.dual_clip, mask=mask,
-                                    max_log_ratio=hp.max_log_ratio)
-                loss = pg
-                if self.ref is not None:
-                    with torch.no_grad():
-                        ref_pol, ref_smp = self.ref
-                        ref_logp = self._aggregate(
-                            ref_smp.log_prob(ref_pol, ref_pol.encode_prefix(o), c))
-                    kl = approx_kl(new_logp, ref_logp, mask)
-                    loss = loss + self.hp.kl_coef * kl
-                    s["ref_kl"] = float(kl)
-                s = {f"policy/{k}": float(v) for k, v in s.items()}
-                s["policy/loss"] = float(pg)
-                if self.algo == "ppo":
-                    v = self.policy.value(prefix)
-                    vl, vs = value_loss(v, old_values[i].to(device), ret[i].to(device),
-                                        clip=hp.value_clip, huber_delta=hp.huber_delta)
-                    loss = loss + hp.value_coef * vl
-                    s["value/loss"] = float(vl)
-                ent = hp.entropy_coef
-                if ent and bool(new.stochastic.any()):
-                    # Gaussian entropy per element = log std + const: a bonus on the noise level
-                    bonus = new.std[new.stochastic].clamp_min(1e-8).log().mean()
-                    loss = loss - ent * bonus
+                loss, s = self._loss(o, c, old_logp[i].to(device), adv[i].to(device),
+                                     ret[i].to(device), old_values[i].to(device))
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 gn = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
                 self.optimizer.step()
                 s["policy/grad_norm"] = float(gn)
+                s = self._reduce_stats(s)
                 for k, v in s.items():
                     stats.setdefault(k, []).append(v)
             kls = stats.get("policy/approx_kl", [])
@@ -220,6 +198,54 @@ class RLTrainer:
         out = {k: sum(v) / len(v) for k, v in stats.items()}
         out["policy/lr"] = self.optimizer.param_groups[0]["lr"]
         return out
+
+    def minibatch_loss(self, o, c, old_logp, adv, ret, old_values) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss and stats of one minibatch (already on the device): obs ``o``, chains ``c``,
+        rollout log-probs, advantages, returns and values ``[M]``."""
+        hp = self.hp
+        device = old_logp.device
+        prefix = self.policy.encode_prefix(o)
+        new = self.sampler.log_prob(self.policy, prefix, c)
+        new_logp = self._aggregate(new)
+        mask = level_mask(self.action_mask.to(device), adv.shape[0], hp.ratio_level)
+        pg, s = policy_loss(new_logp, old_logp, adv,
+                            clip_low=hp.clip_low, clip_high=hp.clip_high,
+                            dual_clip=hp.dual_clip, mask=mask,
+                            max_log_ratio=hp.max_log_ratio)
+        loss = pg
+        if self.ref is not None:
+            with torch.no_grad():
+                ref_pol, ref_smp = self.ref
+                ref_logp = self._aggregate(
+                    ref_smp.log_prob(ref_pol, ref_pol.encode_prefix(o), c))
+            kl = approx_kl(new_logp, ref_logp, mask)
+            loss = loss + self.hp.kl_coef * kl
+            s["ref_kl"] = float(kl)
+        s = {f"policy/{k}": float(v) for k, v in s.items()}
+        s["policy/loss"] = float(pg)
+        if self.algo == "ppo":
+            v = self.policy.value(prefix)
+            vl, vs = value_loss(v, old_values, ret,
+                                clip=hp.value_clip, huber_delta=hp.huber_delta)
+            loss = loss + hp.value_coef * vl
+            s["value/loss"] = float(vl)
+        ent = hp.entropy_coef
+        if ent and bool(new.stochastic.any()):
+            # Gaussian entropy per element = log std + const: a bonus on the noise level
+            bonus = new.std[new.stochastic].clamp_min(1e-8).log().mean()
+            loss = loss - ent * bonus
+        return loss, s
+
+    # hooks of data-parallel learners (pirl.runners.distributed.DataParallelRLTrainer): this
+    # rank's share of a minibatch, the (DDP / FSDP-wrapped) loss, stats averaged over ranks
+    def _minibatch_rows(self, i: torch.Tensor) -> torch.Tensor:
+        return i
+
+    def _loss(self, *args) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.minibatch_loss(*args)
+
+    def _reduce_stats(self, s: dict[str, float]) -> dict[str, float]:
+        return s
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
