@@ -13,7 +13,7 @@ from pirl.envs.tabletop import ScriptedExpert, TabletopEnv
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demos")
-    return generate_demos("tabletop", episodes=2, out_dir=out, seed=3, noise=0.1, num_envs=96,
+    return generate_demos("tabletop", episodes_per_task=2, out_dir=out, seed=3, noise=0.1, num_envs=96,
                           env_kwargs={"task_families": ("pick_place",), "num_cameras": 2,
                                       "image_size": 32})
 
@@ -84,8 +84,11 @@ def test_few_shot_and_action_chunks(demo_dir):
             else:
                 assert not mask[f, i] and torch.equal(chunks[f, i], one.actions[end - 1])
                 assert torch.equal(zchunks[f, i], torch.zeros(3))
-    batch = one.sample_batch(16, h, generator=torch.Generator().manual_seed(0))
-    assert batch["actions"].shape == (16, h, 3) and batch["mask"].shape == (16, h)
-    assert batch["obs"]["images"].shape == (16, 2, 3, 32, 32)
-    assert batch["obs"]["instruction"] == [one.instructions[t]
-                                           for t in batch["obs"]["task_id"].tolist()]
+    obs, acts, msk = one.sample_batch(16, h, generator=torch.Generator().manual_seed(0))
+    assert acts.shape == (16, h, 3) and msk.shape == (16, h)
+    assert obs["images"].shape == (16, 2, 3, 32, 32)
+    assert obs["instruction"] == [one.instructions[t] for t in obs["task_id"].tolist()]
+    # the lead's call: every frame of the first K episodes per task
+    obs, acts, msk = d.sft_samples(horizon=h, episodes_per_task=1)
+    assert torch.equal(acts, chunks) and torch.equal(msk, mask)
+    assert torch.equal(obs["images"], one.images)

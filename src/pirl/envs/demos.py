@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -70,17 +70,24 @@ def _record_batch(env, expert, tasks: torch.Tensor, seeds: torch.Tensor) -> dict
     return out
 
 
-def generate_demos(env_name: str = "tabletop", episodes: int = 4, out_dir: str | Path = "demos",
-                   seed: int = 0, noise: float = 0.1, split: str = "train",
-                   num_envs: int = 128, only_success: bool = True, max_rounds: int = 10,
-                   env_kwargs: dict[str, Any] | None = None) -> Path:
-    """Record ``episodes`` scripted-expert episodes **per task** of ``split`` into ``out_dir``.
+def generate_demos(env_name: str = "tabletop", episodes_per_task: int = 4,
+                   out_dir: str | Path = "demos", seed: int = 0, noise: float = 0.1,
+                   split: str = "train", num_envs: int = 128, only_success: bool = True,
+                   max_rounds: int = 10, env_kwargs: dict[str, Any] | None = None,
+                   episodes: int | None = None) -> Path:
+    """Record ``episodes_per_task`` scripted-expert episodes **per task** of ``split`` into
+    ``out_dir`` (``episodes`` is an alias).
 
-    The expert acts with Gaussian action noise of std ``noise``.  With ``only_success`` failed
-    episodes are dropped and retried with new seeds (up to ``max_rounds`` rounds), so every
-    task gets ``episodes`` successful demos.  Deterministic given ``seed``.  Returns ``out_dir``.
+    ``env_kwargs`` go to :class:`~pirl.envs.tabletop.TabletopEnv` (use the training env's:
+    ``task_families``, ``num_cameras``, ``image_size``, ``max_episode_steps`` ...).  The expert
+    acts with Gaussian action noise of std ``noise``.  With ``only_success`` failed episodes are
+    dropped and retried with new seeds (up to ``max_rounds`` rounds), so every task gets
+    ``episodes_per_task`` successful demos.  Deterministic given ``seed``.  Returns ``out_dir``.
     """
-    if env_name != "tabletop":
+    if episodes is not None:
+        episodes_per_task = episodes
+    episodes = episodes_per_task
+    if env_name.replace(":", "/").split("/")[0] != "tabletop":
         raise ValueError(f"scripted demos exist only for the 'tabletop' env, not {env_name!r}")
     from pirl.envs.tabletop import ScriptedExpert, TabletopEnv
 
@@ -117,7 +124,7 @@ def generate_demos(env_name: str = "tabletop", episodes: int = 4, out_dir: str |
     kept.sort(key=lambda e: (e["task_index"], e["episode_seed"]))
     return _write(Path(out_dir), env, kept, dict(env_name=env_name, env_kwargs=kwargs, seed=seed,
                                                  noise=noise, split=split,
-                                                 episodes_per_task=episodes))
+                                                 episodes_per_task=episodes_per_task))
 
 
 def _write(out: Path, env, episodes: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
@@ -274,19 +281,30 @@ class DemoDataset:
             obs["images"] = self.images[frames]
         return obs
 
-    def sft_samples(self, horizon: int, pad: str = "last",
-                    frames: torch.Tensor | None = None) -> dict[str, Any]:
-        """SFT samples for ``frames`` (default all): ``{"obs": obs dict, "actions": [B, H, A],
-        "mask": [B, H]}``."""
-        frames = torch.arange(len(self)) if frames is None else frames
-        chunks, mask = self.action_chunks(frames, horizon, pad)
-        return {"obs": self.observations(frames), "actions": chunks, "mask": mask}
+    def sft_samples(self, horizon: int, pad: str = "last", frames: torch.Tensor | None = None,
+                    episodes_per_task: int | None = None) -> "SFTSamples":
+        """SFT samples ``(obs, actions [B, H, A], mask [B, H])`` for ``frames`` (default: every
+        frame; with ``episodes_per_task=K`` every frame of the first K episodes of each task)."""
+        ds = self if episodes_per_task is None else self.few_shot(episodes_per_task)
+        frames = torch.arange(len(ds)) if frames is None else frames
+        chunks, mask = ds.action_chunks(frames, horizon, pad)
+        return SFTSamples(ds.observations(frames), chunks, mask)
 
     def sample_batch(self, batch_size: int, horizon: int, generator: torch.Generator | None = None,
-                     pad: str = "last") -> dict[str, Any]:
+                     pad: str = "last") -> "SFTSamples":
         """A uniformly random minibatch of SFT samples (frames drawn with replacement)."""
         frames = torch.randint(len(self), (batch_size,), generator=generator)
         return self.sft_samples(horizon, pad, frames)
+
+
+class SFTSamples(NamedTuple):
+    """A batch of SFT samples: obs dict (``images [B, C, 3, S, S]``, ``state [B, S]``,
+    ``instruction``, ``task_id [B]``), ``actions [B, H, A]``, ``mask [B, H]`` bool (True on
+    real, non-padded steps)."""
+
+    obs: dict[str, Any]
+    actions: torch.Tensor
+    mask: torch.Tensor
 
 
 def _column(table: pa.Table, name: str) -> np.ndarray:

@@ -188,6 +188,13 @@ class TabletopEnv(BatchedEnv):
         self._generator = torch.Generator().manual_seed(seed)
         self._obs: dict[str, Any] | None = None
 
+    def vocabulary(self) -> list[str]:
+        """Every word of every instruction of every family and split (sorted), so that a
+        tokenizer built from it also covers OOD instructions."""
+        from pirl.envs.tabletop.tasks import all_tasks
+
+        return sorted({w for t in all_tasks() for w in t.instruction.split()})
+
     # ------------------------------------------------------------------ episode initialisation
     def sample_layout(self, task_ids: torch.Tensor, seeds: torch.Tensor) -> dict[str, torch.Tensor]:
         """Initial states for tasks ``task_ids [K]`` and episode seeds ``seeds [K]`` (a pure
