@@ -7,6 +7,9 @@ For each batch size the prefix is encoded once (as in a rollout) and each sample
 after round, and the median per round is reported (robust on a shared machine).  Columns:
 ``sample ms`` = one chunk from a cached prefix, ``+prefix ms`` = including ``encode_prefix``
 (one env step's inference), ``x ODE`` = sample-time ratio to the ODE sampler.
+
+``--log-prob`` adds a table of the training-side cost: ``Sampler.log_prob`` forward + backward
+on a stored chain (the PPO update's inner loop), batched over the recomputed transitions.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--action-dim", type=int, default=4)
+    ap.add_argument("--log-prob", action="store_true", help="also time log_prob fwd+bwd")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,6 +93,36 @@ def main() -> None:
                 ms = statistics.median(t_sample[name]) * 1e3
                 print(f"{b:>5} | {name:<18} | {ms:>9.2f} | {ms + pre:>10.2f} | {ms / ode:>5.2f}")
             print("-" * len(header))
+    if args.log_prob:
+        time_log_prob(policy, samplers, cfg, args, device)
+
+
+def time_log_prob(policy, samplers, cfg, args, device) -> None:
+    """log_prob forward + backward (prefix included) on chains sampled beforehand."""
+    policy.train()
+    header = f"{'batch':>5} | {'sampler':<18} | {'log_prob fwd+bwd ms':>19}"
+    print(header)
+    print("-" * len(header))
+    for b in args.batches:
+        obs = make_obs(b, cfg, device)
+        for name, s in samplers.items():
+            if name == "ode":
+                continue
+            with torch.inference_mode():
+                chain = s.sample(policy, policy.encode_prefix(obs))
+            ts = []
+            for i in range(max(3, args.rounds // 3) + 1):
+                _sync(device)
+                t0 = time.perf_counter()
+                out = s.log_prob(policy, policy.encode_prefix(obs), chain)
+                out.logp.sum().backward()
+                _sync(device)
+                if i:  # first is warm-up
+                    ts.append(time.perf_counter() - t0)
+                policy.zero_grad(set_to_none=True)
+                s.zero_grad(set_to_none=True)
+            print(f"{b:>5} | {name:<18} | {statistics.median(ts) * 1e3:>19.2f}")
+        print("-" * len(header))
 
 
 if __name__ == "__main__":
