@@ -470,3 +470,550 @@ def _short(e: BaseException, limit: int = 600) -> str:
     s = str(e).strip().splitlines()
     text = " | ".join(x.strip() for x in s if x.strip())
     return text if len(text) <= limit else text[:limit] + " ..."
+
+
+# ============================================================================ worker building blocks
+@dataclass
+class EnvSpec:
+    """What the trainer needs to know about the N envs without holding them (learner ranks)."""
+
+    num_envs: int
+    action_dim: int
+    state_dim: int
+    max_episode_steps: int
+    task_names: list[str]
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def from_env(cls, env: BatchedEnv) -> "EnvSpec":
+        return cls(num_envs=env.num_envs, action_dim=env.action_dim, state_dim=env.state_dim,
+                   max_episode_steps=env.max_episode_steps, task_names=list(env.task_names))
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs to build its part of the run (sent once through Ray).
+
+    env_fn: ``env_fn(num_envs=n) -> BatchedEnv`` builds a slice of ``n`` envs (picklable, e.g.
+    ``functools.partial(pirl.envs.make_env, "tabletop", split="train")``).
+    modules: ``{"policy": FlowPolicy, "sampler": Sampler}`` with the starting weights (pickled
+    once into the object store; each worker moves its copy to its device).
+    """
+
+    env_fn: Callable[..., BatchedEnv]
+    modules: Any
+    env_spec: EnvSpec
+    rl: Any  # pirl.runners.config.RLConfig
+    seed: int
+    device: str = "cpu"
+    threads: int | None = 1
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _resolve(x: Any) -> Any:
+    """An ObjectRef's value (workers may get either the ref or the value)."""
+    try:
+        import ray
+
+        if isinstance(x, ray.ObjectRef):
+            return ray.get(x)
+    except ImportError:  # pragma: no cover
+        pass
+    return x
+
+
+def _build_modules(spec: WorkerSpec, device: str) -> tuple[FlowPolicy, Sampler]:
+    import copy
+
+    mods = _resolve(spec.modules)
+    policy, sampler = copy.deepcopy(mods["policy"]), copy.deepcopy(mods["sampler"])
+    return policy.to(device), sampler.to(device)
+
+
+def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of ``module.state_dict()`` (what weight sync ships)."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+class EnvWorker(EnvSlice):
+    """Ray actor body: env rows ``[start, stop)`` built in this process."""
+
+    def __init__(self, env_fn: Callable[..., BatchedEnv], start: int, stop: int,
+                 threads: int | None = 1):
+        _set_threads(threads)
+        super().__init__(env_fn(num_envs=stop - start), start, stop)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RolloutWorker:
+    """Ray actor body: the inference worker of the disaggregated mode.
+
+    Holds a policy replica and the trainer's rollout state (sample / group generators, the
+    iteration counter that seeds the episodes) and drives the env workers, pipelined over
+    ``stages`` stages of consecutive workers (see :func:`collect_staged`)."""
+
+    def __init__(self, spec: WorkerSpec, env_workers: Sequence[tuple[Any, int, int, str]],
+                 stages: int = 1, device: str | None = None):
+        from pirl.runners.rl import RLTrainer
+
+        _set_threads(spec.threads)
+        self.device = device or spec.device
+        self.policy, self.sampler = _build_modules(spec, self.device)
+        self.trainer = RLTrainer(self.policy, self.sampler, spec.env_spec, spec.rl, spec.seed)
+        self.trainer.optimizer = None  # inference only
+        self.num_envs = spec.env_spec.num_envs
+        groups = [list(g) for g in _split(list(env_workers), stages)]
+        self.stages = [RemoteStage(g, spec.env_spec.action_dim) for g in groups]
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def rollout(self) -> dict[str, Any]:
+        """One iteration's rollout of all N envs: ``{"rollout", "groups", "time"}``."""
+        tr = self.trainer
+        self.policy.eval()
+        t0 = time.perf_counter()
+        ro = collect_staged(self.policy, self.sampler, self.stages, num_envs=self.num_envs,
+                            num_chunks=tr.num_chunks, reset_kwargs=tr._reset_kwargs(),
+                            action_chunk=tr.action_chunk, generator=tr.sample_gen,
+                            with_values=tr.algo == "ppo")
+        tr.iter += 1
+        return {"rollout": ro, "groups": getattr(tr, "_groups", None),
+                "time": time.perf_counter() - t0}
+
+    def load_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.policy.load_state_dict(weights["policy"])
+        self.sampler.load_state_dict(weights["sampler"])
+
+    def rollout_state(self) -> dict[str, Any]:
+        tr = self.trainer
+        return {"iter": tr.iter, "sample_gen": tr.sample_gen.get_state(),
+                "group_gen": tr.group_gen.get_state()}
+
+    def load_rollout_state(self, sd: dict[str, Any]) -> None:
+        tr = self.trainer
+        tr.iter = sd["iter"]
+        tr.sample_gen.set_state(sd["sample_gen"])
+        tr.group_gen.set_state(sd["group_gen"])
+
+
+def _split(items: list, parts: int) -> list[list]:
+    return [items[a:b] for a, b in shard_rows(len(items), parts)]
+
+
+# ============================================================================ data-parallel learner
+class _LossModule(nn.Module):
+    """Policy + sampler as one module whose ``forward`` is the minibatch loss, so DDP's gradient
+    hooks and FSDP2's unshard / reshard hooks run around it."""
+
+    def __init__(self, trainer: "DataParallelRLTrainer"):
+        super().__init__()
+        self.policy = trainer.policy
+        self.sampler = trainer.sampler
+        self._trainer = [trainer]  # a list: not registered as a submodule
+
+    def forward(self, o, c, old_logp, adv, ret, old_values, scale: float):
+        loss, stats = self._trainer[0].minibatch_loss(o, c, old_logp, adv, ret, old_values)
+        return loss * scale, stats
+
+
+def _rl_trainer_cls():
+    from pirl.runners.rl import RLTrainer
+
+    return RLTrainer
+
+
+class DataParallelRLTrainer(_rl_trainer_cls()):
+    """:class:`~pirl.runners.rl.RLTrainer` whose update runs on ``world`` torch.distributed ranks.
+
+    Every rank holds the full rollout and computes the same advantages and minibatch
+    permutations; rank ``r`` takes rows ``shard_rows(M, world)[r]`` of each minibatch of ``M``
+    and scales its mean loss by ``world * M_r / M``, so the averaged gradient (DDP all-reduce, or
+    FSDP2 reduce-scatter) is the full minibatch's.  A rank whose share is empty (``M < world``)
+    runs one row with weight 0, so collectives stay matched.  Stats are the ``M_r / M``-weighted
+    sums over ranks (identical on every rank, so ``target_kl`` early stopping agrees).
+    Call :meth:`parallelize` after ``torch.distributed.init_process_group``.
+    """
+
+    fsdp: bool = False
+    world: int = 1
+    rank: int = 0
+
+    def parallelize(self, fsdp: bool = False) -> None:
+        import torch.distributed as dist
+
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        self.fsdp = fsdp
+        # object / flag collectives on CPU whatever the learner's backend
+        self.cpu_group = dist.new_group(backend="gloo")
+        self.loss_module = _LossModule(self)
+        self._scale = 1.0
+        if fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            dev = next(self.policy.parameters()).device
+            mesh = init_device_mesh(dev.type, (self.world,))
+            fully_shard(self.loss_module, mesh=mesh)
+            self.optimizer = self._make_optimizer()  # over the sharded (DTensor) parameters
+            self.wrapped = self.loss_module
+        else:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.wrapped = DDP(self.loss_module, find_unused_parameters=True,
+                               process_group=None)
+
+    # --------------------------------------------------------- RLTrainer hooks
+    def _minibatch_rows(self, i: torch.Tensor) -> torch.Tensor:
+        m = i.shape[0]
+        base, extra = divmod(m, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        stop = start + base + (1 if self.rank < extra else 0)
+        if stop > start:
+            self._scale = self.world * (stop - start) / m
+            return i[start:stop]
+        self._scale = 0.0
+        return i[:1]
+
+    def _loss(self, *args):
+        return self.wrapped(*args, self._scale)
+
+    def _reduce_stats(self, s: dict[str, float]) -> dict[str, float]:
+        import torch.distributed as dist
+
+        keys = sorted(s)
+        w = self._scale / self.world
+        t = torch.tensor([s[k] * w for k in keys], dtype=torch.float64)
+        dist.all_reduce(t, group=self.cpu_group)
+        return dict(zip(keys, t.tolist()))
+
+    # --------------------------------------------------------- weights / state
+    def full_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Full CPU state dicts ``{"policy", "sampler"}`` (a collective under FSDP: call it on
+        every rank; only rank 0's result is complete)."""
+        if not self.fsdp:
+            return {"policy": cpu_state(self.policy), "sampler": cpu_state(self.sampler)}
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_model_state_dict)
+
+        sd = get_model_state_dict(self.loss_module,
+                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {"policy": {k[len("policy."):]: v for k, v in sd.items() if k.startswith("policy.")},
+                "sampler": {k[len("sampler."):]: v for k, v in sd.items()
+                            if k.startswith("sampler.")}}
+
+    def state_dict(self) -> dict[str, Any]:
+        """RLTrainer's state (a collective under FSDP).  DDP: the optimizer state has the local
+        layout (a local run resumes it); FSDP: the full FQN-keyed layout (FSDP runs resume it)."""
+        if not self.fsdp:
+            return super().state_dict()
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_optimizer_state_dict)
+
+        opt = get_optimizer_state_dict(self.loss_module, self.optimizer,
+                                       options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+        return {"iter": self.iter, "env_steps": self.env_steps, "optimizer": opt,
+                "optimizer_format": "fsdp-full", "sample_gen": self.sample_gen.get_state(),
+                "update_gen": self.update_gen.get_state(), "group_gen": self.group_gen.get_state()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if not self.fsdp:
+            if sd.get("optimizer_format") == "fsdp-full":
+                raise ValueError("this checkpoint's optimizer state was saved by an FSDP learner; "
+                                 "resume it with placement.learner.fsdp=true")
+            return super().load_state_dict(sd)
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             set_optimizer_state_dict)
+
+        if sd.get("optimizer_format") != "fsdp-full":
+            raise ValueError("this checkpoint's optimizer state has the local/DDP layout; "
+                             "resume it with placement.learner.fsdp=false")
+        self.iter, self.env_steps = sd["iter"], sd["env_steps"]
+        set_optimizer_state_dict(self.loss_module, self.optimizer, optim_state_dict=sd["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        self.sample_gen.set_state(sd["sample_gen"])
+        self.update_gen.set_state(sd["update_gen"])
+        self.group_gen.set_state(sd["group_gen"])
+
+
+class LearnerWorker:
+    """Ray actor body: learner rank ``rank`` of ``world`` (DDP or FSDP2)."""
+
+    def __init__(self, spec: WorkerSpec, rank: int, world: int, learner: LearnerPlacement):
+        _set_threads(spec.threads)
+        self.rank, self.world, self.learner = rank, world, learner
+        use_gpu = learner.gpus > 0 and torch.cuda.is_available()
+        self.device = "cuda" if use_gpu else spec.device
+        self.spec = spec
+        self.policy, self.sampler = _build_modules(spec, self.device)
+        self.trainer = DataParallelRLTrainer(self.policy, self.sampler, spec.env_spec, spec.rl,
+                                             spec.seed)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def rendezvous(self) -> tuple[str, int]:
+        """(address, free port) for rank 0's TCP store."""
+        from pirl.runners.placement import free_port, node_ip
+
+        return node_ip(), free_port()
+
+    def init_distributed(self, addr: str, port: int) -> None:
+        import datetime
+
+        import torch.distributed as dist
+
+        backend = self.learner.backend
+        if backend == "auto":
+            backend = "nccl" if self.device.startswith("cuda") else "gloo"
+        if self.device.startswith("cuda"):
+            torch.cuda.set_device(0)  # Ray exposes this actor's GPU(s) as cuda:0..
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
+        dist.init_process_group(backend, rank=self.rank, world_size=self.world,
+                                timeout=datetime.timedelta(seconds=self.learner.timeout_s))
+        self.trainer.parallelize(fsdp=self.learner.fsdp)
+
+    def learn(self, payload: dict[str, Any]) -> dict[str, float]:
+        """Advantages + data-parallel update on the rollout of the rollout worker."""
+        if payload.get("groups") is not None:
+            self.trainer._groups = payload["groups"]
+        return self.trainer.learn(payload["rollout"], payload.get("time", 0.0))
+
+    def weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        return self.trainer.full_weights()
+
+    def trainer_state(self) -> dict[str, Any]:
+        return self.trainer.state_dict()
+
+    def load_trainer_state(self, sd: dict[str, Any]) -> None:
+        self.trainer.load_state_dict(sd)
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class ColocatedWorker(LearnerWorker):
+    """Ray actor body of the colocated mode: env rows ``[start, stop)`` + rollout + learner rank.
+
+    One iteration: roll out the own env slice (chain noise drawn for all N envs, so the slice is
+    the rows of the local run; "all envs done" is all-reduced), all-gather the slices into the
+    full rollout, then the data-parallel update.  Under FSDP2 the parameters are unsharded for
+    the rollout and resharded for the update (the phase swap of colocated placement).
+    """
+
+    def __init__(self, spec: WorkerSpec, rank: int, world: int, learner: LearnerPlacement,
+                 start: int, stop: int):
+        super().__init__(spec, rank, world, learner)
+        self.stage = LocalStage(EnvSlice(spec.env_fn(num_envs=stop - start), start, stop))
+
+    def _all_done(self, mine: bool) -> bool:
+        import torch.distributed as dist
+
+        flag = torch.tensor([0 if mine else 1], dtype=torch.int64)
+        dist.all_reduce(flag, group=self.trainer.cpu_group)
+        return int(flag) == 0
+
+    def iteration(self) -> dict[str, float]:
+        import torch.distributed as dist
+
+        tr = self.trainer
+        tr.policy.eval()
+        t0 = time.perf_counter()
+        if tr.fsdp:
+            tr.loss_module.unshard()
+        try:
+            part = collect_staged(tr.policy, tr.sampler, [self.stage],
+                                  num_envs=tr.env.num_envs, num_chunks=tr.num_chunks,
+                                  reset_kwargs=tr._reset_kwargs(), action_chunk=tr.action_chunk,
+                                  generator=tr.sample_gen, with_values=tr.algo == "ppo",
+                                  all_done=self._all_done)
+        finally:
+            if tr.fsdp:
+                tr.loss_module.reshard()
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, part, group=tr.cpu_group)
+        ro = cat_rollouts(parts)
+        return tr.learn(ro, time.perf_counter() - t0)
+
+
+# ============================================================================ driver
+class DistributedTrainer:
+    """Runs RL iterations with the colocated or disaggregated placement on Ray.
+
+    Same interface as :class:`~pirl.runners.rl.RLTrainer` (``iteration()``, ``state_dict()``,
+    ``load_state_dict()``, ``iter``, ``env_steps``), so :class:`pirl.runners.train.Run` uses
+    either.  ``policy`` / ``sampler``: the driver's modules; their current weights seed every
+    worker, and with ``placement.sync_driver`` they receive the trained weights after every
+    iteration (for the driver's evaluations and checkpoints).
+
+    env_fn: ``env_fn(num_envs=n)`` builds ``n`` training envs in a worker (picklable);
+    ``env``: the driver's training env (only its spec is used: N, dims, tasks, horizon).
+    """
+
+    def __init__(self, policy: FlowPolicy, sampler: Sampler, env: BatchedEnv, cfg: Any,
+                 seed: int, placement: PlacementConfig, env_fn: Callable[..., BatchedEnv],
+                 device: str = "cpu"):
+        import ray
+
+        from pirl.runners.placement import connect
+
+        if placement.mode == "local":
+            raise ValueError("placement.mode='local' runs RLTrainer; DistributedTrainer is for "
+                             "colocated / disaggregated")
+        connect(placement.cluster, placement.ray_num_cpus)
+        self.policy, self.sampler, self.cfg, self.placement = policy, sampler, cfg, placement
+        self.iter, self.env_steps = 0, 0
+        spec_env = EnvSpec.from_env(env)
+        placement.validate_for(spec_env.num_envs)
+        modules = ray.put({"policy": _cpu_module(policy), "sampler": _cpu_module(sampler)})
+        spec = WorkerSpec(env_fn=env_fn, modules=modules, env_spec=spec_env, rl=cfg, seed=seed,
+                          device=device, threads=placement.threads)
+        lp = placement.learner
+        world = lp.ranks
+        self.env_workers: list[tuple[Any, int, int, str]] = []
+        self.rollout_worker = None
+        self._names: dict[Any, str] = {}
+        if placement.mode == "colocated":
+            actor = ray.remote(ColocatedWorker)
+            rows = shard_rows(spec_env.num_envs, world)
+            self.learners = [actor.options(num_cpus=lp.cpus, num_gpus=lp.gpus).remote(
+                spec, r, world, lp, a, b) for r, (a, b) in enumerate(rows)]
+            self.learner_names = [f"colocated worker {r} (learner rank {r}, envs [{a}, {b}))"
+                                  for r, (a, b) in enumerate(rows)]
+        else:
+            env_actor = ray.remote(EnvWorker)
+            for w, (a, b) in enumerate(shard_rows(spec_env.num_envs, placement.env_workers)):
+                h = env_actor.options(num_cpus=placement.env_cpus).remote(env_fn, a, b,
+                                                                          placement.threads)
+                self.env_workers.append((h, a, b, f"env worker {w} (envs [{a}, {b}))"))
+            use_gpu = placement.rollout_gpus > 0
+            self.rollout_worker = ray.remote(RolloutWorker).options(
+                num_cpus=placement.rollout_cpus, num_gpus=placement.rollout_gpus).remote(
+                spec, self.env_workers, placement.pipeline_stages,
+                "cuda" if use_gpu else device)
+            actor = ray.remote(LearnerWorker)
+            self.learners = [actor.options(num_cpus=lp.cpus, num_gpus=lp.gpus).remote(
+                spec, r, world, lp) for r in range(world)]
+            self.learner_names = [f"learner rank {r}" for r in range(world)]
+        try:
+            self._init_distributed()
+        except WorkerError:
+            self.close()
+            raise
+
+    # ----------------------------------------------------------------- setup
+    def _init_distributed(self) -> None:
+        addr, port = get_all([self.learners[0].rendezvous.remote()], [self.learner_names[0]])[0]
+        get_all([w.init_distributed.remote(addr, port) for w in self.learners],
+                self.learner_names)
+        if self.rollout_worker is not None:  # start-up errors of the other workers surface here
+            get_all([self.rollout_worker.pid.remote()] + [w.pid.remote()
+                                                         for w, *_ in self.env_workers],
+                    ["rollout worker"] + [n for *_, n in self.env_workers])
+
+    def worker_pids(self) -> dict[str, int]:
+        """Process ids of every worker, by name (for monitoring and the fault tests)."""
+        handles = [(w, n) for (w, *_, n) in self.env_workers]
+        if self.rollout_worker is not None:
+            handles.append((self.rollout_worker, "rollout worker"))
+        handles += list(zip(self.learners, self.learner_names))
+        pids = get_all([h.pid.remote() for h, _ in handles], [n for _, n in handles])
+        return {n: p for (_, n), p in zip(handles, pids)}
+
+    # ----------------------------------------------------------------- iteration
+    def iteration(self) -> dict[str, float]:
+        """One rollout + data-parallel update; raises :class:`WorkerError` (naming the worker)
+        if any worker dies, before any update is counted."""
+        try:
+            if self.rollout_worker is None:
+                metrics = get_all([w.iteration.remote() for w in self.learners],
+                                  self.learner_names)[0]
+            else:
+                payload = self.rollout_worker.rollout.remote()
+                metrics = get_all([w.learn.remote(payload) for w in self.learners],
+                                  self.learner_names)[0]
+            weights = None
+            if self.rollout_worker is not None or self.placement.sync_driver:
+                refs = [w.weights.remote() for w in self.learners]
+                get_all(refs, self.learner_names)  # all ranks (a collective under FSDP)
+                weights = refs[0]
+            if self.rollout_worker is not None:
+                get_all([self.rollout_worker.load_weights.remote(weights)], ["rollout worker"])
+            if self.placement.sync_driver:
+                import ray
+
+                w = ray.get(weights)
+                self.policy.load_state_dict(w["policy"])
+                self.sampler.load_state_dict(w["sampler"])
+        except WorkerError as e:
+            self.close()
+            raise WorkerError(f"{e}\n(the run stopped before using this iteration's data; "
+                              "resume from the last checkpoint with pirl train --resume RUN_DIR)"
+                              ) from e
+        self.iter += 1
+        self.env_steps = int(metrics["env_steps"])
+        return metrics
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """RLTrainer-compatible state (DDP: a local run can resume it, and vice versa)."""
+        refs = [w.trainer_state.remote() for w in self.learners]
+        sd = get_all(refs, self.learner_names)[0]
+        if self.rollout_worker is not None:
+            ro = get_all([self.rollout_worker.rollout_state.remote()], ["rollout worker"])[0]
+            sd["sample_gen"], sd["group_gen"] = ro["sample_gen"], ro["group_gen"]
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        get_all([w.load_trainer_state.remote(sd) for w in self.learners], self.learner_names)
+        if self.rollout_worker is not None:
+            get_all([self.rollout_worker.load_rollout_state.remote(
+                {"iter": sd["iter"], "sample_gen": sd["sample_gen"],
+                 "group_gen": sd["group_gen"]})], ["rollout worker"])
+        self.iter, self.env_steps = sd["iter"], sd["env_steps"]
+
+    def close(self) -> None:
+        """Stop every worker (idempotent)."""
+        import ray
+
+        handles = [w for w, *_ in self.env_workers] + list(self.learners)
+        if self.rollout_worker is not None:
+            handles.append(self.rollout_worker)
+        for h in handles:
+            try:
+                ray.kill(h)
+            except Exception:  # noqa: BLE001 - already dead
+                pass
+        self.env_workers, self.learners, self.rollout_worker = [], [], None
+
+
+def _cpu_module(m: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(m).cpu()
+
+
+def trainer_from_config(cfg: Any, policy: FlowPolicy, sampler: Sampler, env: BatchedEnv):
+    """The trainer of a :class:`~pirl.runners.config.TrainConfig`: :class:`RLTrainer` for
+    ``placement.mode == "local"``, else a :class:`DistributedTrainer` whose env workers build
+    the config's training env."""
+    placement = getattr(cfg, "placement", None)
+    if placement is None or placement.mode == "local":
+        return _rl_trainer_cls()(policy, sampler, env, cfg.rl, cfg.seed)
+    from pirl.envs import make_env
+
+    kw = dict(cfg.env.kwargs)
+    kw.setdefault("split", "train")
+    env_fn = functools.partial(make_env, cfg.env.name, device="cpu", **kw)
+    return DistributedTrainer(policy, sampler, env, cfg.rl, cfg.seed, placement, env_fn,
+                              device=cfg.device)
