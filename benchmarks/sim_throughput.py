@@ -35,7 +35,7 @@ def _time_steps(env, steps: int, action_dim: int, seed: int = 0) -> tuple[float,
 def maniskill_row(num_envs: int = 1, obs_mode: str = "rgb", vectorization: str = "loop",
                   image_size: int = 128, wrist_camera: bool = False, steps: int = 20,
                   task: str = "PickCube-v1") -> dict[str, Any]:
-    """ManiSkill3 task on this machine's backend (GPU if CUDA, else CPU sim + SAPIEN CPU render)."""
+    """ManiSkill3 task on this machine's backend (GPU if CUDA, else CPU sim; Vulkan render)."""
     from pirl.envs.maniskill import ManiSkillEnv
 
     t0 = time.perf_counter()
@@ -89,6 +89,7 @@ def maniskill_demo_row(task: str = "PickCube-v1", episodes: int = 3) -> dict[str
 ROWS: dict[str, Callable[[], dict[str, Any]]] = {
     "maniskill_state_1": lambda: maniskill_row(1, "state", steps=50),
     "maniskill_rgb_1": lambda: maniskill_row(1, "rgb"),
+    "maniskill_rgb_1_224": lambda: maniskill_row(1, "rgb", image_size=224),
     "maniskill_rgb_wrist_1": lambda: maniskill_row(1, "rgb", wrist_camera=True),
     "maniskill_rgb_2_loop": lambda: maniskill_row(2, "rgb", "loop"),
     "maniskill_rgb_2_process": lambda: maniskill_row(2, "rgb", "process"),

@@ -179,3 +179,85 @@ def test_motionplanning_demos_replay_in_env(tmp_path):
         assert success_at == t - 1 and bool(out.terminated[0]) and float(out.reward[0]) == 1.0
     finally:
         env.close()
+
+
+def test_make_env_name_parsing(monkeypatch):
+    """Registry names map to the right class and tasks (constructors replaced by recorders)."""
+    calls = []
+
+    def fake_env(tasks, num_envs, **kw):
+        calls.append(("env", tasks, num_envs, kw))
+
+    def fake_multi(num_envs=1, **kw):
+        calls.append(("multi", None, num_envs, kw))
+
+    monkeypatch.setattr(M, "ManiSkillEnv", fake_env)
+    monkeypatch.setattr(M, "ManiSkillMultiTask", fake_multi)
+    M.make_env("maniskill", 4)
+    M.make_env("maniskill/StackCube-v1", 2, obs_mode="state")
+    M.make_env("maniskill:PushCube-v1", 1)
+    M.make_env("PlaceSphere-v1", 3)
+    M.make_env("maniskill", 1, tasks=["PickCube-v1", "PullCube-v1"])
+    M.make_env("maniskill_multitask/test_unseen", 5)
+    M.make_env("maniskill_multitask", 5, split="test_seen")
+    assert calls == [
+        ("env", "PickCube-v1", 4, {}),
+        ("env", "StackCube-v1", 2, {"obs_mode": "state"}),
+        ("env", "PushCube-v1", 1, {}),
+        ("env", "PlaceSphere-v1", 3, {}),
+        ("env", ["PickCube-v1", "PullCube-v1"], 1, {}),
+        ("multi", None, 5, {"split": "test_unseen"}),
+        ("multi", None, 5, {"split": "test_seen"}),
+    ]
+
+
+@pytest.mark.sim
+def test_multitask_splits_draw_heldout_seeds():
+    pytest.importorskip("mani_skill")
+    env = M.ManiSkillMultiTask(num_envs=2, split="test_unseen", obs_mode="state",
+                               sim_backend="cpu")
+    try:
+        obs = env.reset(seed=7)
+        assert env.task_names == list(M.MULTITASK_HELDOUT_TASKS)
+        assert obs["instruction"] == [M.TASK_INSTRUCTIONS["PullCube-v1"]] * 2
+        seeds = env._episode_seeds
+        assert ((seeds >= M.HELDOUT_SEED_OFFSET) & (seeds < 2 * M.HELDOUT_SEED_OFFSET)).all()
+        out = env.step(torch.zeros(2, env.action_dim))
+        assert out.obs["state"].shape == (2, env.state_dim)
+    finally:
+        env.close()
+
+
+@pytest.mark.sim
+def test_gpu_slot_pool_logic_on_cpu_matches_cpu_slots():
+    """The GPU code path (per-task batched envs, partial resets, row bookkeeping), run on the CPU
+    simulator with one slot per task, gives the same episodes as the CPU slots."""
+    pytest.importorskip("mani_skill")
+    from pirl.envs.libero import PoolBatchedEnv
+
+    tasks = ["PickCube-v1", "PushCube-v1"]
+    kw = dict(obs_mode="rgb", control_mode="pd_ee_delta_pose", image_size=32,
+              wrist_camera=False, reward_mode="sparse", render_backend="gpu")
+    pool = M.GpuSlotPool(tasks, [1, 0], state_dim=16, physx_backend="physx_cpu", **kw)
+    gpu_like = PoolBatchedEnv(pool, task_names=tasks, instructions=tasks, action_dim=7,
+                              state_dim=16, max_episode_steps=4, seed_space=1)
+    cpu = _sim_env(tasks=tasks, num_envs=2, sim_backend="cpu", image_size=32,
+                   max_episode_steps=4)
+    try:
+        ids, seeds = torch.tensor([1, 0]), torch.tensor([5, 9])
+        a = gpu_like.reset(task_ids=ids, episode_seeds=seeds)
+        b = cpu.reset(task_ids=ids, episode_seeds=seeds)
+        assert torch.equal(a["state"], b["state"]) and torch.equal(a["images"], b["images"])
+        g = torch.Generator().manual_seed(0)
+        for _ in range(4):
+            act = torch.rand(2, 7, generator=g) * 2 - 1
+            sa, sb = gpu_like.step(act), cpu.step(act)
+            assert torch.allclose(sa.obs["state"], sb.obs["state"], atol=1e-5)
+            assert torch.equal(sa.terminated, sb.terminated)
+            assert torch.equal(sa.truncated, sb.truncated)
+        assert sa.done.all()
+        with pytest.raises(ValueError, match="fixed"):
+            gpu_like.reset(task_ids=torch.tensor([0, 0]), episode_seeds=seeds)
+    finally:
+        gpu_like.close()
+        cpu.close()

@@ -547,7 +547,8 @@ class PoolBatchedEnv(BatchedEnv):
         self._elapsed[live_t] += 1
         self._return += reward
         self._terminated |= success
-        self._truncated[live_t] |= (self._elapsed[live_t] >= self.max_episode_steps) & ~success[live_t]
+        timeout = (self._elapsed[live_t] >= self.max_episode_steps) & ~success[live_t]
+        self._truncated[live_t] |= timeout
         self._done = self._terminated | self._truncated
         terminated, truncated = self._terminated.clone(), self._truncated.clone()
         info: dict[str, Any] = {"success": success}
