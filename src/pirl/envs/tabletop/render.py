@@ -3,9 +3,8 @@
 Every drawable thing (object of a given shape and colour, plate of a given colour, open / closed
 gripper) is a *sprite*: a list of pixel offsets ``(dy, dx)`` from its centre pixel with an RGB
 value each, precomputed once per camera scale.  Drawing a layer for all N envs is one
-``index_put_`` into a flat uint8 frame buffer ``[N * 3 * S * S + 1]``: the pixel offsets of each
-env's sprite are shifted to its position; pixels off the image (or padding of smaller sprites) are
-sent to the last "trash" element.  No float image is ever materialised, so the cost is
+``scatter_`` into the flat uint8 frame buffer: the pixel offsets of each env's sprite are
+shifted to its position; pixels off the image are sent to a scratch "trash" frame.  No float image is ever materialised, so the cost is
 proportional to the number of sprite pixels, not to ``N * S * S`` per object.
 
 Coordinates: the table is ``[-1, 1]^2`` with ``x`` to the right and ``y`` up.  The *top* camera
@@ -148,12 +147,12 @@ class Camera:
     """One camera of N envs: a square view of ``size`` pixels, either the whole table (``"top"``)
     or a window of half-width :data:`WRIST_HALF_WIDTH` centred on the gripper (``"wrist"``).
 
-    Frames are composited in a padded canvas ``[K + 1, 3, S + 2m, S + 2m]`` (margin m = the
-    largest sprite extent + 1; frame K is a trash frame for sprites entirely off the view) and
-    cropped.  The top camera caches each env's static layer (table + plates, which never move),
-    refreshed by :meth:`set_static` when envs are reset; each step only the objects and the
-    gripper are drawn on a copy of it.  The wrist camera draws table and plates as a label map
-    (:meth:`_background_for`) and the objects and gripper as sprites.
+    Frames are drawn straight into the caller's flat uint8 frame buffer; sprite pixels that fall
+    off the view are redirected to a scratch ("trash") frame at the end of that buffer.  The top
+    camera caches each env's static layer (table + plates, which never move), refreshed by
+    :meth:`set_static` when envs are reset; each step it copies that layer and draws the objects
+    and the gripper.  The wrist camera draws table, edge zones and plates as a separable label
+    map (:meth:`_background_for`) and the objects and the gripper as sprites.
     """
 
     def __init__(self, kind: str, size: int, num_envs: int, device: torch.device):
@@ -163,12 +162,12 @@ class Camera:
         self.half_width = 1.0 if kind == "top" else WRIST_HALF_WIDTH
         self.ppu = size / (2.0 * self.half_width)
         tables = build_sprites(self.ppu)
-        self.extent = max(t.extent for t in tables.values())
-        self.margin = self.extent + 1
-        self.padded = size + 2 * self.margin
-        self.frame_numel = 3 * self.padded * self.padded
-        self.sprites = {k: (t.flat_offsets(self.padded).to(device), t.rgb.to(device))
+        if kind == "wrist":  # the wrist camera draws plates in its background, not as sprites
+            del tables["plates"]
+        self.frame_numel = 3 * size * size
+        self.sprites = {k: (t.dy.to(device), t.dx.to(device), t.rgb.to(device))
                         for k, t in tables.items()}
+        self._chan = torch.arange(3, device=device) * size * size
         # Palette of the label maps: table, edge zone, off-table, then (fill, border) per plate
         # colour, the same colours as the plate sprites.
         self._plate_border = max(1.0, 0.03 * self.ppu)
@@ -176,45 +175,80 @@ class Camera:
         for colour in COLOURS:
             c = PALETTE[colour]
             palette += [_mix(c, (255, 255, 255), 0.6), _mix(c, (0, 0, 0), 0.1)]
-        rgba = torch.tensor([list(c) + [255] for c in palette], dtype=torch.uint8)
-        self._palette32 = rgba.view(torch.int32).view(-1).to(device)  # [L] packed RGBA
+        self._palette_planar = torch.tensor(palette, dtype=torch.uint8).t().contiguous().to(device)
+        self._buffers: dict[str, torch.Tensor] = {}
         # Pixel-centre coordinates along one axis, relative to the view centre (table units).
         self._axis = ((torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size * 2 - 1) \
             * self.half_width
         self._static: torch.Tensor | None = None
         if kind == "top":
             self._background = self._background_for(torch.zeros(1, 2, device=device))[0]
-            self._static = torch.zeros(num_envs + 1, 3, self.padded, self.padded,
-                                       dtype=torch.uint8, device=device)
+            # N static frames + 1 trash frame, flat
+            self._static = torch.zeros((num_envs + 1) * self.frame_numel, dtype=torch.uint8,
+                                       device=device)
 
-    def _inner(self, canvas: torch.Tensor) -> torch.Tensor:
-        m, s = self.margin, self.size
-        return canvas[..., m:m + s, m:m + s]
+    def _workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+        """A persistent scratch buffer (avoids re-allocating and page-faulting big temporaries)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(shape, dtype=dtype, device=device)
+            self._buffers[name] = buf
+        return buf
 
     def _background_for(self, centre: torch.Tensor, plate_pos: torch.Tensor | None = None,
-                        plate_colour: torch.Tensor | None = None) -> torch.Tensor:
+                        plate_colour: torch.Tensor | None = None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
         """Background ``[K, 3, S, S]`` uint8 for views centred at ``centre [K, 2]``: table, edge
         zones (``|coordinate| > EDGE_ZONE``), off-table, and optionally the (axis-aligned,
-        square) plates ``[K, P, 2]`` / ``[K, P]``.  Everything here is separable in x and y, so
-        it is computed as a per-pixel label map from ``[K, S]`` row / column tests and coloured
-        with one palette lookup."""
+        square) plates ``[K, P, 2]`` / ``[K, P]``.
+
+        All of these are separable: a pixel's colour depends only on its row's *code* (edge
+        zone of y, and for each plate whether y is outside / on the border / inside) and its
+        column's code.  So each env gets a small colour table ``[codes, codes]`` and the frame
+        is one gather ``table[row_code, col_code]`` per colour channel (written into ``out``
+        ``[K, 3, S, S]`` if given)."""
+        k = centre.shape[0]
         xs = centre[:, 0:1] + self._axis  # [K, S] column x coordinates
         ys = centre[:, 1:2] - self._axis  # [K, S] row y coordinates (rows go down)
-        zx = (xs.abs() > EDGE_ZONE).to(torch.uint8) + (xs.abs() > 1.0).to(torch.uint8)
-        zy = (ys.abs() > EDGE_ZONE).to(torch.uint8) + (ys.abs() > 1.0).to(torch.uint8)
-        label = torch.maximum(zy[:, :, None], zx[:, None, :])  # [K, S, S] in {0, 1, 2}
-        if plate_pos is not None and plate_colour is not None:
-            b = self._plate_border / self.ppu
-            for p in range(plate_pos.shape[1]):
-                dx = (xs - plate_pos[:, p, 0:1]).abs()  # [K, S]
-                dy = (ys - plate_pos[:, p, 1:2]).abs()
-                outer = (dy <= PLATE_HALF)[:, :, None] & (dx <= PLATE_HALF)[:, None, :]
-                inner = (dy <= PLATE_HALF - b)[:, :, None] & (dx <= PLATE_HALF - b)[:, None, :]
-                fill = (3 + 2 * plate_colour[:, p]).to(torch.uint8).view(-1, 1, 1)
-                label = torch.where(outer, fill + (~inner).to(torch.uint8), label)
-        # 1-D lookup of packed RGBA words (much faster than indexing a [L, 3] table).
-        rgba = self._palette32[label.long()].view(torch.uint8)  # [K, S, S * 4]
-        return rgba.view(*label.shape, 4).permute(0, 3, 1, 2)[:, :3]
+        npl = 0 if plate_pos is None else plate_pos.shape[1]
+        b = self._plate_border / self.ppu
+
+        def codes(coord: torch.Tensor, axis: int) -> torch.Tensor:
+            code = (coord.abs() > EDGE_ZONE).long() + (coord.abs() > 1.0).long()
+            mult = 3
+            for p in range(npl):
+                d = (coord - plate_pos[:, p, axis:axis + 1]).abs()
+                state = (d <= PLATE_HALF).long() + (d <= PLATE_HALF - b).long()
+                code = code + mult * state
+                mult *= 3
+            return code  # [K, S] in [0, 3^(1+P))
+
+        ncode = 3 ** (1 + npl)
+        row, col = codes(ys, 1), codes(xs, 0)
+        # label table per env over (row code, col code)
+        cr = torch.arange(ncode, device=centre.device)
+        label = torch.maximum((cr % 3)[:, None], (cr % 3)[None, :]).expand(k, ncode, ncode)
+        mult = 3
+        for p in range(npl):
+            st = (cr // mult) % 3
+            mult *= 3
+            outer = (st[:, None] >= 1) & (st[None, :] >= 1)
+            inner = (st[:, None] == 2) & (st[None, :] == 2)
+            plate = (3 + 2 * plate_colour[:, p]).view(k, 1, 1) + (~inner).long()
+            label = torch.where(outer, plate, label)
+        # per-channel colour tables [3, K * ncode^2] and one flat index per pixel
+        # (index_select is much faster than advanced indexing on CPU)
+        tables = self._palette_planar.index_select(1, label.reshape(-1))
+        offset = (torch.arange(k, device=centre.device) * ncode * ncode)[:, None] + row * ncode
+        idx = self._workspace("bg_idx", (k, self.size, self.size), torch.long, centre.device)
+        torch.add(offset[:, :, None], col[:, None, :], out=idx)
+        if out is None:
+            out = torch.empty(k, 3, self.size, self.size, dtype=torch.uint8, device=centre.device)
+        flat_idx = idx.view(-1)
+        for c in range(3):
+            out[:, c] = tables[c].index_select(0, flat_idx).view(k, self.size, self.size)
+        return out
 
     def pixel(self, pos: torch.Tensor, centre: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, col) int64 of table points ``pos [..., 2]`` in this view (``centre [K, 2]``
@@ -228,62 +262,61 @@ class Camera:
         return row, col
 
     def _draw(self, flat: torch.Tensor, layer: str, sid: torch.Tensor, row: torch.Tensor,
-              col: torch.Tensor, frame: torch.Tensor, trash: int) -> None:
-        """Draw sprites ``sid [M]`` of ``layer`` centred at pixel ``(row, col) [M]`` in canvas
-        frames ``frame [M]``; sprites entirely off the view go to frame ``trash``."""
-        s, k, m, w = self.size, self.extent, self.margin, self.padded
-        vis = (row >= -k) & (row < s + k) & (col >= -k) & (col < s + k)
-        base = frame * self.frame_numel + (row + m) * w + (col + m)
-        base = torch.where(vis, base, trash * self.frame_numel + m * w + m)
-        off, rgb = self.sprites[layer]
-        flat.index_put_(((base[:, None, None] + off[sid]).view(-1),), rgb[sid].view(-1))
+              col: torch.Tensor, base: torch.Tensor, trash: int) -> None:
+        """Draw sprites ``sid [M]`` of ``layer`` centred at pixel ``(row, col) [M]`` into the
+        frames starting at ``base [M]`` of the flat buffer ``flat``; off-view pixels go to the
+        scratch frame at ``trash``."""
+        s = self.size
+        dy, dx, rgb = self.sprites[layer]
+        r = row[:, None] + dy.index_select(0, sid)  # [M, P]
+        c = col[:, None] + dx.index_select(0, sid)
+        ok = (r >= 0) & (r < s) & (c >= 0) & (c < s)
+        pix = torch.where(ok, base[:, None] + r * s + c, trash)
+        idx = pix[..., None] + self._chan  # [M, P, 3]
+        # duplicate targets within one layer only come from sprite padding (identical values)
+        # and from the trash frame, so scatter_'s unspecified write order does not matter
+        flat.scatter_(0, idx.view(-1), rgb.index_select(0, sid).view(-1))
 
     def set_static(self, idx: torch.Tensor, plate_pos: torch.Tensor,
                    plate_colour: torch.Tensor) -> None:
         """Top camera: redraw the static layer of envs ``idx [K]`` (plates ``[K, P, 2]``)."""
         if self._static is None:
             return
-        inner = self._inner(self._static)
-        inner[idx] = self._background.expand(idx.shape[0], *self._background.shape)
+        n, f = self.num_envs, self.frame_numel
+        frames = self._static[: n * f].view(n, 3, self.size, self.size)
+        frames[idx] = self._background.expand(idx.shape[0], *self._background.shape)
         npl = plate_pos.shape[1]
         row, col = self.pixel(plate_pos, None)
-        self._draw(self._static.view(-1), "plates", plate_colour.reshape(-1), row.reshape(-1),
-                   col.reshape(-1), idx.repeat_interleave(npl), self.num_envs)
+        self._draw(self._static, "plates", plate_colour.reshape(-1), row.reshape(-1),
+                   col.reshape(-1), (idx * f).repeat_interleave(npl), n * f)
 
-    def render(self, out: torch.Tensor, gripper: torch.Tensor, closed: torch.Tensor,
-               obj_pos: torch.Tensor, obj_sprite: torch.Tensor, obj_order: torch.Tensor,
-               plate_pos: torch.Tensor, plate_colour: torch.Tensor,
-               idx: torch.Tensor | None = None) -> torch.Tensor:
-        """Render K scenes into ``out [K, 3, S, S]`` uint8 (and return it).
+    def render(self, flat: torch.Tensor, out: torch.Tensor, base: torch.Tensor, trash: int,
+               gripper: torch.Tensor, closed: torch.Tensor, obj_pos: torch.Tensor,
+               obj_sprite: torch.Tensor, obj_order: torch.Tensor, plate_pos: torch.Tensor,
+               plate_colour: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Render K scenes into ``out [K, 3, S, S]`` uint8, a view of the flat buffer ``flat``
+        whose frames start at ``base [K]`` and which has a scratch frame at ``trash``.
 
         gripper: ``[K, 2]``; closed: ``[K]`` bool; obj_pos: ``[K, M, 2]``; obj_sprite: ``[K, M]``
         object sprite ids; obj_order: ``[K, M]`` drawing order (slot indices, last on top);
         plate_pos: ``[K, P, 2]``; plate_colour: ``[K, P]``; idx: ``[K]`` which envs these are
         (None: all N, in order), used to read the top camera's static layer.
         """
-        kn = gripper.shape[0]
-        dev = gripper.device
-        frame = torch.arange(kn, device=dev)
         if self.kind == "top":
             assert self._static is not None
-            if idx is None:
-                canvas = self._static.clone()
-            else:
-                canvas = self._static[torch.cat([idx, idx.new_tensor([self.num_envs])])]
+            n = self.num_envs
+            static = self._static[: n * self.frame_numel].view(n, 3, self.size, self.size)
+            out.copy_(static if idx is None else static.index_select(0, idx))
             centre = None
         else:
-            canvas = torch.empty(kn + 1, 3, self.padded, self.padded, dtype=torch.uint8,
-                                 device=dev)
-            self._inner(canvas[:kn]).copy_(self._background_for(gripper, plate_pos, plate_colour))
+            self._background_for(gripper, plate_pos, plate_colour, out=out)
             centre = gripper
-        flat = canvas.view(-1)
         # Objects one layer at a time in the given order (held object last, on top).
         orow, ocol = self.pixel(obj_pos, centre)
         for j in range(obj_pos.shape[1]):
             slot = obj_order[:, j:j + 1]
             self._draw(flat, "objects", obj_sprite.gather(1, slot)[:, 0],
-                       orow.gather(1, slot)[:, 0], ocol.gather(1, slot)[:, 0], frame, kn)
+                       orow.gather(1, slot)[:, 0], ocol.gather(1, slot)[:, 0], base, trash)
         grow, gcol = self.pixel(gripper, centre)
-        self._draw(flat, "gripper", closed.long(), grow, gcol, frame, kn)
-        out.copy_(self._inner(canvas[:kn]))
+        self._draw(flat, "gripper", closed.long(), grow, gcol, base, trash)
         return out

@@ -320,11 +320,16 @@ class TabletopEnv(BatchedEnv):
         # Draw order: free objects by slot, then the held object on top.
         key = self._slots[None, :] + NUM_OBJECTS * (self._slots[None, :] == held[:, None])
         order = key.argsort(1)
-        s = self.image_size
-        images = torch.empty(k, len(cameras), 3, s, s, dtype=torch.uint8, device=self.device)
+        s, nc = self.image_size, len(cameras)
+        frame = 3 * s * s
+        # one flat buffer: the K * C frames, then a scratch frame for off-view sprite pixels
+        flat = torch.empty((k * nc + 1) * frame, dtype=torch.uint8, device=self.device)
+        images = flat[: k * nc * frame].view(k, nc, 3, s, s)
+        env = torch.arange(k, device=self.device)
         for c, cam in enumerate(cameras):
-            cam.render(images[:, c], sel(self.gripper), sel(self.closed), sel(self.obj_pos), sprite,
-                       order, sel(self.plate_pos), sel(self.plate_colour), idx=idx)
+            cam.render(flat, images[:, c], (env * nc + c) * frame, k * nc * frame,
+                       sel(self.gripper), sel(self.closed), sel(self.obj_pos), sprite, order,
+                       sel(self.plate_pos), sel(self.plate_colour), idx=idx)
         return images
 
     def render(self) -> torch.Tensor:
