@@ -44,3 +44,10 @@ def test_write_video_grid_from_env_frames(tmp_path, suffix):
         assert np.abs(video[..., :3].astype(float) - expect.astype(float)).mean() < 12
     with pytest.raises(ValueError):
         write_video_grid(frames, tmp_path / "x.avi")
+
+
+def test_default_scale_enlarges_small_frames(tmp_path):
+    frames = torch.randint(0, 255, (3, 2, 3, 32, 32), dtype=torch.uint8)
+    path = write_video_grid(frames, tmp_path / "g.gif", ncols=2, pad=0)
+    video = np.stack(imageio.mimread(path))
+    assert video.shape[1:3] == (128, 256)  # 32 px cells upscaled x4

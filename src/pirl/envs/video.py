@@ -31,17 +31,20 @@ def tile_frames(frames: torch.Tensor, ncols: int | None = None, pad: int = 2,
 
 
 def write_video_grid(frames: list[torch.Tensor] | torch.Tensor, path: str | Path, fps: int = 10,
-                     ncols: int | None = None, scale: int = 1, pad: int = 2) -> Path:
+                     ncols: int | None = None, scale: int | None = None, pad: int = 2) -> Path:
     """Write a grid video of a batch of episodes.
 
     frames: a list of T tensors ``[N, 3, H, W]`` uint8 (one per step, e.g. ``ChunkStep.frames``)
     or a tensor ``[T, N, 3, H, W]``; path: ``.mp4`` (H.264 via imageio-ffmpeg) or ``.gif``;
-    scale: integer nearest-neighbour upscaling of every frame (small sim images).  Returns path.
+    scale: integer nearest-neighbour upscaling of every frame (default: enough to make cells at
+    least 128 pixels high, for small sim images).  Returns path.
     """
     if isinstance(frames, (list, tuple)):
         if not frames:
             raise ValueError("no frames to write")
         frames = torch.stack([f.detach().cpu() for f in frames])
+    if scale is None:
+        scale = max(1, 128 // frames.shape[-2])
     if scale > 1:
         frames = frames.repeat_interleave(scale, dim=3).repeat_interleave(scale, dim=4)
     path = Path(path)

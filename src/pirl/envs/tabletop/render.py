@@ -32,6 +32,7 @@ GRIPPER_FINGER_CLOSED = 0.075
 GRIPPER_FINGER_WIDTH = 0.018
 EDGE_ZONE = 0.75  # |coordinate| beyond which an object is "at the edge"
 WRIST_HALF_WIDTH = 0.45
+PIXEL_EPS = 1e-3  # pixels
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (235, 200, 30),
@@ -257,8 +258,10 @@ class Camera:
             while centre.dim() < pos.dim():
                 centre = centre.unsqueeze(-2)
             pos = pos - centre
-        col = torch.floor((pos[..., 0] + self.half_width) * self.ppu).long()
-        row = torch.floor((self.half_width - pos[..., 1]) * self.ppu).long()
+        # (+ PIXEL_EPS: points exactly on a pixel boundary, e.g. the wrist view's own centre,
+        # land in the same pixel whatever the float rounding)
+        col = torch.floor((pos[..., 0] + self.half_width) * self.ppu + PIXEL_EPS).long()
+        row = torch.floor((self.half_width - pos[..., 1]) * self.ppu + PIXEL_EPS).long()
         return row, col
 
     def _draw(self, flat: torch.Tensor, layer: str, sid: torch.Tensor, row: torch.Tensor,
