@@ -40,7 +40,13 @@ def cmd_train(args) -> int:
                              "uses the config saved in its folder")
         run(resume=args.resume)
         return 0
-    cfg = resolve_config(_resolve_preset(args.config), args.overrides)
+    overrides = list(args.overrides)
+    if args.cluster:
+        overrides.append(f"placement.cluster={args.cluster}")
+    cfg = resolve_config(_resolve_preset(args.config), overrides)
+    if args.cluster and cfg.placement.mode == "local":
+        print("pirl: --cluster given with placement.mode=local: using placement.mode=disaggregated")
+        cfg.placement.mode = "disaggregated"
     run(cfg)
     return 0
 
@@ -100,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="demos -> few-shot SFT -> online RL -> evaluation")
     _add_config_args(t)
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run folder exactly")
+    t.add_argument("--cluster", metavar="ADDR",
+                   help="run the RL workers on Ray: 'local' (start a local Ray), 'auto' (the "
+                        "running cluster) or ray://HOST:PORT; see docs/scaling.md")
     t.set_defaults(fn=cmd_train)
     s = sub.add_parser("sft", help="demos -> few-shot SFT -> evaluation (no RL)")
     _add_config_args(s)

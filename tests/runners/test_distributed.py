@@ -8,6 +8,7 @@ tests start a 2-CPU local Ray once per module.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -143,3 +144,145 @@ def test_slice_reset_kwargs_needs_episode_seeds():
     assert s["seed"] == 1 and kw["task_ids"].tolist() == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="episode_seeds"):
         slice_reset_kwargs({"seed": 1}, 0, 2)
+
+
+# ============================================================================ Ray
+ray = pytest.importorskip("ray")
+
+from pirl.runners.config import RLConfig  # noqa: E402
+from pirl.runners.distributed import DistributedTrainer, WorkerError  # noqa: E402
+from pirl.runners.placement import LearnerPlacement, PlacementConfig, connect  # noqa: E402
+from pirl.runners.rl import RLTrainer  # noqa: E402
+
+
+# workers unpickle it by reference to pirl (this test module is not importable there)
+env_fn = functools.partial(TabletopEnv, image_size=IMG, max_episode_steps=12)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A 2-CPU local Ray for this module (workers request fractions of a CPU)."""
+    connect("local", num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def rl_parts(algo: str = "ppo", kind: str = "flow_noise"):
+    env = make_env(N)
+    policy = make_policy(env)
+    sampler = build_sampler(kind, num_steps=2, feature_dim=policy.feature_dim,
+                            action_dim=policy.action_dim)
+    cfg = RLConfig(algo=algo, iterations=3, action_chunk=3)
+    cfg.ppo.num_minibatches = cfg.grpo.num_minibatches = 3
+    cfg.ppo.update_epochs = cfg.grpo.update_epochs = 2
+    cfg.grpo.group_size = 2
+    return env, policy, sampler, cfg
+
+
+def placement(mode: str, ranks: int = 2, **kw) -> PlacementConfig:
+    return PlacementConfig(mode=mode, env_workers=2, pipeline_stages=2, env_cpus=0.2,
+                           rollout_cpus=0.2, threads=1,
+                           learner=LearnerPlacement(ranks=ranks, cpus=0.2, **kw.pop("learner", {})),
+                           **kw)
+
+
+def run_local(iters: int, algo: str = "ppo"):
+    env, policy, sampler, cfg = rl_parts(algo)
+    tr = RLTrainer(policy, sampler, env, cfg, seed=0)
+    return [tr.iteration() for _ in range(iters)], policy, tr
+
+
+def assert_same_curve(ref_metrics, metrics, ref_policy, policy, atol=1e-4):
+    for a, b in zip(ref_metrics, metrics):
+        for k in ("rollout/return", "rollout/success", "rollout/episode_chunks", "env_steps"):
+            assert a[k] == b[k], k
+        for k in ("policy/loss", "policy/approx_kl", "rollout/noise_std"):
+            assert b[k] == pytest.approx(a[k], rel=1e-3, abs=atol), k
+    ref_sd, sd = ref_policy.state_dict(), policy.state_dict()
+    assert max(float((ref_sd[k] - sd[k]).abs().max()) for k in ref_sd) < atol
+
+
+def test_disaggregated_matches_local_and_dead_env_worker_fails(ray_local):
+    """2 env workers (pipelined, 2 stages) + rollout worker + 1 learner rank: the rollout data
+    and the first update equal the local run's; then an env worker killed with SIGKILL makes
+    the next iteration fail naming it, with nothing trained on partial data."""
+    ref_metrics, ref_policy, _ = run_local(1)
+    env, policy, sampler, cfg = rl_parts()
+    # the local rollout of iteration 0 (a fresh trainer with the same seed)
+    local = RLTrainer(*rl_parts()[1:3], env, cfg, seed=0).rollout()
+    tr = DistributedTrainer(policy, sampler, env, cfg, 0, placement("disaggregated", ranks=1),
+                            env_fn)
+    try:
+        start = ray.get(tr.rollout_worker.rollout_state.remote())
+        payload = ray.get(tr.rollout_worker.rollout.remote())
+        _assert_rollouts_close(local, payload["rollout"])
+        # rewind the rollout worker (iteration counter and noise stream) and train for real
+        ray.get(tr.rollout_worker.load_rollout_state.remote(start))
+        metrics = [tr.iteration()]
+        assert_same_curve(ref_metrics, metrics, ref_policy, policy)
+
+        before = {k: v.clone() for k, v in policy.state_dict().items()}
+        pids = tr.worker_pids()
+        os.kill(pids["env worker 1 (envs [3, 6))"], 9)
+        with pytest.raises(WorkerError, match=r"env worker 1 \(envs \[3, 6\)\) died"):
+            tr.iteration()
+        assert tr.iter == 1
+        assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    finally:
+        tr.close(keep_state=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,algo,fsdp", [("colocated", "ppo", False),
+                                            ("disaggregated", "ppo", False),
+                                            ("colocated", "grpo", False),
+                                            ("colocated", "ppo", True),
+                                            ("disaggregated", "ppo", True)])
+def test_learning_curve_matches_local(ray_local, mode, algo, fsdp):
+    """3 iterations with 2 gloo learner ranks (DDP or FSDP2) == the local run: same rollout
+    returns / episode lengths, same losses and KL, same final weights (float tolerance)."""
+    ref_metrics, ref_policy, _ = run_local(3, algo)
+    env, policy, sampler, cfg = rl_parts(algo)
+    tr = DistributedTrainer(policy, sampler, env, cfg, 0,
+                            placement(mode, ranks=2, learner={"fsdp": fsdp}), env_fn)
+    try:
+        metrics = [tr.iteration() for _ in range(3)]
+        sd = tr.state_dict()
+    finally:
+        tr.close(keep_state=False)
+    assert_same_curve(ref_metrics, metrics, ref_policy, policy)
+    assert sd["iter"] == 3 and sd["env_steps"] == ref_metrics[-1]["env_steps"]
+
+
+@pytest.mark.slow
+def test_ddp_state_resumes_in_a_local_run(ray_local):
+    """A colocated DDP run's trainer state (optimizer, generators, counters) has the local
+    layout: a local trainer loading it continues exactly like an uninterrupted local run."""
+    ref_metrics, ref_policy, _ = run_local(3)
+    env, policy, sampler, cfg = rl_parts()
+    tr = DistributedTrainer(policy, sampler, env, cfg, 0, placement("colocated"), env_fn)
+    try:
+        [tr.iteration() for _ in range(2)]
+        sd = tr.state_dict()
+    finally:
+        tr.close(keep_state=False)
+    local = RLTrainer(policy, sampler, env, cfg, seed=0)
+    local.load_state_dict(sd)
+    m = local.iteration()
+    assert_same_curve(ref_metrics[2:], [m], ref_policy, policy)
+
+
+@pytest.mark.slow
+def test_dead_learner_rank_fails_fast(ray_local):
+    """A learner rank killed between iterations: the next iteration raises WorkerError naming
+    it (instead of the surviving rank waiting in a collective)."""
+    env, policy, sampler, cfg = rl_parts()
+    tr = DistributedTrainer(policy, sampler, env, cfg, 0, placement("colocated"), env_fn)
+    try:
+        tr.iteration()
+        ray.kill(tr.learners[1])
+        with pytest.raises(WorkerError, match=r"colocated worker 1 .* died"):
+            tr.iteration()
+        assert tr.iter == 1
+    finally:
+        tr.close(keep_state=False)

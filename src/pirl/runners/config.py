@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pirl.algos.grpo import GRPOConfig
 from pirl.algos.ppo import PPOConfig
 from pirl.flow import SamplerConfig
+from pirl.runners.placement import PlacementConfig
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -123,6 +124,7 @@ class TrainConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)  # local / Ray placements
     checkpoint_every: int = 10
     progress: bool = True
 

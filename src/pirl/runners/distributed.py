@@ -462,6 +462,9 @@ def get_all(refs: Sequence[Any], names: Sequence[str], timeout_s: float | None =
         except ray.exceptions.RayActorError as e:
             raise WorkerError(f"{names[index[r]]} died: {_short(e)}") from e
         except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, WorkerError):  # a worker that this one depends on died
+                raise WorkerError(f"{cause} (reported by {names[index[r]]})") from e
             raise WorkerError(f"{names[index[r]]} failed: {_short(e)}") from e
     return out
 
@@ -873,6 +876,7 @@ class DistributedTrainer:
         connect(placement.cluster, placement.ray_num_cpus)
         self.policy, self.sampler, self.cfg, self.placement = policy, sampler, cfg, placement
         self.iter, self.env_steps = 0, 0
+        self._final_state: dict[str, Any] | None = None
         spec_env = EnvSpec.from_env(env)
         placement.validate_for(spec_env.num_envs)
         modules = ray.put({"policy": _cpu_module(policy), "sampler": _cpu_module(sampler)})
@@ -908,7 +912,7 @@ class DistributedTrainer:
         try:
             self._init_distributed()
         except WorkerError:
-            self.close()
+            self.close(keep_state=False)
             raise
 
     # ----------------------------------------------------------------- setup
@@ -956,7 +960,7 @@ class DistributedTrainer:
                 self.policy.load_state_dict(w["policy"])
                 self.sampler.load_state_dict(w["sampler"])
         except WorkerError as e:
-            self.close()
+            self.close(keep_state=False)
             raise WorkerError(f"{e}\n(the run stopped before using this iteration's data; "
                               "resume from the last checkpoint with pirl train --resume RUN_DIR)"
                               ) from e
@@ -967,6 +971,10 @@ class DistributedTrainer:
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """RLTrainer-compatible state (DDP: a local run can resume it, and vice versa)."""
+        if not self.learners:
+            if self._final_state is None:
+                raise WorkerError("the workers were stopped after a failure: no state to save")
+            return self._final_state
         refs = [w.trainer_state.remote() for w in self.learners]
         sd = get_all(refs, self.learner_names)[0]
         if self.rollout_worker is not None:
@@ -982,10 +990,13 @@ class DistributedTrainer:
                  "group_gen": sd["group_gen"]})], ["rollout worker"])
         self.iter, self.env_steps = sd["iter"], sd["env_steps"]
 
-    def close(self) -> None:
-        """Stop every worker (idempotent)."""
+    def close(self, keep_state: bool = True) -> None:
+        """Stop every worker (idempotent).  ``keep_state``: first fetch :meth:`state_dict` so that
+        it stays readable (final checkpoints) after the workers are gone."""
         import ray
 
+        if keep_state and self.learners and self._final_state is None:
+            self._final_state = self.state_dict()
         handles = [w for w, *_ in self.env_workers] + list(self.learners)
         if self.rollout_worker is not None:
             handles.append(self.rollout_worker)

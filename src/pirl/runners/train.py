@@ -150,9 +150,10 @@ class Run:
             self.trainer.load_state_dict(state["trainer"])
 
     def _make_trainer(self):
-        from pirl.runners.rl import RLTrainer
+        from pirl.runners.distributed import trainer_from_config
 
-        self.trainer = RLTrainer(self.policy, self.sampler, self.env, self.cfg.rl, self.cfg.seed)
+        # RLTrainer for placement.mode=local, else a Ray DistributedTrainer (same interface)
+        self.trainer = trainer_from_config(self.cfg, self.policy, self.sampler, self.env)
 
     # ----------------------------------------------------------------- stages
     def demos(self) -> Path:
@@ -224,6 +225,8 @@ class Run:
                 self.save()
         self.stage = "rl_done"
         self.save()
+        if hasattr(tr, "close"):  # stop Ray workers (their final state stays readable)
+            tr.close()
 
     def final(self) -> dict[str, Any]:
         res = self.evaluate("final", videos=True)
