@@ -161,14 +161,22 @@ def test_push_moves_object_to_contact_distance():
     assert torch.allclose(env.gripper, torch.tensor([[0.0, -0.1]]), atol=1e-6)
     assert torch.allclose(env.obj_pos[0, 0], torch.tensor([0.0, -0.1 + S.CONTACT_DISTANCE]),
                           atol=1e-6)
-    # oblique contact: pushed radially out of the gripper
+    # oblique contact: the object slides along the motion (up) until it touches the gripper,
+    # keeping its lateral offset 0.1: it ends sqrt(C^2 - 0.1^2) above the gripper centre
     env = _single()
     env.gripper[:] = torch.tensor([[-0.1, -0.2]])
     env.step(torch.tensor([[0.0, 1.0, -1.0]]))  # gripper -> (-0.1, -0.1)
-    g = torch.tensor([-0.1, -0.1], dtype=torch.float64)
-    o = torch.tensor([0.0, 0.0], dtype=torch.float64)
-    expect = g + (o - g) / (o - g).norm() * S.CONTACT_DISTANCE
+    expect = torch.tensor([0.0, -0.1 + math.sqrt(S.CONTACT_DISTANCE ** 2 - 0.1 ** 2)],
+                          dtype=torch.float64)
     assert torch.allclose(env.obj_pos[0, 0].double(), expect, atol=1e-6)
+    assert abs(float((env.obj_pos[0, 0] - env.gripper[0]).norm()) - S.CONTACT_DISTANCE) < 1e-6
+    # a diagonal push moves the object along the diagonal
+    env = _single()
+    env.gripper[:] = torch.tensor([[-0.15, -0.15]])
+    env.step(torch.tensor([[0.5, 0.5, -1.0]]))  # gripper -> (-0.1, -0.1), on the diagonal
+    c = S.CONTACT_DISTANCE / math.sqrt(2)
+    assert torch.allclose(env.obj_pos[0, 0].double(),
+                          torch.tensor([-0.1 + c, -0.1 + c], dtype=torch.float64), atol=1e-6)
     # moving away from an overlapping object does not drag it
     before = env.obj_pos.clone()
     env.step(torch.tensor([[0.0, -1.0, -1.0]]))

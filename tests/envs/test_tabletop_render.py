@@ -82,9 +82,9 @@ def reference_frame(env: TabletopEnv, i: int, kind: str) -> list[list[set]]:
     return out
 
 
-@pytest.mark.parametrize("size", [64, 48, 96])
-def test_renderer_matches_reference(size):
-    env = TabletopEnv(12, num_cameras=2, image_size=size, split="all",
+@pytest.mark.parametrize("size,n", [(64, 12), (48, 8), (96, 3)])
+def test_renderer_matches_reference(size, n):
+    env = TabletopEnv(n, num_cameras=2, image_size=size, split="all",
                       task_families=("pick_place", "push", "stack"))
     env.reset(seed=5)
     expert = ScriptedExpert(env, noise=0.3, generator=torch.Generator().manual_seed(0))

@@ -14,8 +14,9 @@ matters) and a gripper at table height.
 2. *Move*: the gripper moves; a held object moves with it (gripper and object are lifted while
    carrying, so they touch nothing).
 3. *Push*: an empty gripper (open or closed, radius :data:`GRIPPER_RADIUS`, at table height)
-   pushes every object it moves into: an object that was ahead of the gripper and ends up closer than
-   :data:`CONTACT_DISTANCE` is pushed radially out to that distance.  Objects do not collide
+   pushes every object it moves into: an object that was ahead of the gripper and ends up closer
+   than :data:`CONTACT_DISTANCE` slides along the gripper's motion direction (no sideways slip,
+   like a high-friction contact) until it is at that distance again.  Objects do not collide
    with each other (they may overlap) and stay within ``|x|, |y| <= OBJECT_LIMIT``.
 4. *Grasp*: closing the gripper (open -> closed) grasps the nearest free object within
    :data:`GRASP_RADIUS` of it (an object it touches); the object is lifted into the claw
@@ -381,7 +382,13 @@ class TabletopEnv(BatchedEnv):
         dist = rel_new.norm(dim=-1)  # [N, M]
         ahead = ((rel_old * d[:, None, :]).sum(-1) > 0) & ((rel_new * d[:, None, :]).sum(-1) > 0)
         push = (held < 0)[:, None] & ahead & (dist < CONTACT_DISTANCE)
-        pushed = g_new[:, None, :] + rel_new * (CONTACT_DISTANCE / dist.clamp_min(1e-6))[..., None]
+        # the object slides along the motion direction (no slip sideways against the gripper)
+        # until it touches the gripper again: along-distance sqrt(C^2 - lateral^2)
+        u = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-9)
+        along = (rel_new * u[:, None, :]).sum(-1)  # [N, M]
+        lateral2 = (dist.pow(2) - along.pow(2)).clamp_min(0.0)
+        target = (CONTACT_DISTANCE ** 2 - lateral2).clamp_min(0.0).sqrt()
+        pushed = obj + u[:, None, :] * (target - along).clamp_min(0.0)[..., None]
         obj = torch.where(push[..., None], pushed, obj)
         # 4. grasp
         closing = want_closed & ~self.closed & (held < 0)
