@@ -160,9 +160,18 @@ def test_motionplanning_demos_replay_in_env(tmp_path):
     t = len(e.actions)
     assert e.success and e.images.shape == (t, 1, 3, 64, 64) and e.state.shape == (t, 16)
     assert np.abs(e.actions).max() <= 1.0 + 1e-6
-    paths = M.save_demos(eps, tmp_path)
+    paths = M.save_demos(eps, tmp_path / "npz")
     with np.load(paths[0]) as z:
         assert np.array_equal(z["actions"], e.actions) and str(z["task"]) == "PickCube-v1"
+    # pirl's demo format round trip (what few-shot SFT reads)
+    from pirl.envs.demos import load_demos
+
+    M.write_pirl_demos(tmp_path / "pirl", eps, ["StackCube-v1", "PickCube-v1"])
+    ds = load_demos(tmp_path / "pirl")
+    assert torch.equal(ds.actions, torch.from_numpy(e.actions))
+    assert torch.equal(ds.state, torch.from_numpy(e.state))
+    assert torch.equal(ds.images, torch.from_numpy(e.images))
+    assert ds.task_index.unique().tolist() == [1] and float(ds.reward.sum()) == 1.0
     env = _sim_env(tasks="PickCube-v1", num_envs=1, image_size=64, sim_backend="cpu")
     try:
         obs = env.reset(seed=0, episode_seeds=torch.tensor([e.seed]))

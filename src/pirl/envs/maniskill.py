@@ -590,3 +590,59 @@ def save_demos(episodes: Sequence[DemoEpisode], out_dir: str | os.PathLike) -> l
         np.savez_compressed(p, **arrays)
         paths.append(str(p))
     return paths
+
+
+def write_pirl_demos(out_dir: str | os.PathLike, episodes: Sequence[DemoEpisode],
+                     tasks: Sequence[str], max_episode_steps: int = DEFAULT_MAX_STEPS,
+                     meta: dict[str, Any] | None = None):
+    """Write ``episodes`` in pirl's demo format (:mod:`pirl.envs.demos`, parquet) so that
+    ``pirl.envs.demos.load_demos(out_dir)`` reads them for few-shot SFT.
+
+    ``tasks``: the env's task list (``task_index`` of an episode = its task's position in it,
+    as in :class:`ManiSkillEnv`'s ``task_id``).  Rewards are sparse: 1 on a successful
+    episode's last frame.  Returns ``out_dir``.
+    """
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from pirl.envs.demos import _write
+
+    if not episodes:
+        raise ValueError("no episodes to write")
+    tasks = list(tasks)
+    rows = []
+    for e in episodes:
+        t = len(e.actions)
+        reward = torch.zeros(t)
+        reward[-1] = float(e.success)
+        ep = {"task_index": tasks.index(e.task), "episode_seed": int(e.seed),
+              "success": bool(e.success), "length": t, "state": torch.from_numpy(e.state),
+              "action": torch.from_numpy(e.actions), "reward": reward}
+        if e.images is not None:
+            ep["images"] = torch.from_numpy(e.images)
+        rows.append(ep)
+    env_like = SimpleNamespace(
+        state_dim=int(episodes[0].state.shape[-1]), action_dim=int(episodes[0].actions.shape[-1]),
+        tasks=tasks, task_names=tasks,
+        instructions=[TASK_INSTRUCTIONS.get(t, t) for t in tasks],
+        max_episode_steps=max_episode_steps)
+    return _write(Path(out_dir), env_like, rows, dict(meta or {}, source="maniskill motionplanning"))
+
+
+def generate_maniskill_demos(tasks: str | Sequence[str] = "PickCube-v1",
+                             episodes_per_task: int = 4, out_dir: str | os.PathLike = "demos",
+                             seed: int = 0, **kw):
+    """Motion-planning demos for every task, written in pirl's demo format (the ManiSkill
+    counterpart of ``pirl.envs.demos.generate_demos``).  ``kw`` goes to
+    :func:`generate_motionplanning_demos` (``image_size``, ``wrist_camera``, ``obs_mode`` ...).
+    Returns ``(out_dir, stats per task)``."""
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    episodes, stats = [], {}
+    for t in tasks:
+        eps, st = generate_motionplanning_demos(t, episodes_per_task, seed=seed, **kw)
+        episodes += eps
+        stats[t] = st
+    out = write_pirl_demos(out_dir, episodes, tasks,
+                           meta=dict(env_name="maniskill", tasks=tasks, seed=seed,
+                                     episodes_per_task=episodes_per_task, env_kwargs=kw))
+    return out, stats
