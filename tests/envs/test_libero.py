@@ -174,6 +174,10 @@ def test_missing_libero_names_install_command():
         L.LiberoEnv("libero_spatial", 1)
     with pytest.raises(L.SimulatorUnavailable, match=r"pip install 'pirl\[libero\]'"):
         L.make_env("libero_spatial", 1)
+    from pirl.envs import make_env  # the registry (lazy import of this module)
+
+    with pytest.raises(ImportError, match=r"pip install 'pirl\[libero\]'"):
+        make_env("libero/libero_goal", 1)
 
 
 def test_missing_gl_names_apt_packages(monkeypatch):

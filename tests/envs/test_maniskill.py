@@ -29,6 +29,11 @@ def test_missing_maniskill_names_install_command():
         M.ManiSkillEnv("PickCube-v1", 1)
     with pytest.raises(SimulatorUnavailable, match=r"pip install 'pirl\[maniskill\]'"):
         M.make_env("maniskill_multitask", 2)
+    from pirl.envs import make_env  # the registry (lazy import of this module)
+
+    for name in ("maniskill/PickCube-v1", "maniskill_multitask/train"):
+        with pytest.raises(ImportError, match=r"pip install 'pirl\[maniskill\]'"):
+            make_env(name, 1)
 
 
 def test_missing_vulkan_names_apt_packages(monkeypatch, tmp_path):
