@@ -70,7 +70,7 @@ class PlacementConfig:
     mode: ``"local" | "colocated" | "disaggregated"``.
     env_workers: env actors of the disaggregated mode (each owns ``num_envs / env_workers``).
     pipeline_stages: disaggregated mode: env/inference pipeline stages (1 = no pipelining);
-        ``env_workers`` must be a multiple of it.
+        ``env_workers`` must be a multiple of it (stage s = the s-th group of env workers).
     env_cpus / rollout_cpus / rollout_gpus: Ray resources per env worker / the rollout worker.
     threads: torch intra-op threads inside every actor (None: torch's default).
     cluster: where Ray runs: ``None`` / ``"local"`` (start a local Ray if none is running),
@@ -83,7 +83,7 @@ class PlacementConfig:
 
     mode: PlacementMode = "local"
     env_workers: int = 2
-    pipeline_stages: int = 1
+    pipeline_stages: int = 2
     env_cpus: float = 1.0
     rollout_cpus: float = 1.0
     rollout_gpus: float = 0.0
