@@ -27,13 +27,30 @@ from pathlib import Path
 import torch
 
 
-def build(num_envs: int, image_size: int, seed: int = 0):
+def make_env(num_envs: int, image_size: int = 32, env_ms: float = 0.0):
+    """The tabletop env; with ``env_ms > 0`` every step also sleeps ``env_ms`` ms per env, a
+    stand-in for a CPU simulator (LIBERO, ManiSkill on CPU) whose worker has its own cores:
+    the sleep costs no CPU here, so it shows what parallel env workers and pipelining hide."""
     from pirl.envs.tabletop import TabletopEnv
+
+    env = TabletopEnv(num_envs=num_envs, image_size=image_size, max_episode_steps=24)
+    if env_ms > 0:
+        step = env.step
+
+        def slow_step(action):
+            time.sleep(env_ms * 1e-3 * env.num_envs)
+            return step(action)
+
+        env.step = slow_step
+    return env
+
+
+def build(num_envs: int, image_size: int, env_ms: float = 0.0, seed: int = 0):
     from pirl.flow import build_sampler
     from pirl.models import build_policy
     from pirl.runners.config import RLConfig
 
-    env = TabletopEnv(num_envs=num_envs, image_size=image_size, max_episode_steps=24)
+    env = make_env(num_envs, image_size, env_ms)
     torch.manual_seed(seed)
     vocab = sorted({w for s in env.instructions for w in s.split()})
     policy = build_policy("tiny", action_dim=env.action_dim, state_dim=env.state_dim,
@@ -44,21 +61,22 @@ def build(num_envs: int, image_size: int, seed: int = 0):
     cfg = RLConfig(algo="ppo", iterations=100, action_chunk=4)
     cfg.ppo.update_epochs = 2
     cfg.ppo.num_minibatches = 2
-    env_fn = functools.partial(TabletopEnv, image_size=image_size, max_episode_steps=24)
+    env_fn = functools.partial(make_env, image_size=image_size, env_ms=env_ms)
     return env, policy, sampler, cfg, env_fn
 
 
-def measure(mode: str, workers: int, args) -> dict:
+def measure(mode: str, workers: int, args, stages: int | None = None) -> dict:
     from pirl.runners.distributed import DistributedTrainer
     from pirl.runners.placement import LearnerPlacement, PlacementConfig
     from pirl.runners.rl import RLTrainer
 
-    env, policy, sampler, cfg, env_fn = build(args.num_envs, args.image_size)
+    env, policy, sampler, cfg, env_fn = build(args.num_envs, args.image_size, args.env_ms)
     if mode == "local":
         tr = RLTrainer(policy, sampler, env, cfg, seed=0)
     else:
         frac = max(0.05, args.ray_cpus / (2 * workers + 2))
-        pl = PlacementConfig(mode=mode, env_workers=workers, pipeline_stages=workers,
+        stages = stages or workers
+        pl = PlacementConfig(mode=mode, env_workers=workers, pipeline_stages=stages,
                              env_cpus=frac, rollout_cpus=frac, threads=1,
                              learner=LearnerPlacement(ranks=workers, cpus=frac))
         tr = DistributedTrainer(policy, sampler, env, cfg, 0, pl, env_fn)
@@ -74,7 +92,8 @@ def measure(mode: str, workers: int, args) -> dict:
         if hasattr(tr, "close"):
             tr.close(keep_state=False)
     med = lambda k: statistics.median(r[k] for r in rows)  # noqa: E731
-    return {"mode": mode, "workers": workers if mode != "local" else 1,
+    return {"mode": mode if mode != "disaggregated" else f"disaggregated ({stages} stage"
+            + ("s)" if stages > 1 else ")"), "workers": workers if mode != "local" else 1,
             "env_steps_per_s": med("perf/env_steps_per_s"),
             "learner_samples_per_s": med("perf/learner_samples_per_s"),
             "iters_per_s": 1.0 / med("wall"), "wall_s": med("wall")}
@@ -89,6 +108,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--modes", nargs="+", default=["local", "colocated", "disaggregated"])
     p.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--env-ms", type=float, default=0.0,
+                   help="extra simulated env cost, ms per env step (a sleep: see make_env)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -102,8 +123,11 @@ def main(argv=None) -> list[dict]:
     for mode in [m for m in args.modes if m != "local"]:
         for w in args.workers:
             results.append(measure(mode, w, args))
+            if mode == "disaggregated" and w > 1:  # the same workers without pipelining
+                results.append(measure(mode, w, args, stages=1))
     base = next((r for r in results if r["mode"] == "local"), results[0])
-    print(f"\n{args.num_envs} envs ({args.image_size}px), tiny VLA, Flow-Noise K=4, PPO; "
+    print(f"\n{args.num_envs} envs ({args.image_size}px, +{args.env_ms:g} ms/env step), tiny VLA, "
+          f"Flow-Noise K=4, PPO; "
           f"{os.cpu_count()} CPU cores, torch threads=1 per process\n")
     print("| mode | workers | env steps/s | x local | learner samples/s | x local | "
           "iterations/s | x local |")
