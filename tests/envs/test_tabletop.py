@@ -334,3 +334,17 @@ def test_rendering_colours_and_subset_rendering():
     env.reset(seed=1)
     idx = torch.tensor([3, 1])
     assert torch.equal(env.render_cameras(idx), env.render_cameras()[idx])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    envs = [TabletopEnv(64, num_cameras=2, device=d, task_families=("pick_place", "push", "stack"),
+                        split="all") for d in ("cpu", "cuda")]
+    obs = [e.reset(seed=0) for e in envs]
+    assert torch.equal(obs[0]["images"], obs[1]["images"].cpu())
+    experts = [ScriptedExpert(e) for e in envs]
+    for _ in range(20):
+        steps = [e.step(x.act()) for e, x in zip(envs, experts)]
+    assert torch.allclose(envs[0].obj_pos, envs[1].obj_pos.cpu(), atol=1e-4)
+    same = (steps[0].obs["images"] == steps[1].obs["images"].cpu()).float().mean()
+    assert float(same) > 0.99
