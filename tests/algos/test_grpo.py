@@ -138,8 +138,10 @@ def test_grpo_config_from_yaml_dict():
     """The typed config loader reports the dotted field of a bad GRPO value."""
     from pirl.configs import ConfigError, from_dict
 
-    cfg = from_dict(GRPOConfig, {"group_size": 4, "logp_mode": "chain_mean", "dual_clip": None})
+    cfg = from_dict(GRPOConfig, {"group_size": 4, "logp_mode": "chain_mean", "dual_clip": None,
+                                 "betas": [0.8, 0.99]})
     assert cfg.group_size == 4 and cfg.dual_clip is None and cfg.ratio_level == "element"
+    assert cfg.betas == (0.8, 0.99)
     with pytest.raises(ConfigError, match="group_size"):
         from_dict(GRPOConfig, {"group_size": 1})
     with pytest.raises(ConfigError, match="logp_mode"):
