@@ -54,18 +54,21 @@ def maniskill_row(num_envs: int = 1, obs_mode: str = "rgb", vectorization: str =
 
 
 def libero_row(num_envs: int = 2, suite: str = "libero_spatial", steps: int = 20,
-               image_size: int = 224) -> dict[str, Any]:
-    """LIBERO suite, one process per env, agent-view + wrist at 256 px resized to 224."""
+               image_size: int = 224, processes: bool = True) -> dict[str, Any]:
+    """LIBERO suite, one process per env (or all in this process), agent-view + wrist rendered
+    at 256 px and resized to 224.  Assets: the package's, or ``$PIRL_LIBERO_ASSETS``."""
     from pirl.envs import libero as L
 
-    base = {"sim": f"LIBERO {suite}", "backend": "cpu (MuJoCo)", "num_envs": num_envs,
-            "vectorization": "process", "obs": f"rgb 2x{image_size}px"}
+    base = {"sim": f"LIBERO {suite}", "backend": f"cpu (MuJoCo, {L.select_mujoco_gl()})",
+            "num_envs": num_envs, "vectorization": "process" if processes else "loop",
+            "obs": f"rgb 2x{image_size}px"}
     miss = L.missing_assets()
     if miss:
         return {**base, "steps_per_s": "n/a",
                 "setup_s": f"cannot load a task: LIBERO assets missing ({miss[0]})"}
     t0 = time.perf_counter()
-    env = L.LiberoEnv(suite, num_envs, image_size=image_size, max_episode_steps=10**6)
+    env = L.LiberoEnv(suite, num_envs, image_size=image_size, max_episode_steps=10**6,
+                      processes=processes)
     build = time.perf_counter() - t0
     try:
         sps, setup = _time_steps(env, steps, 7)
@@ -94,6 +97,7 @@ ROWS: dict[str, Callable[[], dict[str, Any]]] = {
     "maniskill_rgb_2_loop": lambda: maniskill_row(2, "rgb", "loop"),
     "maniskill_rgb_2_process": lambda: maniskill_row(2, "rgb", "process"),
     "maniskill_demos": maniskill_demo_row,
+    "libero_1": lambda: libero_row(1, processes=False),
     "libero_2": lambda: libero_row(2),
 }
 

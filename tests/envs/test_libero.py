@@ -158,6 +158,13 @@ def test_write_libero_config(tmp_path: Path):
     assert "bddl_files" in path.read_text()
 
 
+def test_assets_dir_resolution(tmp_path: Path, monkeypatch):
+    assert L.assets_dir(tmp_path) == tmp_path
+    monkeypatch.setenv("PIRL_LIBERO_ASSETS", str(tmp_path / "env"))
+    assert L.assets_dir() == tmp_path / "env"
+    assert L.missing_assets() == [str(tmp_path / "env")]
+
+
 def test_missing_assets(tmp_path: Path):
     assert L.missing_assets(tmp_path / "nope") == [str(tmp_path / "nope")]
     for s in L.ASSET_SENTINELS:
@@ -336,7 +343,8 @@ def test_real_task_smoke():
     if miss:
         pytest.skip("LIBERO's assets (meshes/textures, ~200 MB, downloaded by LIBERO on first "
                     "use) are not on this machine and it cannot download them: missing "
-                    f"{miss[:3]} under {L.libero_package_root() / 'assets'}")
+                    f"{miss[:3]} under {L.assets_dir()} (set PIRL_LIBERO_ASSETS to a complete "
+                    "assets folder to run this test)")
     env = L.LiberoEnv("libero_spatial", 2, image_size=64, render_size=128)
     try:
         obs = env.reset(seed=0, task_ids=torch.tensor([0, 0]), episode_seeds=torch.tensor([3, 3]))

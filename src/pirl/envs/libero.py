@@ -142,16 +142,36 @@ def import_libero():
 # Meshes that LIBERO's suites load; used to detect an incomplete asset folder before a task
 # tries (and fails deep inside robosuite, or tries to download).
 ASSET_SENTINELS = (
-    "stable_scanned_objects/black_bowl/black_bowl.obj",
-    "stable_scanned_objects/plate/plate.obj",
-    "scenes",
-    "textures",
+    "stable_scanned_objects/akita_black_bowl/visual/akita_black_bowl_vis.msh",
+    "stable_scanned_objects/plate/visual/model_vis.msh",
+    "stable_scanned_objects/basket/visual/basket_vis.msh",
+    "scenes/kitchen_background/visual/kitchen_background_vis.msh",
+    "textures/gray_wall.png",
 )
 
 
-def missing_assets(assets_dir: str | os.PathLike | None = None) -> list[str]:
-    """Sentinel asset files missing under LIBERO's assets folder (empty list = looks complete)."""
-    adir = Path(assets_dir) if assets_dir is not None else libero_package_root() / "assets"
+def assets_dir(path: str | os.PathLike | None = None) -> Path:
+    """LIBERO's assets folder: ``path``, else ``$PIRL_LIBERO_ASSETS``, else the installed
+    package's own ``libero/libero/assets`` (where LIBERO itself looks)."""
+    if path is not None:
+        return Path(path)
+    if os.environ.get("PIRL_LIBERO_ASSETS"):
+        return Path(os.environ["PIRL_LIBERO_ASSETS"])
+    return libero_package_root() / "assets"
+
+
+def use_assets_dir(path: str | os.PathLike) -> None:
+    """Point LIBERO at an assets folder outside the package (LIBERO resolves every asset
+    through ``libero.libero.get_assets_path()``, which returns its cached path when it exists)."""
+    import libero.libero as ll
+
+    ll._assets_path_cache = str(path)
+
+
+def missing_assets(path: str | os.PathLike | None = None) -> list[str]:
+    """Sentinel asset files missing under LIBERO's assets folder (:func:`assets_dir`; empty
+    list = looks complete)."""
+    adir = assets_dir(path)
     if not adir.is_dir():
         return [str(adir)]
     return [s for s in ASSET_SENTINELS if not (adir / s).exists()]
@@ -389,16 +409,18 @@ class LiberoSubEnv:
     """
 
     def __init__(self, suite: str, image_size: int = 224, render_size: int = 256,
-                 allow_download: bool = False):
+                 allow_download: bool = False, assets: str | None = None):
         import_libero()
-        if not allow_download:
-            miss = missing_assets()
-            if miss:
-                raise FileNotFoundError(
-                    f"LIBERO assets missing under {libero_package_root() / 'assets'} "
-                    f"(e.g. {miss[:3]}); pirl does not download at run time. Let LIBERO fetch "
-                    "them once (LiberoEnv(..., allow_download=True)) or copy a complete assets "
-                    "folder there.")
+        adir = assets_dir(assets)
+        miss = missing_assets(adir)
+        if miss and not allow_download:
+            raise FileNotFoundError(
+                f"LIBERO assets missing under {adir} (e.g. {miss[:3]}); pirl does not "
+                "download at run time. Let LIBERO fetch them once (LiberoEnv(..., "
+                "allow_download=True)), or copy a complete assets folder there, or pass "
+                "assets_dir= / set PIRL_LIBERO_ASSETS to a folder that has them.")
+        if not miss:
+            use_assets_dir(adir)
         self.suite = suite
         self.tasks = suite_tasks(suite)
         self.image_size = image_size
@@ -581,6 +603,8 @@ class LiberoEnv(PoolBatchedEnv):
     image_size: side of the preprocessed square images (224 as in openpi); render_size: side of
     the raw MuJoCo render (256 as in openpi's LIBERO example); max_episode_steps: defaults to
     :data:`MAX_STEPS` of the suite; processes: ``False`` runs the slots in this process.
+    assets_dir: LIBERO's assets folder if not inside the package (or ``$PIRL_LIBERO_ASSETS``);
+    allow_download: let LIBERO download missing assets from its hub (off: pirl never downloads).
 
     Observations: ``images [N, 2, 3, S, S]`` uint8 (agent view, wrist), ``state [N, 8]``,
     ``instruction``, ``task_id``.  Actions ``[N, 7]``.
@@ -590,7 +614,8 @@ class LiberoEnv(PoolBatchedEnv):
                  task_indices: Sequence[int] | None = None, image_size: int = 224,
                  render_size: int = 256, max_episode_steps: int | None = None,
                  auto_reset: bool = False, processes: bool = True,
-                 mujoco_gl: str | None = None, allow_download: bool = False):
+                 mujoco_gl: str | None = None, allow_download: bool = False,
+                 assets_dir: str | os.PathLike | None = None):
         require_libero()
         gl = select_mujoco_gl(mujoco_gl)
         tasks = suite_tasks(suite)
@@ -600,7 +625,8 @@ class LiberoEnv(PoolBatchedEnv):
         self.task_indices = [int(i) for i in task_indices]
         sel = [tasks[i] for i in self.task_indices]
         factory = functools.partial(LiberoSubEnv, suite=suite, image_size=image_size,
-                                    render_size=render_size, allow_download=allow_download)
+                                    render_size=render_size, allow_download=allow_download,
+                                    assets=None if assets_dir is None else str(assets_dir))
         pool = SubprocEnvPool([factory] * num_envs, in_process=not processes,
                               env_vars={"MUJOCO_GL": gl, "PYOPENGL_PLATFORM": gl})
         super().__init__(pool, task_names=[t.name for t in sel],
