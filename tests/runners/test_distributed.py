@@ -236,6 +236,7 @@ def test_disaggregated_matches_local_and_dead_env_worker_fails(ray_local):
 @pytest.mark.parametrize("mode,algo,fsdp", [("colocated", "ppo", False),
                                             ("disaggregated", "ppo", False),
                                             ("colocated", "grpo", False),
+                                            ("disaggregated", "grpo", False),
                                             ("colocated", "ppo", True),
                                             ("disaggregated", "ppo", True)])
 def test_learning_curve_matches_local(ray_local, mode, algo, fsdp):
@@ -255,20 +256,36 @@ def test_learning_curve_matches_local(ray_local, mode, algo, fsdp):
 
 
 @pytest.mark.slow
-def test_ddp_state_resumes_in_a_local_run(ray_local):
-    """A colocated DDP run's trainer state (optimizer, generators, counters) has the local
-    layout: a local trainer loading it continues exactly like an uninterrupted local run."""
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_trainer_state_resumes(ray_local, fsdp):
+    """Stop after 2 iterations, resume from the trainer state (optimizer, generators, counters)
+    and the driver's synced weights: the 3rd iteration equals an uninterrupted local run's.
+    DDP state has the local layout, so a local trainer resumes it; FSDP2 state resumes under
+    FSDP2 (and a local trainer refuses it with a clear error)."""
     ref_metrics, ref_policy, _ = run_local(3)
     env, policy, sampler, cfg = rl_parts()
-    tr = DistributedTrainer(policy, sampler, env, cfg, 0, placement("colocated"), env_fn)
+    pl = placement("colocated", learner={"fsdp": fsdp})
+    tr = DistributedTrainer(policy, sampler, env, cfg, 0, pl, env_fn)
     try:
         [tr.iteration() for _ in range(2)]
         sd = tr.state_dict()
     finally:
         tr.close(keep_state=False)
-    local = RLTrainer(policy, sampler, env, cfg, seed=0)
-    local.load_state_dict(sd)
-    m = local.iteration()
+    if not fsdp:
+        resumed = RLTrainer(policy, sampler, env, cfg, seed=0)
+        resumed.load_state_dict(sd)
+        m = resumed.iteration()
+    else:
+        assert sd["optimizer_format"] == "fsdp-full"
+        with pytest.raises(ValueError, match="FSDP"):
+            from pirl.runners.distributed import DataParallelRLTrainer
+            DataParallelRLTrainer(policy, sampler, env, cfg, seed=0).load_state_dict(sd)
+        resumed = DistributedTrainer(policy, sampler, env, cfg, 0, pl, env_fn)
+        try:
+            resumed.load_state_dict(sd)
+            m = resumed.iteration()
+        finally:
+            resumed.close(keep_state=False)
     assert_same_curve(ref_metrics[2:], [m], ref_policy, policy)
 
 
@@ -286,3 +303,40 @@ def test_dead_learner_rank_fails_fast(ray_local):
         assert tr.iter == 1
     finally:
         tr.close(keep_state=False)
+
+
+def test_trainer_from_config_local_is_rl_trainer():
+    """placement.mode=local (the default) keeps the one-process RLTrainer."""
+    from pirl.runners.config import TrainConfig
+    from pirl.runners.distributed import trainer_from_config
+
+    env, policy, sampler, cfg = rl_parts()
+    tc = TrainConfig(rl=cfg)
+    assert tc.placement.mode == "local"
+    tr = trainer_from_config(tc, policy, sampler, env)
+    assert type(tr) is RLTrainer
+
+
+@pytest.mark.slow
+def test_pirl_run_disaggregated_end_to_end(ray_local, tmp_path):
+    """The whole recipe (demos -> SFT -> RL -> eval) with placement.mode=disaggregated: the
+    run folder, metrics and a final checkpoint whose trainer state has the local layout."""
+    from pirl.runners.checkpoint import load_checkpoint
+    from pirl.runners.config import (DemoConfig, EnvConfig, EvalConfig, ModelConfig, SFTConfig,
+                                     TrainConfig)
+    from pirl.runners.train import run
+
+    cfg = TrainConfig(
+        run_dir=str(tmp_path / "run"), progress=False,
+        env=EnvConfig(num_envs=4, kwargs={"image_size": IMG, "max_episode_steps": 12}),
+        model=ModelConfig(kwargs={"width": 32, "depth": 1, "heads": 2, "action_horizon": 4,
+                                  "conv_channels": [8, 8, 8]}),
+        sft=SFTConfig(steps=3), demos=DemoConfig(episodes_per_task=1),
+        rl=RLConfig(iterations=2, action_chunk=3),
+        eval=EvalConfig(episodes_per_task=1, num_envs=8, videos=0, splits=["train"]),
+        placement=placement("disaggregated", ranks=2))
+    res = run(cfg)
+    assert set(res) >= {"sft", "final"}
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["stage"] == "done" and state["trainer"]["iter"] == 2
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("rollout/success") == 2
