@@ -300,6 +300,20 @@ def test_truncation_and_auto_reset():
     assert not out.done.any()
 
 
+def test_auto_reset_seeds_stay_in_seed_range():
+    import functools
+
+    pool = L.SubprocEnvPool([functools.partial(FakeSlotForPoolTests, 1e9)] * 3, in_process=True)
+    env = L.PoolBatchedEnv(pool, task_names=["a"], instructions=["do a"], action_dim=1,
+                           state_dim=1, max_episode_steps=1, auto_reset=True, seed_space=1000,
+                           seed_range=(5000, 5010))
+    env.reset(seed=1)
+    for _ in range(5):
+        assert ((env._episode_seeds >= 5000) & (env._episode_seeds < 5010)).all()
+        out = env.step(torch.zeros(3, 1))
+        assert out.truncated.all()
+
+
 def test_same_seed_same_start_defaults_deterministic():
     env = _fake_env(4)
     o1 = env.reset(seed=123)

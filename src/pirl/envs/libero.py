@@ -483,7 +483,8 @@ class PoolBatchedEnv(BatchedEnv):
 
     def __init__(self, pool: SubprocEnvPool, task_names: list[str], instructions: list[str],
                  action_dim: int, state_dim: int, max_episode_steps: int,
-                 auto_reset: bool = False, seed_space: int = NUM_INIT_STATES):
+                 auto_reset: bool = False, seed_space: int = NUM_INIT_STATES,
+                 seed_range: tuple[int, int] = (0, 2**31 - 1)):
         self.pool = pool
         self.num_envs = pool.size
         self.task_names = list(task_names)
@@ -493,6 +494,7 @@ class PoolBatchedEnv(BatchedEnv):
         self.max_episode_steps = max_episode_steps
         self.auto_reset = auto_reset
         self.seed_space = seed_space
+        self.seed_range = seed_range
         n = self.num_envs
         self._task_ids = torch.zeros(n, dtype=torch.long)
         self._episode_seeds = torch.zeros(n, dtype=torch.long)
@@ -544,7 +546,7 @@ class PoolBatchedEnv(BatchedEnv):
         if task_ids is None:
             task_ids = torch.from_numpy(self._rng.integers(0, len(self.task_names), n))
         if episode_seeds is None:
-            episode_seeds = torch.from_numpy(self._rng.integers(0, 2**31 - 1, n))
+            episode_seeds = torch.from_numpy(self._rng.integers(*self.seed_range, n))
         self._task_ids = torch.as_tensor(task_ids, dtype=torch.long).clone()
         self._episode_seeds = torch.as_tensor(episode_seeds, dtype=torch.long).clone()
         if self._task_ids.shape != (n,) or self._episode_seeds.shape != (n,):
@@ -580,7 +582,7 @@ class PoolBatchedEnv(BatchedEnv):
             info["episode_return"] = self._return.clone()
             finished = self._done.nonzero().flatten().tolist()
             self._episode_seeds[finished] = torch.from_numpy(
-                self._rng.integers(0, 2**31 - 1, len(finished)))
+                self._rng.integers(*self.seed_range, len(finished)))
             self._reset_slots(finished)
         return Step(obs=self._obs(), reward=reward, terminated=terminated,
                     truncated=truncated, info=info)

@@ -324,7 +324,8 @@ class ManiSkillEnv(PoolBatchedEnv):
     instructions: override :data:`TASK_INSTRUCTIONS`.
     render_backend: ManiSkill's (default ``"gpu"``: SAPIEN's Vulkan renderer, which is Mesa's
     lavapipe on a CPU-only machine; ``"sapien_cpu"`` is the alternative, slower here).
-    seed_range: ``(low, high)`` episode seeds drawn by :meth:`reset` when none are given.
+    seed_range: ``[low, high)`` of the episode seeds drawn by :meth:`reset` (when none are
+    given) and by auto-resets.
     slot_tasks: GPU only, the task index of each slot (default: contiguous near-equal blocks).
     """
 
@@ -352,7 +353,6 @@ class ManiSkillEnv(PoolBatchedEnv):
         self.tasks = tasks
         self.sim_backend = sim_backend
         self.obs_mode = obs_mode
-        self.seed_range = seed_range
         slot_kw = dict(obs_mode=obs_mode, control_mode=control_mode, image_size=image_size,
                        wrist_camera=wrist_camera, reward_mode=reward_mode,
                        render_backend=render_backend)
@@ -384,7 +384,7 @@ class ManiSkillEnv(PoolBatchedEnv):
                          action_dim=action_dim, state_dim=state_dim,
                          max_episode_steps=max_episode_steps or max(
                              [DEFAULT_MAX_STEPS] + [_registered_max_steps(t) for t in tasks]),
-                         auto_reset=auto_reset, seed_space=1)
+                         auto_reset=auto_reset, seed_space=1, seed_range=seed_range)
 
     def reset(self, seed: int | None = None, task_ids: torch.Tensor | None = None,
               episode_seeds: torch.Tensor | None = None) -> Obs:
