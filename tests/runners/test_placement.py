@@ -47,3 +47,18 @@ def test_placement_overrides_parse():
     assert cfg.learner.ranks == 2 and cfg.learner.fsdp is True
     with pytest.raises((ConfigError, ValueError)):
         apply_overrides(PlacementConfig(), ["mode=everywhere"])
+
+
+def test_resource_check_names_what_is_missing():
+    from pirl.runners.distributed import check_resources, placement_resources
+
+    pl = PlacementConfig(mode="disaggregated", env_workers=4, pipeline_stages=2, env_cpus=0.5,
+                         rollout_cpus=1.0, rollout_gpus=1.0,
+                         learner=LearnerPlacement(ranks=2, cpus=1.0, gpus=1.0))
+    # hand count: 4 * 0.5 + 1 + 2 * 1 = 5 CPUs; 1 + 2 = 3 GPUs
+    assert placement_resources(pl) == {"CPU": 5.0, "GPU": 3.0}
+    check_resources(pl, {"CPU": 8.0, "GPU": 3.0})
+    with pytest.raises(ValueError, match=r"3 GPU \(the cluster has 0\)"):
+        check_resources(pl, {"CPU": 8.0})
+    colo = PlacementConfig(mode="colocated", learner=LearnerPlacement(ranks=3, cpus=0.5))
+    assert placement_resources(colo) == {"CPU": 1.5, "GPU": 0.0}

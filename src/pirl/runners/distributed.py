@@ -879,6 +879,7 @@ class DistributedTrainer:
         self._final_state: dict[str, Any] | None = None
         spec_env = EnvSpec.from_env(env)
         placement.validate_for(spec_env.num_envs)
+        check_resources(placement, dict(ray.cluster_resources()))
         modules = ray.put({"policy": _cpu_module(policy), "sampler": _cpu_module(sampler)})
         spec = WorkerSpec(env_fn=env_fn, modules=modules, env_spec=spec_env, rl=cfg, seed=seed,
                           device=device, threads=placement.threads)
@@ -917,13 +918,20 @@ class DistributedTrainer:
 
     # ----------------------------------------------------------------- setup
     def _init_distributed(self) -> None:
-        addr, port = get_all([self.learners[0].rendezvous.remote()], [self.learner_names[0]])[0]
+        t = self.placement.startup_timeout_s
+        addr, port = get_all([self.learners[0].rendezvous.remote()], [self.learner_names[0]],
+                             timeout_s=t)[0]
         get_all([w.init_distributed.remote(addr, port) for w in self.learners],
-                self.learner_names)
+                self.learner_names, timeout_s=t)
         if self.rollout_worker is not None:  # start-up errors of the other workers surface here
             get_all([self.rollout_worker.pid.remote()] + [w.pid.remote()
                                                          for w, *_ in self.env_workers],
-                    ["rollout worker"] + [n for *_, n in self.env_workers])
+                    ["rollout worker"] + [n for *_, n in self.env_workers], timeout_s=t)
+
+    def _gathering_ranks(self) -> list:
+        """The ranks to ask for full weights / state: all of them under FSDP (gathering is a
+        collective; ranks > 0 return empty dicts), only rank 0 under DDP (replicas)."""
+        return list(self.learners) if self.placement.learner.fsdp else self.learners[:1]
 
     def worker_pids(self) -> dict[str, int]:
         """Process ids of every worker, by name (for monitoring and the fault tests)."""
@@ -948,8 +956,8 @@ class DistributedTrainer:
                                   self.learner_names)[0]
             weights = None
             if self.rollout_worker is not None or self.placement.sync_driver:
-                refs = [w.weights.remote() for w in self.learners]
-                get_all(refs, self.learner_names)  # all ranks (a collective under FSDP)
+                refs = [w.weights.remote() for w in self._gathering_ranks()]
+                get_all(refs, self.learner_names)
                 weights = refs[0]
             if self.rollout_worker is not None:
                 get_all([self.rollout_worker.load_weights.remote(weights)], ["rollout worker"])
@@ -975,7 +983,7 @@ class DistributedTrainer:
             if self._final_state is None:
                 raise WorkerError("the workers were stopped after a failure: no state to save")
             return self._final_state
-        refs = [w.trainer_state.remote() for w in self.learners]
+        refs = [w.trainer_state.remote() for w in self._gathering_ranks()]
         sd = get_all(refs, self.learner_names)[0]
         if self.rollout_worker is not None:
             ro = get_all([self.rollout_worker.rollout_state.remote()], ["rollout worker"])[0]
@@ -1006,6 +1014,29 @@ class DistributedTrainer:
             except Exception:  # noqa: BLE001 - already dead
                 pass
         self.env_workers, self.learners, self.rollout_worker = [], [], None
+
+
+def placement_resources(placement: PlacementConfig) -> dict[str, float]:
+    """Total Ray CPUs / GPUs the placement's workers ask for."""
+    lp = placement.learner
+    cpus, gpus = lp.ranks * lp.cpus, lp.ranks * lp.gpus
+    if placement.mode == "disaggregated":
+        cpus += placement.env_workers * placement.env_cpus + placement.rollout_cpus
+        gpus += placement.rollout_gpus
+    return {"CPU": cpus, "GPU": gpus}
+
+
+def check_resources(placement: PlacementConfig, available: dict[str, float]) -> None:
+    """Raise ValueError if the workers cannot all fit on the cluster as it is now (Ray would
+    otherwise wait forever for the missing resources)."""
+    need = placement_resources(placement)
+    short = {k: (v, available.get(k, 0.0)) for k, v in need.items()
+             if v > available.get(k, 0.0) + 1e-9}
+    if short:
+        what = ", ".join(f"{v:g} {k} (the cluster has {have:g})" for k, (v, have) in short.items())
+        raise ValueError(f"placement.mode={placement.mode} asks Ray for {what}; lower "
+                         "placement.*_cpus / *_gpus / learner.cpus / learner.gpus (fractions "
+                         "are allowed) or use a larger cluster")
 
 
 def _cpu_module(m: nn.Module) -> nn.Module:

@@ -79,6 +79,7 @@ class PlacementConfig:
     ray_num_cpus: CPUs of a Ray started locally (None: all of the machine's).
     sync_driver: copy the trained weights back into the driver's policy after every iteration
         (needed for the driver's evaluations and checkpoints; costs one state-dict transfer).
+    startup_timeout_s: give up (naming the workers) if the workers are not up after this long.
     """
 
     mode: PlacementMode = "local"
@@ -92,6 +93,7 @@ class PlacementConfig:
     cluster: str | None = None
     ray_num_cpus: int | None = None
     sync_driver: bool = True
+    startup_timeout_s: float = 300.0
 
     def __post_init__(self):
         _check(self.mode in ("local", "colocated", "disaggregated"), "placement.mode",
