@@ -365,8 +365,28 @@ def test_real_task_smoke():
         assert obs["images"].shape == (2, 2, 3, 64, 64)
         assert obs["state"].shape == (2, 8)
         assert torch.allclose(obs["state"][0], obs["state"][1])
-        for _ in range(5):
+        assert torch.equal(obs["images"][0], obs["images"][1])
+        for _ in range(3):
             out = env.step(torch.zeros(2, 7))
-        assert out.info["success"].dtype == torch.bool
+        assert out.info["success"].dtype == torch.bool and not out.done.any()
+        # two chunks from a random-init TinyVLA (Flow-SDE sampling)
+        from pirl.envs.base import ChunkedEnv
+        from pirl.flow import build_sampler
+        from pirl.models import build_policy
+        from pirl.models.tokenizer import vocab_from_texts
+
+        torch.manual_seed(0)
+        policy = build_policy("tiny", action_horizon=2, action_dim=7, state_dim=8, num_cameras=2,
+                              image_size=64, width=32, depth=1, heads=2,
+                              conv_channels=[8, 16, 16], vocab=vocab_from_texts(env.instructions))
+        sampler = build_sampler("flow_sde", num_steps=2, feature_dim=policy.feature_dim,
+                                action_dim=7)
+        chunked, obs = ChunkedEnv(env), out.obs
+        for _ in range(2):
+            with torch.no_grad():
+                chain = sampler.sample(policy.eval(), policy.encode_prefix(obs))
+            res = chunked.step_chunk(chain.actions.clamp(-1, 1))
+            assert res.steps.tolist() == [2, 2] and res.success.dtype == torch.bool
+            obs = res.obs
     finally:
         env.close()
