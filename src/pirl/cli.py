@@ -132,11 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pirl.configs import ConfigError
     from pirl.runners.checkpoint import CheckpointError
+    from pirl.runners.distributed import WorkerError
 
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, WorkerError) as e:
         print(f"pirl: error: {e}", file=sys.stderr)
         return 2
 
