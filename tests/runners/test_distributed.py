@@ -345,3 +345,49 @@ def test_pirl_run_disaggregated_end_to_end(ray_local, tmp_path):
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["stage"] == "done" and state["trainer"]["iter"] == 2
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("rollout/success") == 2
+
+
+def test_pipeline_schedule_overlaps_env_and_inference(setup):
+    """The pipelined schedule: at every chunk step, stage 1 is inferred after stage 0's chunk
+    was submitted and before stage 0's result is awaited (with remote stages, stage 0's envs
+    step meanwhile), and the next step's stage 0 is inferred before stage 1's result is
+    awaited."""
+    env, policy = setup
+    sampler = build_sampler("flow_noise", num_steps=2, feature_dim=policy.feature_dim,
+                            action_dim=policy.action_dim)
+    log: list[tuple[str, int]] = []
+
+    class Recording(LocalStage):
+        def __init__(self, idx, a, b):
+            super().__init__(EnvSlice(make_env(b - a), a, b))
+            self.idx = idx
+
+        def submit_step(self, actions):
+            log.append(("submit", self.idx))
+            return super().submit_step(actions)
+
+        def wait(self, handle):
+            log.append(("wait", self.idx))
+            return super().wait(handle)
+
+    class Spy(torch.nn.Module):
+        """The policy, logging which stage (by batch size: 2 or 4 rows) each inference is for."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def __getattr__(self, name):
+            if name == "inner":
+                return super().__getattr__(name)
+            return getattr(self.inner, name)
+
+        def encode_prefix(self, obs):
+            log.append(("infer", {2: 0, 4: 1}[obs["state"].shape[0]]))
+            return self.inner.encode_prefix(obs)
+
+    collect_staged(Spy(policy), sampler, [Recording(0, 0, 2), Recording(1, 2, 6)],
+                   num_envs=N, num_chunks=2, reset_kwargs=reset_kwargs(env), action_chunk=3,
+                   with_values=False, generator=torch.Generator().manual_seed(0))
+    step = [("wait", 0), ("infer", 0), ("submit", 0), ("wait", 1), ("infer", 1), ("submit", 1)]
+    assert log == step * 2 + [("wait", 0), ("wait", 1)]
