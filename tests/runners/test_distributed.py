@@ -185,10 +185,10 @@ def rl_parts(algo: str = "ppo", kind: str = "flow_noise"):
 
 
 def placement(mode: str, ranks: int = 2, **kw) -> PlacementConfig:
-    return PlacementConfig(mode=mode, env_workers=2, pipeline_stages=2, env_cpus=0.2,
-                           rollout_cpus=0.2, threads=1,
-                           learner=LearnerPlacement(ranks=ranks, cpus=0.2, **kw.pop("learner", {})),
-                           **kw)
+    base = dict(env_workers=2, pipeline_stages=2, env_cpus=0.2, rollout_cpus=0.2, threads=1)
+    base.update(kw)
+    learner = LearnerPlacement(ranks=ranks, cpus=0.2, **base.pop("learner", {}))
+    return PlacementConfig(mode=mode, learner=learner, **base)
 
 
 def run_local(iters: int, algo: str = "ppo"):
@@ -218,11 +218,11 @@ def test_disaggregated_matches_local_and_dead_env_worker_fails(ray_local):
     tr = DistributedTrainer(policy, sampler, env, cfg, 0, placement("disaggregated", ranks=1),
                             env_fn)
     try:
-        start = ray.get(tr.rollout_worker.rollout_state.remote())
-        payload = ray.get(tr.rollout_worker.rollout.remote())
+        start = ray.get(tr.rollout_workers[0].rollout_state.remote())
+        payload = ray.get(tr.rollout_workers[0].rollout.remote())
         _assert_rollouts_close(local, payload["rollout"])
         # rewind the rollout worker (iteration counter and noise stream) and train for real
-        ray.get(tr.rollout_worker.load_rollout_state.remote(start))
+        ray.get(tr.rollout_workers[0].load_rollout_state.remote(start))
         metrics = [tr.iteration()]
         assert_same_curve(ref_metrics, metrics, ref_policy, policy)
 
@@ -237,20 +237,30 @@ def test_disaggregated_matches_local_and_dead_env_worker_fails(ray_local):
         tr.close(keep_state=False)
 
 
+TWO_ROLLOUT_WORKERS = {"rollout_workers": 2, "pipeline_stages": 1}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,algo,fsdp", [("colocated", "ppo", False),
-                                            ("disaggregated", "ppo", False),
-                                            ("colocated", "grpo", False),
-                                            ("disaggregated", "grpo", False),
-                                            ("colocated", "ppo", True),
-                                            ("disaggregated", "ppo", True)])
-def test_learning_curve_matches_local(ray_local, mode, algo, fsdp):
+@pytest.mark.parametrize("mode,algo,fsdp,extra", [("colocated", "ppo", False, {}),
+                                                  ("disaggregated", "ppo", False, {}),
+                                                  ("colocated", "grpo", False, {}),
+                                                  ("disaggregated", "grpo", False, {}),
+                                                  ("colocated", "ppo", True, {}),
+                                                  ("disaggregated", "ppo", True, {}),
+                                                  ("disaggregated", "ppo", False,
+                                                   TWO_ROLLOUT_WORKERS)],
+                         ids=["colocated-ddp", "disaggregated-ddp", "colocated-grpo",
+                              "disaggregated-grpo", "colocated-fsdp", "disaggregated-fsdp",
+                              "disaggregated-2-rollout-workers"])
+def test_learning_curve_matches_local(ray_local, mode, algo, fsdp, extra):
     """3 iterations with 2 gloo learner ranks (DDP or FSDP2) == the local run: same rollout
-    returns / episode lengths, same losses and KL, same final weights (float tolerance)."""
+    returns / episode lengths, same losses and KL, same final weights (float tolerance).
+    Disaggregated: 2 env workers in 2 pipeline stages, or 2 rollout workers (1 env worker
+    each)."""
     ref_metrics, ref_policy, _ = run_local(3, algo)
     env, policy, sampler, cfg = rl_parts(algo)
     tr = DistributedTrainer(policy, sampler, env, cfg, 0,
-                            placement(mode, ranks=2, learner={"fsdp": fsdp}), env_fn)
+                            placement(mode, ranks=2, learner={"fsdp": fsdp}, **extra), env_fn)
     try:
         metrics = [tr.iteration() for _ in range(3)]
         sd = tr.state_dict()

@@ -32,6 +32,9 @@ def test_shard_rows_rejects_too_many_parts():
 def test_placement_validation_names_field():
     with pytest.raises(ValueError, match="placement.pipeline_stages"):
         PlacementConfig(mode="disaggregated", env_workers=3, pipeline_stages=2)
+    with pytest.raises(ValueError, match="rollout_workers=2 x pipeline_stages=2"):
+        PlacementConfig(mode="disaggregated", env_workers=2, rollout_workers=2)
+    PlacementConfig(mode="disaggregated", env_workers=4, rollout_workers=2, pipeline_stages=2)
     with pytest.raises(ValueError, match="placement.learner.ranks"):
         LearnerPlacement(ranks=0)
     with pytest.raises(ValueError, match="env.num_envs"):
@@ -57,6 +60,10 @@ def test_resource_check_names_what_is_missing():
                          learner=LearnerPlacement(ranks=2, cpus=1.0, gpus=1.0))
     # hand count: 4 * 0.5 + 1 + 2 * 1 = 5 CPUs; 1 + 2 = 3 GPUs
     assert placement_resources(pl) == {"CPU": 5.0, "GPU": 3.0}
+    pl2 = PlacementConfig(mode="disaggregated", env_workers=4, rollout_workers=2,
+                          pipeline_stages=1, env_cpus=0.5, rollout_cpus=1.0, rollout_gpus=1.0)
+    # 4 * 0.5 + 2 * 1 + 1 learner rank * 1 = 5 CPUs; 2 rollout GPUs
+    assert placement_resources(pl2) == {"CPU": 5.0, "GPU": 2.0}
     check_resources(pl, {"CPU": 8.0, "GPU": 3.0})
     with pytest.raises(ValueError, match=r"3 GPU \(the cluster has 0\)"):
         check_resources(pl, {"CPU": 8.0})

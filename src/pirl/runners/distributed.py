@@ -555,11 +555,14 @@ class EnvWorker(EnvSlice):
 
 
 class RolloutWorker:
-    """Ray actor body: the inference worker of the disaggregated mode.
+    """Ray actor body: an inference worker of the disaggregated mode.
 
     Holds a policy replica and the trainer's rollout state (sample / group generators, the
-    iteration counter that seeds the episodes) and drives the env workers, pipelined over
-    ``stages`` stages of consecutive workers (see :func:`collect_staged`)."""
+    iteration counter that seeds the episodes) and drives its env workers, pipelined over
+    ``stages`` stages of consecutive workers (see :func:`collect_staged`).  With several
+    rollout workers (each driving a contiguous group of env workers) every one keeps identical
+    generators, draws the chain noise for all N envs and uses its rows; they form a gloo group
+    to agree on when every episode has ended."""
 
     def __init__(self, spec: WorkerSpec, env_workers: Sequence[tuple[Any, int, int, str]],
                  stages: int = 1, device: str | None = None):
@@ -573,19 +576,46 @@ class RolloutWorker:
         self.num_envs = spec.env_spec.num_envs
         groups = [list(g) for g in _split(list(env_workers), stages)]
         self.stages = [RemoteStage(g, spec.env_spec.action_dim) for g in groups]
+        self.group = None
 
     def pid(self) -> int:
         return os.getpid()
 
+    def rendezvous(self) -> tuple[str, int]:
+        from pirl.runners.placement import free_port, node_ip
+
+        return node_ip(), free_port()
+
+    def init_group(self, addr: str, port: int, rank: int, world: int,
+                   timeout_s: float = 300.0) -> None:
+        """Join the rollout workers' gloo group (only needed with several rollout workers)."""
+        import datetime
+
+        import torch.distributed as dist
+
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
+        dist.init_process_group("gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        self.group = dist.group.WORLD
+
+    def _all_done(self, mine: bool) -> bool:
+        if self.group is None:
+            return mine
+        import torch.distributed as dist
+
+        flag = torch.tensor([0 if mine else 1], dtype=torch.int64)
+        dist.all_reduce(flag, group=self.group)
+        return int(flag) == 0
+
     def rollout(self) -> dict[str, Any]:
-        """One iteration's rollout of all N envs: ``{"rollout", "groups", "time"}``."""
+        """This worker's env rows for one iteration: ``{"rollout", "groups", "time"}``."""
         tr = self.trainer
         self.policy.eval()
         t0 = time.perf_counter()
         ro = collect_staged(self.policy, self.sampler, self.stages, num_envs=self.num_envs,
                             num_chunks=tr.num_chunks, reset_kwargs=tr._reset_kwargs(),
                             action_chunk=tr.action_chunk, generator=tr.sample_gen,
-                            with_values=tr.algo == "ppo")
+                            with_values=tr.algo == "ppo", all_done=self._all_done)
         tr.iter += 1
         return {"rollout": ro, "groups": getattr(tr, "_groups", None),
                 "time": time.perf_counter() - t0}
@@ -783,11 +813,12 @@ class LearnerWorker:
                                 timeout=datetime.timedelta(seconds=self.learner.timeout_s))
         self.trainer.parallelize(fsdp=self.learner.fsdp)
 
-    def learn(self, payload: dict[str, Any]) -> dict[str, float]:
-        """Advantages + data-parallel update on the rollout of the rollout worker."""
-        if payload.get("groups") is not None:
-            self.trainer._groups = payload["groups"]
-        return self.trainer.learn(payload["rollout"], payload.get("time", 0.0))
+    def learn(self, *payloads: dict[str, Any]) -> dict[str, float]:
+        """Advantages + data-parallel update on the rollout workers' rollouts (in env order)."""
+        if payloads[0].get("groups") is not None:
+            self.trainer._groups = payloads[0]["groups"]
+        ro = cat_rollouts([p["rollout"] for p in payloads])
+        return self.trainer.learn(ro, max(p.get("time", 0.0) for p in payloads))
 
     def weights(self) -> dict[str, dict[str, torch.Tensor]]:
         return self.trainer.full_weights()
@@ -886,8 +917,8 @@ class DistributedTrainer:
         lp = placement.learner
         world = lp.ranks
         self.env_workers: list[tuple[Any, int, int, str]] = []
-        self.rollout_worker = None
-        self._names: dict[Any, str] = {}
+        self.rollout_workers: list[Any] = []
+        self.rollout_names: list[str] = []
         if placement.mode == "colocated":
             actor = ray.remote(ColocatedWorker)
             rows = shard_rows(spec_env.num_envs, world)
@@ -902,10 +933,13 @@ class DistributedTrainer:
                                                                           placement.threads)
                 self.env_workers.append((h, a, b, f"env worker {w} (envs [{a}, {b}))"))
             use_gpu = placement.rollout_gpus > 0
-            self.rollout_worker = ray.remote(RolloutWorker).options(
-                num_cpus=placement.rollout_cpus, num_gpus=placement.rollout_gpus).remote(
-                spec, self.env_workers, placement.pipeline_stages,
-                "cuda" if use_gpu else device)
+            rollout_actor = ray.remote(RolloutWorker).options(
+                num_cpus=placement.rollout_cpus, num_gpus=placement.rollout_gpus)
+            for r, group in enumerate(_split(self.env_workers, placement.rollout_workers)):
+                self.rollout_workers.append(rollout_actor.remote(
+                    spec, group, placement.pipeline_stages, "cuda" if use_gpu else device))
+                self.rollout_names.append(f"rollout worker {r} (envs [{group[0][1]}, "
+                                          f"{group[-1][2]}))")
             actor = ray.remote(LearnerWorker)
             self.learners = [actor.options(num_cpus=lp.cpus, num_gpus=lp.gpus).remote(
                 spec, r, world, lp) for r in range(world)]
@@ -923,10 +957,16 @@ class DistributedTrainer:
                              timeout_s=t)[0]
         get_all([w.init_distributed.remote(addr, port) for w in self.learners],
                 self.learner_names, timeout_s=t)
-        if self.rollout_worker is not None:  # start-up errors of the other workers surface here
-            get_all([self.rollout_worker.pid.remote()] + [w.pid.remote()
-                                                         for w, *_ in self.env_workers],
-                    ["rollout worker"] + [n for *_, n in self.env_workers], timeout_s=t)
+        if len(self.rollout_workers) > 1:
+            addr, port = get_all([self.rollout_workers[0].rendezvous.remote()],
+                                 self.rollout_names[:1], timeout_s=t)[0]
+            world = len(self.rollout_workers)
+            get_all([w.init_group.remote(addr, port, r, world, self.placement.learner.timeout_s)
+                     for r, w in enumerate(self.rollout_workers)], self.rollout_names, timeout_s=t)
+        if self.rollout_workers:  # start-up errors of the other workers surface here
+            get_all([w.pid.remote() for w in self.rollout_workers]
+                    + [w.pid.remote() for w, *_ in self.env_workers],
+                    self.rollout_names + [n for *_, n in self.env_workers], timeout_s=t)
 
     def _gathering_ranks(self) -> list:
         """The ranks to ask for full weights / state: all of them under FSDP (gathering is a
@@ -936,8 +976,7 @@ class DistributedTrainer:
     def worker_pids(self) -> dict[str, int]:
         """Process ids of every worker, by name (for monitoring and the fault tests)."""
         handles = [(w, n) for (w, *_, n) in self.env_workers]
-        if self.rollout_worker is not None:
-            handles.append((self.rollout_worker, "rollout worker"))
+        handles += list(zip(self.rollout_workers, self.rollout_names))
         handles += list(zip(self.learners, self.learner_names))
         pids = get_all([h.pid.remote() for h, _ in handles], [n for _, n in handles])
         return {n: p for (_, n), p in zip(handles, pids)}
@@ -947,20 +986,21 @@ class DistributedTrainer:
         """One rollout + data-parallel update; raises :class:`WorkerError` (naming the worker)
         if any worker dies, before any update is counted."""
         try:
-            if self.rollout_worker is None:
+            if not self.rollout_workers:
                 metrics = get_all([w.iteration.remote() for w in self.learners],
                                   self.learner_names)[0]
             else:
-                payload = self.rollout_worker.rollout.remote()
-                metrics = get_all([w.learn.remote(payload) for w in self.learners],
+                payloads = [w.rollout.remote() for w in self.rollout_workers]
+                metrics = get_all([w.learn.remote(*payloads) for w in self.learners],
                                   self.learner_names)[0]
             weights = None
-            if self.rollout_worker is not None or self.placement.sync_driver:
+            if self.rollout_workers or self.placement.sync_driver:
                 refs = [w.weights.remote() for w in self._gathering_ranks()]
                 get_all(refs, self.learner_names)
                 weights = refs[0]
-            if self.rollout_worker is not None:
-                get_all([self.rollout_worker.load_weights.remote(weights)], ["rollout worker"])
+            if self.rollout_workers:
+                get_all([w.load_weights.remote(weights) for w in self.rollout_workers],
+                        self.rollout_names)
             if self.placement.sync_driver:
                 import ray
 
@@ -985,17 +1025,18 @@ class DistributedTrainer:
             return self._final_state
         refs = [w.trainer_state.remote() for w in self._gathering_ranks()]
         sd = get_all(refs, self.learner_names)[0]
-        if self.rollout_worker is not None:
-            ro = get_all([self.rollout_worker.rollout_state.remote()], ["rollout worker"])[0]
+        if self.rollout_workers:  # identical on every rollout worker
+            ro = get_all([self.rollout_workers[0].rollout_state.remote()],
+                         self.rollout_names[:1])[0]
             sd["sample_gen"], sd["group_gen"] = ro["sample_gen"], ro["group_gen"]
         return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         get_all([w.load_trainer_state.remote(sd) for w in self.learners], self.learner_names)
-        if self.rollout_worker is not None:
-            get_all([self.rollout_worker.load_rollout_state.remote(
-                {"iter": sd["iter"], "sample_gen": sd["sample_gen"],
-                 "group_gen": sd["group_gen"]})], ["rollout worker"])
+        if self.rollout_workers:
+            ro = {"iter": sd["iter"], "sample_gen": sd["sample_gen"], "group_gen": sd["group_gen"]}
+            get_all([w.load_rollout_state.remote(ro) for w in self.rollout_workers],
+                    self.rollout_names)
         self.iter, self.env_steps = sd["iter"], sd["env_steps"]
 
     def close(self, keep_state: bool = True) -> None:
@@ -1006,14 +1047,13 @@ class DistributedTrainer:
         if keep_state and self.learners and self._final_state is None:
             self._final_state = self.state_dict()
         handles = [w for w, *_ in self.env_workers] + list(self.learners)
-        if self.rollout_worker is not None:
-            handles.append(self.rollout_worker)
+        handles += list(self.rollout_workers)
         for h in handles:
             try:
                 ray.kill(h)
             except Exception:  # noqa: BLE001 - already dead
                 pass
-        self.env_workers, self.learners, self.rollout_worker = [], [], None
+        self.env_workers, self.learners, self.rollout_workers = [], [], []
 
 
 def placement_resources(placement: PlacementConfig) -> dict[str, float]:
@@ -1021,8 +1061,9 @@ def placement_resources(placement: PlacementConfig) -> dict[str, float]:
     lp = placement.learner
     cpus, gpus = lp.ranks * lp.cpus, lp.ranks * lp.gpus
     if placement.mode == "disaggregated":
-        cpus += placement.env_workers * placement.env_cpus + placement.rollout_cpus
-        gpus += placement.rollout_gpus
+        cpus += placement.env_workers * placement.env_cpus
+        cpus += placement.rollout_workers * placement.rollout_cpus
+        gpus += placement.rollout_workers * placement.rollout_gpus
     return {"CPU": cpus, "GPU": gpus}
 
 

@@ -13,10 +13,11 @@ the small helpers both modes share.  The modes (RLinf's names, pi_RL Sec. 5):
     actor's device (with FSDP2 the parameters are unsharded for the rollout and resharded for the
     update: the "swap" between phases).
 ``disaggregated``
-    ``env_workers`` CPU actors each own a slice of the envs; one rollout (inference) actor drives
-    them, pipelined in ``pipeline_stages`` stages (while stage A's envs step, the rollout worker
-    infers for stage B); ``learner.ranks`` learner actors train; after each update the weights go
-    from learner rank 0 to the rollout worker through the Ray object store.
+    ``env_workers`` CPU actors each own a slice of the envs; ``rollout_workers`` inference actors
+    each drive a contiguous group of them, pipelined in ``pipeline_stages`` stages (while stage
+    A's envs step, the rollout worker infers for stage B); ``learner.ranks`` learner actors
+    train; after each update the weights go from learner rank 0 to the rollout workers through
+    the Ray object store.
 
 Every mode produces the same rollout data as ``local`` for the same seed (per-env episode seeds,
 and the sampler's noise drawn for the full batch then sliced: see
@@ -69,8 +70,11 @@ class PlacementConfig:
 
     mode: ``"local" | "colocated" | "disaggregated"``.
     env_workers: env actors of the disaggregated mode (each owns ``num_envs / env_workers``).
-    pipeline_stages: disaggregated mode: env/inference pipeline stages (1 = no pipelining);
-        ``env_workers`` must be a multiple of it (stage s = the s-th group of env workers).
+    rollout_workers: inference actors of the disaggregated mode; each drives a contiguous group
+        of ``env_workers / rollout_workers`` env workers.
+    pipeline_stages: disaggregated mode: env/inference pipeline stages per rollout worker
+        (1 = no pipelining); ``env_workers`` must be a multiple of
+        ``rollout_workers * pipeline_stages`` (stage s = the s-th group of its env workers).
     env_cpus / rollout_cpus / rollout_gpus: Ray resources per env worker / the rollout worker.
     threads: torch intra-op threads inside every actor (None: torch's default).
     cluster: where Ray runs: ``None`` / ``"local"`` (start a local Ray if none is running),
@@ -84,6 +88,7 @@ class PlacementConfig:
 
     mode: PlacementMode = "local"
     env_workers: int = 2
+    rollout_workers: int = 1
     pipeline_stages: int = 2
     env_cpus: float = 1.0
     rollout_cpus: float = 1.0
@@ -100,9 +105,11 @@ class PlacementConfig:
                f"must be local, colocated or disaggregated, got {self.mode!r}")
         _check(self.env_workers >= 1, "placement.env_workers", "must be >= 1")
         _check(self.pipeline_stages >= 1, "placement.pipeline_stages", "must be >= 1")
-        _check(self.env_workers % self.pipeline_stages == 0, "placement.pipeline_stages",
-               f"env_workers={self.env_workers} must be a multiple of "
-               f"pipeline_stages={self.pipeline_stages}")
+        _check(self.rollout_workers >= 1, "placement.rollout_workers", "must be >= 1")
+        _check(self.env_workers % (self.rollout_workers * self.pipeline_stages) == 0,
+               "placement.pipeline_stages",
+               f"env_workers={self.env_workers} must be a multiple of rollout_workers="
+               f"{self.rollout_workers} x pipeline_stages={self.pipeline_stages}")
         _check(self.threads is None or self.threads >= 1, "placement.threads", "must be >= 1")
 
     def validate_for(self, num_envs: int) -> None:
