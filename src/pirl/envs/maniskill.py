@@ -24,7 +24,7 @@ mode (then ``images`` is absent).  Actions: ``pd_ee_delta_pose`` by default (``[
 normalised delta xyz, delta axis-angle, gripper in ``[-1, 1]``, ``+1`` open).
 
 Episodes: ``terminated`` = the task's success (``info["success"]``), ``truncated`` = the time
-limit (default: ``max(DEFAULT_MAX_STEPS = 100, the task's registered limit)``); reward is
+limit (default: ``max(DEFAULT_MAX_STEPS = 150, the task's registered limit)``); reward is
 ManiSkill's ``reward_mode`` (``"sparse"`` by default: 1 on success).  Same task + same episode
 seed => same initial state (CPU: ``env.reset(seed)``; GPU: each slot is reset on its own with its
 own seed).
@@ -73,9 +73,10 @@ MULTITASK_TRAIN_TASKS = ("PickCube-v1", "StackCube-v1", "PushCube-v1", "PlaceSph
 MULTITASK_HELDOUT_TASKS = ("PullCube-v1",)
 HELDOUT_SEED_OFFSET = 1_000_000
 #: Default time limit.  ManiSkill registers 50 steps for these tasks (tuned for joint-delta
-#: control); its motion-planning demos converted to ``pd_ee_delta_pose`` take ~70 steps
-#: (measured on PickCube-v1), so pirl uses at least 100.
-DEFAULT_MAX_STEPS = 100
+#: control); its motion-planning demos converted to ``pd_ee_delta_pose`` take (measured, 2-3
+#: demos each) PickCube 47-71, PushCube 58-63, PullCube 55-65, StackCube 90-102 and
+#: PlaceSphere 105-115 steps, so pirl allows 150.
+DEFAULT_MAX_STEPS = 150
 
 
 def split_config(split: str) -> tuple[tuple[str, ...], int, int]:
@@ -216,9 +217,6 @@ class ManiSkillSlot:
         raw, reward, _, _, info = self.envs[self.current].step(
             torch.as_tensor(np.asarray(action, dtype=np.float32))[None])
         return self._format(raw), float(reward.reshape(-1)[0]), bool(info["success"].reshape(-1)[0])
-
-    def render(self) -> np.ndarray:
-        return self.envs[self.current].render().cpu().numpy()
 
     def close(self) -> None:
         for e in self.envs.values():
