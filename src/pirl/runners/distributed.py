@@ -35,7 +35,6 @@ checkpoint.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import time
 from dataclasses import dataclass, field
