@@ -69,3 +69,21 @@ def test_resource_check_names_what_is_missing():
         check_resources(pl, {"CPU": 8.0})
     colo = PlacementConfig(mode="colocated", learner=LearnerPlacement(ranks=3, cpus=0.5))
     assert placement_resources(colo) == {"CPU": 1.5, "GPU": 0.0}
+
+
+@pytest.mark.parametrize("argv,mode,cluster", [
+    (["train", "--cluster", "auto"], "disaggregated", "auto"),
+    (["train", "--cluster", "ray://head:10001", "placement.mode=colocated"], "colocated",
+     "ray://head:10001"),
+    (["train"], "local", None),
+])
+def test_cli_cluster_flag_sets_placement(monkeypatch, argv, mode, cluster):
+    """``pirl train --cluster ADDR`` sets placement.cluster (and a Ray mode if the config says
+    local); without it the run stays local."""
+    import pirl.runners.train as train
+    from pirl.cli import main
+
+    seen = {}
+    monkeypatch.setattr(train, "run", lambda cfg=None, resume=None: seen.setdefault("cfg", cfg))
+    assert main(argv) == 0
+    assert seen["cfg"].placement.mode == mode and seen["cfg"].placement.cluster == cluster
