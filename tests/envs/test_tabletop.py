@@ -222,12 +222,14 @@ def test_carrying_gripper_does_not_push_and_release_off_plate_fails():
 def test_push_and_stack_success_rules():
     env = _single("push")
     env.goal_dir[:] = torch.tensor([[-1.0, 0.0]])
-    env.obj_pos[0, 0] = torch.tensor([-0.7, 0.0])
-    env.gripper[:] = torch.tensor([[-0.45, 0.0]])
-    st = env.step(torch.tensor([[-1.0, 0.0, -1.0]]))  # gripper -0.55: object to -0.71
-    assert not bool(st.info["success"])
-    st = env.step(torch.tensor([[-1.0, 0.0, -1.0]]))  # object to -0.81 >= 0.75 in the zone
-    assert bool(st.info["success"]) and float(env.obj_pos[0, 0, 0]) < -S.EDGE_ZONE
+    env.obj_pos[0, 0] = torch.tensor([-0.6, 0.0])
+    env.gripper[:] = torch.tensor([[-0.33, 0.0]])
+    c = S.CONTACT_DISTANCE
+    for k, succ in enumerate([False, False, True]):  # gripper -0.43, -0.53, -0.63
+        st = env.step(torch.tensor([[-1.0, 0.0, -1.0]]))
+        assert abs(float(env.obj_pos[0, 0, 0]) - (-0.43 - 0.1 * k - c)) < 1e-5
+        assert bool(st.info["success"]) == succ
+    assert float(env.obj_pos[0, 0, 0]) < -S.EDGE_ZONE
     env = _single("stack")
     env.gripper[:] = torch.tensor([[0.0, -0.15]])
     env.step(torch.tensor([[0.0, 0.0, 1.0]]))

@@ -22,7 +22,7 @@ from pirl.envs.tabletop.sim import (CONTACT_DISTANCE, FAMILY_PUSH, FAMILY_STACK,
 
 _BEHIND = 0.1  # the gripper is "behind" the object if it is this far back along the goal dir
 _ALIGNED = 0.06  # lateral tolerance for pushing
-_SIDE = 0.2  # lateral clearance when going around the object
+_SIDE = CONTACT_DISTANCE + 0.04  # lateral clearance when going around the object
 _PLACE_TOL = 0.02
 
 

@@ -22,9 +22,10 @@ import torch
 from pirl.envs.tabletop.tasks import COLOURS, SHAPES
 
 # Geometry shared with the simulator (table units).
-CUBE_HALF = 0.09
-DISC_RADIUS = 0.10
-TRIANGLE_RADIUS = 0.14  # circumradius of the upward-pointing equilateral triangle
+# Objects are ~9 px wide in a 64 px top view, so that their shapes stay distinguishable.
+CUBE_HALF = 0.13
+DISC_RADIUS = 0.14
+TRIANGLE_RADIUS = 0.19  # circumradius of the upward-pointing equilateral triangle
 PLATE_HALF = 0.20
 GRIPPER_RADIUS = 0.06  # physical contact radius
 GRIPPER_FINGER_OPEN = 0.12  # finger offsets from the centre when drawn open / closed
