@@ -66,7 +66,7 @@ def train_sft(policy: FlowPolicy, data: SFTData, *, steps: int, batch_size: int,
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if callback is not None:
             callback(step, losses[-1])
     return losses

@@ -119,6 +119,13 @@ class FlowPolicy(nn.Module):
         Default: parameters whose name starts with ``value_``."""
         return [n for n, _ in self.named_parameters() if n.startswith("value_")]
 
+    def prefix_parameter_names(self) -> list[str]:
+        """Names of the prefix (VLM) parameters, frozen by RL's ``train_mode="expert_only"``
+        (pi_RL's default: only the action expert, the noise net and the critic train).
+        Policies that support that mode override this."""
+        raise NotImplementedError(f"{type(self).__name__} does not declare its prefix "
+                                  "parameters; use rl.train_mode=full")
+
     def prefix_index(self, prefix: Any, index: torch.Tensor) -> Any:
         """Rows ``index`` of a prefix cache (default: index every tensor / list field)."""
         return index_batch(prefix, index)

@@ -279,6 +279,13 @@ class TinyVLA(FlowPolicy):
         return self.action_in.weight.device
 
     # ------------------------------------------------------------------ prefix
+    def prefix_parameter_names(self) -> list[str]:
+        """The prefix encoder: images, instruction tokens, state projection, prefix blocks.
+        (The expert's cross-attention K/V projections belong to the expert.)"""
+        heads = ("image_encoder.", "image_pos", "text_embed.", "text_pos", "state_proj.",
+                 "prefix_blocks.", "prefix_norm.")
+        return [n for n, _ in self.named_parameters() if n.startswith(heads)]
+
     def _prefix_tokens(self, obs: Obs) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed the observation into prefix tokens ``[B, P, D]`` and mask ``[B, P]``."""
         cfg, dev = self.cfg, self.device

@@ -86,6 +86,8 @@ class RLConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval_every: int = 10
     reward: Literal["env", "success"] = "env"
+    # "expert_only": the prefix (VLM) is frozen during RL, as in pi_RL; "full": everything trains
+    train_mode: Literal["full", "expert_only"] = "expert_only"
 
     def __post_init__(self):
         _check(self.iterations >= 0, "rl.iterations", "must be >= 0")

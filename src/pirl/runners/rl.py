@@ -63,6 +63,11 @@ class RLTrainer:
 
     # ----------------------------------------------------------------- setup
     def _make_optimizer(self) -> torch.optim.Optimizer:
+        if self.cfg.train_mode == "expert_only":
+            frozen = set(self.policy.prefix_parameter_names())
+            for n, p in self.policy.named_parameters():
+                if n in frozen:
+                    p.requires_grad_(False)
         hp = self.hp
         critic = set(self.policy.critic_parameter_names()) if self.algo == "ppo" else set()
         actor_p = [p for n, p in self.policy.named_parameters() if p.requires_grad and n not in critic]
@@ -222,13 +227,13 @@ class RLTrainer:
             loss = loss + self.hp.kl_coef * kl
             s["ref_kl"] = float(kl)
         s = {f"policy/{k}": float(v) for k, v in s.items()}
-        s["policy/loss"] = float(pg)
+        s["policy/loss"] = float(pg.detach())
         if self.algo == "ppo":
             v = self.policy.value(prefix)
             vl, vs = value_loss(v, old_values, ret,
                                 clip=hp.value_clip, huber_delta=hp.huber_delta)
             loss = loss + hp.value_coef * vl
-            s["value/loss"] = float(vl)
+            s["value/loss"] = float(vl.detach())
         ent = hp.entropy_coef
         if ent and bool(new.stochastic.any()):
             # Gaussian entropy per element = log std + const: a bonus on the noise level

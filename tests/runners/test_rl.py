@@ -1,0 +1,109 @@
+"""The RL loop: rollout bookkeeping, PPO / GRPO learning on an easy task, exact resume."""
+
+import pytest
+import torch
+
+from pirl.configs import apply_overrides
+from pirl.flow import SamplerConfig, build_sampler
+from pirl.models import build_policy
+from pirl.runners.config import RLConfig, TrainConfig
+from pirl.runners.rl import RLTrainer
+from pirl.runners.rollout import collect
+from pirl.envs.base import ChunkedEnv
+from tests.runners.reach_env import ReachEnv
+
+
+def _policy(seed=0):
+    torch.manual_seed(seed)
+    return build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
+                        width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"])
+
+
+def test_rollout_logprob_matches_recompute_and_masks():
+    """Rollout log-probs equal the sampler's recomputation; rewards/valid follow the episodes."""
+    pol = _policy()
+    smp = build_sampler("flow_noise", 3, pol.feature_dim, pol.action_dim, config=SamplerConfig())
+    env = ChunkedEnv(ReachEnv(16, max_episode_steps=4))
+    ro = collect(pol, smp, env, num_chunks=2, reset_kwargs={"seed": 0},
+                 action_chunk=2, generator=torch.Generator().manual_seed(0))
+    assert ro.valid[0].all()
+    # an env that succeeded in chunk 0 is invalid in chunk 1 and got reward exactly once
+    first = ro.success[0]
+    assert torch.equal(ro.valid[1], ~first)
+    assert torch.equal(ro.episode_return, ro.episode_success.float())
+    for t, obs in enumerate(ro.obs):
+        new = smp.log_prob(pol, pol.encode_prefix(obs), ro.chains[t])
+        torch.testing.assert_close(new.logp, ro.chains[t].logp, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("algo,kind", [("ppo", "flow_noise"), ("grpo", "flow_sde")])
+def test_short_rl_run_increases_success(algo, kind):
+    torch.manual_seed(0)
+    pol = _policy()
+    scfg = SamplerConfig(kind=kind, num_steps=3, min_std=0.1, max_std=0.3, hybrid=False)
+    smp = build_sampler(kind, 3, pol.feature_dim, pol.action_dim, config=scfg)
+    cfg = apply_overrides(RLConfig(algo=algo), [
+        "train_mode=full", f"{algo}.lr_policy=0.01", f"{algo}.lr_noise=0.01",
+        f"{algo}.update_epochs=4", f"{algo}.num_minibatches=2", f"{algo}.logp_mode=chain_mean"]
+        + (["ppo.lr_value=0.01"] if algo == "ppo" else ["grpo.group_size=8"]))
+    tr = RLTrainer(pol, smp, ReachEnv(128, max_episode_steps=2, radius=0.45), cfg, seed=0)
+    succ = [tr.iteration()["rollout/success"] for _ in range(20)]
+    before, after = sum(succ[:3]) / 3, sum(succ[-3:]) / 3
+    assert after > before + 0.25, succ
+
+
+def _tiny_run_cfg(tmp_path, name, iterations=2):
+    return apply_overrides(TrainConfig(), [
+        f"run_dir={tmp_path / name}", "env.num_envs=8", "progress=false",
+        "model.kwargs={width: 32, depth: 1, heads: 2, conv_channels: [8, 16], value_hidden: 32}",
+        "demos.episodes_per_task=1", "sft.steps=3", "sft.batch_size=8",
+        f"rl.iterations={iterations}", "rl.eval_every=100", "checkpoint_every=1",
+        "rl.ppo.update_epochs=1", "rl.ppo.num_minibatches=2",
+        "eval.num_envs=72", "eval.episodes_per_task=1", "eval.splits=[train]", "eval.videos=0",
+        "env.kwargs={max_episode_steps: 16}"])
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
+    from pirl.runners import train as train_mod
+    from pirl.runners.checkpoint import load_checkpoint
+
+    train_mod.run(_tiny_run_cfg(tmp_path, "a"))
+    # the same run, killed during its second RL iteration, then resumed from the checkpoint
+    calls = {"n": 0}
+    orig = RLTrainer.iteration
+
+    def crashing(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return orig(self)
+
+    monkeypatch.setattr(RLTrainer, "iteration", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.run(_tiny_run_cfg(tmp_path, "b"))
+    monkeypatch.setattr(RLTrainer, "iteration", orig)
+    assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["trainer"]["iter"] == 1
+    train_mod.run(resume=tmp_path / "b")
+    a = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
+    for k in a["policy"]:
+        assert torch.equal(a["policy"][k], b["policy"][k]), k
+    for k in a["sampler"]:
+        assert torch.equal(a["sampler"][k], b["sampler"][k]), k
+    assert a["results"] == b["results"]
+    ma = [l for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if "rollout/" in l]
+    mb = [l for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if "rollout/" in l]
+    strip = lambda rows: [{k: v for k, v in __import__("json").loads(r).items()
+                           if not k.startswith("perf/")} for r in rows]
+    assert strip(ma) == strip(mb)
+
+
+def test_resume_rejects_other_model(tmp_path):
+    from pirl.runners import train as train_mod
+    from pirl.runners.checkpoint import CheckpointError
+
+    cfg = _tiny_run_cfg(tmp_path, "c", iterations=0)
+    train_mod.run(cfg)
+    r = train_mod.Run(apply_overrides(cfg, ["model.kwargs={width: 64}"]), tmp_path / "d")
+    with pytest.raises(CheckpointError, match="model"):
+        r.load(tmp_path / "c" / "checkpoints" / "last.pt")
