@@ -1,0 +1,78 @@
+"""The headline table: few-shot SFT, then RL with each algorithm x sampler, on the tabletop.
+
+    OMP_NUM_THREADS=2 PYTHONPATH=src .venv/bin/python benchmarks/rl_recipe.py --out runs/recipe
+
+One SFT run (demos -> few-shot SFT -> ODE evaluation per split) is shared by every RL variant,
+which starts from its checkpoint (``model.checkpoint=.../sft.pt``, ``sft.steps=0``).  Each variant
+is a normal ``pirl train`` run folder; the table reads their ``results.json`` and
+``metrics.jsonl``.  Extra ``section.field=value`` arguments apply to every run (e.g. a smaller
+``rl.iterations`` for a quick look).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+VARIANTS = {
+    "ppo_flow_noise": ["rl.algo=ppo", "sampler.kind=flow_noise"],
+    "ppo_flow_sde": ["rl.algo=ppo", "sampler.kind=flow_sde"],
+    "grpo_flow_noise": ["rl.algo=grpo", "sampler.kind=flow_noise"],
+}
+
+
+def main() -> None:
+    from pirl.runners.logger import read_metrics
+    from pirl.runners.train import resolve_config, run
+
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/recipe")
+    ap.add_argument("--config", default=None, help="YAML preset shared by all runs")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    out = Path(args.out)
+    rows = []
+    sft_dir = out / "sft"
+    if not (sft_dir / "checkpoints" / "sft.pt").exists():
+        t0 = time.perf_counter()
+        run(resolve_config(args.config, args.overrides + [f"run_dir={sft_dir}", "rl.iterations=0",
+                                                          "progress=false"]))
+        sft_wall = time.perf_counter() - t0
+    else:
+        sft_wall = float("nan")
+    sft_res = json.loads((sft_dir / "results.json").read_text())["sft"]
+    for name in args.variants:
+        d = out / name
+        t0 = time.perf_counter()
+        if not (d / "results.json").exists() or "final" not in json.loads((d / "results.json").read_text()):
+            ov = args.overrides + VARIANTS[name] + [
+                f"run_dir={d}", f"model.checkpoint={sft_dir / 'checkpoints' / 'sft.pt'}",
+                "sft.steps=0", "progress=false"]
+            if (d / "checkpoints" / "last.pt").exists():
+                run(resume=d)
+            else:
+                run(resolve_config(args.config, ov))
+        wall = time.perf_counter() - t0
+        res = json.loads((d / "results.json").read_text())
+        steps = max((m.get("env_steps", 0) for m in read_metrics(d)), default=0)
+        rows.append((name, res["final"], steps, wall))
+    splits = list(sft_res)
+    head = "| variant | " + " | ".join(f"{s} before -> after (%)" for s in splits) + \
+        " | env steps | wall-clock (min) |"
+    print(f"\nSFT (shared start): " + ", ".join(f"{s} {100 * sft_res[s]['success']:.1f}%"
+                                                for s in splits)
+          + (f", {sft_wall / 60:.1f} min" if sft_wall == sft_wall else ""))
+    print(head)
+    print("|---|" + "---|" * (len(splits) + 2))
+    for name, fin, steps, wall in rows:
+        cells = [f"{100 * sft_res[s]['success']:.1f} -> {100 * fin[s]['success']:.1f}"
+                 for s in splits]
+        print(f"| {name} | " + " | ".join(cells) + f" | {int(steps)} | {wall / 60:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
