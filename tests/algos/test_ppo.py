@@ -395,7 +395,7 @@ def test_ppo_config_defaults_and_validation():
     assert (cfg.value_clip, cfg.huber_delta, cfg.betas, cfg.eps, cfg.max_grad_norm) == \
         (0.2, 10.0, (0.9, 0.95), 1e-5, 1.0)
     assert cfg.entropy_coef == 0.0 and cfg.target_kl is None and cfg.normalize_advantages
-    assert cfg.ratio_level == "chunk"
+    assert cfg.logp_mode == "chain_mean" and cfg.ratio_level == "element"  # RLinf token-mean
     for field, value in [("gamma", 1.1), ("gae_lambda", -0.5), ("clip_low", -0.1),
                          ("clip_high", -1.0), ("dual_clip", 0.9), ("value_clip", 0.0),
                          ("huber_delta", -1.0), ("update_epochs", 0), ("num_minibatches", 0),

@@ -345,7 +345,7 @@ class PolicyUpdateConfig:
     target_kl: float | None = None
     lr_schedule: LRSchedule = "constant"
     lr_warmup_iters: int = 0
-    logp_mode: LogpMode = "chain"
+    logp_mode: LogpMode = "chain_mean"  # RLinf token-mean: per-element ratios (stable)
     logp_level: LogpLevel | None = None
 
     def __post_init__(self):
