@@ -89,3 +89,24 @@ def test_instruction_matters_distractors_share_colour_and_shape():
     ppl = env.family == 0
     assert bool((env.plate_colour[:, 0] == tgt)[ppl].all())
     assert bool((env.plate_colour[:, 0] != env.plate_colour[:, 1]).all())
+
+
+@pytest.mark.parametrize("d", [0, 1])
+def test_fewer_distractors_variant(d):
+    n = 96
+    env = TabletopEnv(n, split="all", task_families=FAMILIES, num_distractors=d)
+    obs = env.reset(seed=0, task_ids=torch.arange(n) % len(env.tasks))
+    stack = env.family == 2
+    expected = 1 + d + stack.long() - (stack & (d == 2)).long()
+    assert torch.equal(env.obj_active.sum(1), expected.clamp_max(3))
+    # absent objects are off the table: not drawn, never pushed or grasped
+    parked = ~env.obj_active
+    assert bool((env.obj_pos[parked].abs() > 5).all())
+    full = TabletopEnv(n, split="all", task_families=FAMILIES)
+    full_obs = full.reset(seed=0, task_ids=torch.arange(n) % len(env.tasks))
+    assert torch.equal(env.obj_pos[~parked], full.obj_pos[~parked])
+    assert bool((obs["images"] != full_obs["images"]).any())
+    expert = ScriptedExpert(env)
+    rate = float(_run(env, expert.act).float().mean())
+    assert rate >= 0.95
+    assert bool((env.obj_pos[parked].abs() > 5).all())

@@ -66,6 +66,7 @@ PLATE_SUCCESS_HALF = 0.2  # object centre within this (Chebyshev) distance of th
 _CELL = 0.6
 _JITTER = 0.12
 _NUM_UNIFORMS = 32
+_PARKED = 10.0  # coordinate of absent objects (far off the table and every camera)
 
 FAMILY_PICK_PLACE, FAMILY_PUSH, FAMILY_STACK = (FAMILIES.index(f) for f in FAMILIES)
 
@@ -114,6 +115,10 @@ class TabletopEnv(BatchedEnv):
         auto_reset: reset finished envs inside :meth:`step` (else freeze them until reset).
         resample_tasks: on auto-reset draw a new task uniformly (else keep each env's task).
         max_speed: gripper displacement per step at ``|action| = 1``.
+        dense_scale: weight of the shaping term with ``reward="dense"``.
+        num_distractors: distractor objects per scene (2: one sharing the object's colour and
+            one its shape; 1: only the same-colour one; 0: none -- easier variants; absent
+            objects are parked off the table and take no part in the dynamics).
         seed: seed of the generator used when :meth:`reset` gets no seed.
     """
 
@@ -124,14 +129,16 @@ class TabletopEnv(BatchedEnv):
                  task_families: tuple[str, ...] | list[str] = DEFAULT_FAMILIES,
                  image_size: int = 64, num_cameras: int = 1, max_episode_steps: int = 48,
                  reward: str = "sparse", auto_reset: bool = False, resample_tasks: bool = True,
-                 max_speed: float = MAX_SPEED, dense_scale: float = 0.5, seed: int = 0,
-                 device: str | torch.device = "cpu"):
+                 max_speed: float = MAX_SPEED, dense_scale: float = 0.5,
+                 num_distractors: int = 2, seed: int = 0, device: str | torch.device = "cpu"):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         if num_cameras not in (0, 1, 2):
             raise ValueError(f"num_cameras must be 0, 1 or 2, got {num_cameras}")
         if reward not in ("sparse", "dense"):
             raise ValueError(f"reward must be 'sparse' or 'dense', got {reward!r}")
+        if num_distractors not in (0, 1, 2):
+            raise ValueError(f"num_distractors must be 0, 1 or 2, got {num_distractors}")
         if image_size < 16:
             raise ValueError(f"image_size must be >= 16, got {image_size}")
         self.num_envs = num_envs
@@ -150,6 +157,7 @@ class TabletopEnv(BatchedEnv):
         self.resample_tasks = resample_tasks
         self.max_speed = max_speed
         self.dense_scale = dense_scale
+        self.num_distractors = num_distractors
         self.device = torch.device(device)
         dev = self.device
 
@@ -179,6 +187,7 @@ class TabletopEnv(BatchedEnv):
         self.obj_pos = z(n, NUM_OBJECTS, 2)
         self.obj_shape = z(n, NUM_OBJECTS, dtype=torch.long)
         self.obj_colour = z(n, NUM_OBJECTS, dtype=torch.long)
+        self.obj_active = torch.ones(n, NUM_OBJECTS, dtype=torch.bool, device=dev)
         self.plate_pos = z(n, NUM_PLATES, 2)
         self.plate_colour = z(n, NUM_PLATES, dtype=torch.long)
         self.elapsed = z(n, dtype=torch.long)
@@ -244,9 +253,15 @@ class TabletopEnv(BatchedEnv):
         flip = along > 0.5 * _CELL
         mirror = torch.where(flip[:, None], 1.0 - 2.0 * goal_dir.abs(), torch.ones(k, 2, device=dev))
         pos = pos * mirror[:, None, :]
+        # objects beyond the requested number of distractors are parked off the table
+        d = self.num_distractors
+        active = torch.stack([torch.ones_like(is_stack), is_stack | (d >= 1),
+                              (is_stack & (d >= 1)) | (d >= 2)], 1)
+        obj_pos = torch.where(active[..., None], pos[:, :NUM_OBJECTS], _PARKED)
         return {
+            "obj_active": active,
             "family": fam, "goal_dir": goal_dir,
-            "obj_pos": pos[:, :NUM_OBJECTS].contiguous(), "obj_shape": obj_shape,
+            "obj_pos": obj_pos.contiguous(), "obj_shape": obj_shape,
             "obj_colour": obj_colour,
             "plate_pos": pos[:, NUM_OBJECTS:NUM_OBJECTS + NUM_PLATES].contiguous(),
             "plate_colour": plate_colour, "gripper": pos[:, -1].contiguous(),
@@ -381,7 +396,7 @@ class TabletopEnv(BatchedEnv):
         rel_new = obj - g_new[:, None, :]
         dist = rel_new.norm(dim=-1)  # [N, M]
         ahead = ((rel_old * d[:, None, :]).sum(-1) > 0) & ((rel_new * d[:, None, :]).sum(-1) > 0)
-        push = (held < 0)[:, None] & ahead & (dist < CONTACT_DISTANCE)
+        push = (held < 0)[:, None] & ahead & (dist < CONTACT_DISTANCE) & self.obj_active
         # the object slides along the motion direction (no slip sideways against the gripper)
         # until it touches the gripper again: along-distance sqrt(C^2 - lateral^2)
         u = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-9)
@@ -392,14 +407,15 @@ class TabletopEnv(BatchedEnv):
         obj = torch.where(push[..., None], pushed, obj)
         # 4. grasp
         closing = want_closed & ~self.closed & (held < 0)
-        free_dist = torch.where(is_held, torch.full_like(dist, math.inf),
+        free_dist = torch.where(is_held | ~self.obj_active, torch.full_like(dist, math.inf),
                                 (obj - g_new[:, None, :]).norm(dim=-1))
         nearest_d, nearest = free_dist.min(1)
         grasp = closing & (nearest_d < GRASP_RADIUS)
         held = torch.where(grasp, nearest, held)
         snap = grasp[:, None] & (self._slots[None, :] == nearest[:, None])
         obj = torch.where(snap[..., None], g_new[:, None, :], obj)
-        self.obj_pos = obj.clamp(-OBJECT_LIMIT, OBJECT_LIMIT)
+        self.obj_pos = torch.where(self.obj_active[..., None], obj.clamp(-OBJECT_LIMIT, OBJECT_LIMIT),
+                                   obj)
         self.gripper = g_new
         self.held = held
         self.closed = want_closed
