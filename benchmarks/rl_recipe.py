@@ -63,7 +63,7 @@ def main() -> None:
     splits = list(sft_res)
     head = "| variant | " + " | ".join(f"{s} before -> after (%)" for s in splits) + \
         " | env steps | wall-clock (min) |"
-    print(f"\nSFT (shared start): " + ", ".join(f"{s} {100 * sft_res[s]['success']:.1f}%"
+    print("\nSFT (shared start): " + ", ".join(f"{s} {100 * sft_res[s]['success']:.1f}%"
                                                 for s in splits)
           + (f", {sft_wall / 60:.1f} min" if sft_wall == sft_wall else ""))
     print(head)

@@ -65,7 +65,6 @@ def cmd_eval(args) -> int:
     from pirl.configs import load_yaml
     from pirl.runners.checkpoint import CheckpointError, load_checkpoint, load_module_state
     from pirl.runners.config import TrainConfig
-    from pirl.runners.evaluate import format_table
     from pirl.runners.train import Run
 
     target = Path(args.run)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pirl.envs.demos import generate_demos, load_demos
-from pirl.envs.tabletop import ScriptedExpert, TabletopEnv
+from pirl.envs.tabletop import TabletopEnv
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,7 @@ def joint_velocity(pol: Pi0Policy, obs, x_t, t):
     xs = [x_pre, x_suf]
     for l_vlm, l_exp in zip(pwe.vlm.layers, pwe.expert.layers):
         layers, conds = [l_vlm, l_exp], [None, cond]
-        qs, ks, vs, gates, hs = [], [], [], [], []
+        qs, ks, vs, gates = [], [], [], []
         for lay, x, c in zip(layers, xs, conds):
             nrm = lay.input_layernorm
             h, gate = ref_rms(x, getattr(nrm, "weight", None), dense=getattr(nrm, "dense", None),

@@ -16,7 +16,6 @@ forward per sample instead of K.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 
 from pirl.flow.base import Chain, Sampler
 from pirl.flow.schedule import time_grid
+from pirl.models.base import first_tensor
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -39,23 +39,6 @@ def standard_normal_logp(x: torch.Tensor) -> torch.Tensor:
     return -0.5 * x * x - _LOG_SQRT_2PI
 
 
-def _first_tensor(x: Any) -> torch.Tensor | None:
-    """The first tensor inside a (nested) prefix cache, to read batch size / device / dtype."""
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, dict):
-        items = list(x.values())
-    elif isinstance(x, (list, tuple)):
-        items = list(x)
-    elif dataclasses.is_dataclass(x) and not isinstance(x, type):
-        items = [getattr(x, f.name) for f in dataclasses.fields(x)]
-    else:
-        return None
-    for v in items:
-        t = _first_tensor(v)
-        if t is not None:
-            return t
-    return None
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +78,7 @@ class GaussianChainSampler(Sampler):
         The prefix cache is reused by all K velocity calls.  Returns a :class:`Chain`.
         """
         if noise is None:
-            ref = _first_tensor(prefix)
+            ref = first_tensor(prefix)
             if ref is None:
                 raise ValueError("cannot infer batch size from the prefix; pass noise")
             # chains live in float32 (float64 for float64 policies) whatever the policy's

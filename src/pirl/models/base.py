@@ -153,3 +153,24 @@ def index_batch(x: Any, index: torch.Tensor) -> Any:
         return dataclasses.replace(x, **{f.name: index_batch(getattr(x, f.name), index)
                                          for f in dataclasses.fields(x)})
     return x
+
+
+def first_tensor(x: Any) -> torch.Tensor | None:
+    """The first tensor inside a (nested) batch or prefix cache (for batch size, device, dtype)."""
+    import dataclasses
+
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, dict):
+        items = list(x.values())
+    elif isinstance(x, (list, tuple)):
+        items = list(x)
+    elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+        items = [getattr(x, f.name) for f in dataclasses.fields(x)]
+    else:
+        return None
+    for v in items:
+        t = first_tensor(v)
+        if t is not None:
+            return t
+    return None

@@ -45,7 +45,7 @@ from torch import nn
 
 from pirl.envs.base import BatchedEnv, ChunkedEnv
 from pirl.flow.base import Chain, Sampler
-from pirl.models.base import FlowPolicy
+from pirl.models.base import FlowPolicy, first_tensor
 from pirl.runners.placement import LearnerPlacement, PlacementConfig, shard_rows
 from pirl.runners.rollout import Rollout, cat_chains, env_actions, policy_obs, stack_obs
 
@@ -74,31 +74,12 @@ class ChainNoise:
         return ChainNoise(self.x0[start:stop], self.z[start:stop], self.stochastic[start:stop])
 
 
-def _first_tensor(x: Any) -> torch.Tensor | None:
-    """The first tensor of a (nested) prefix cache (gives device and dtype)."""
-    import dataclasses
-
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, dict):
-        items = list(x.values())
-    elif isinstance(x, (list, tuple)):
-        items = list(x)
-    elif dataclasses.is_dataclass(x) and not isinstance(x, type):
-        items = [getattr(x, f.name) for f in dataclasses.fields(x)]
-    else:
-        return None
-    for v in items:
-        t = _first_tensor(v)
-        if t is not None:
-            return t
-    return None
 
 
 def chain_dtype(prefix: Any) -> tuple[torch.dtype, torch.device]:
     """Dtype and device of the chains sampled from ``prefix`` (the sampler's rule: float64 for
     float64 policies, else float32)."""
-    ref = _first_tensor(prefix)
+    ref = first_tensor(prefix)
     if ref is None:
         raise ValueError("cannot infer device / dtype from the prefix cache")
     return (torch.float64 if ref.dtype == torch.float64 else torch.float32), ref.device

@@ -121,7 +121,6 @@ def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks
         obs = out.obs
         if bool(done.all()):
             break
-    t = len(chains)
     vals = torch.stack(values)
     if with_values:
         last = policy.value(policy.encode_prefix(_to_device(policy_obs(obs), device))).float().cpu()
