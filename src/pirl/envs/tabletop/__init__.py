@@ -28,6 +28,10 @@ episode; ``reward="dense"`` adds potential-based shaping.
 every family without noise, >= 97 % with action noise std 0.3; it needs ~18 steps for
 pick_place / stack and ~26 for push (limit 48), a uniformly random policy ~0 %.
 
+**Difficulty knobs**: ``num_distractors`` (2 default; 1 or 0 are easier), ``task_families``,
+``max_episode_steps`` (48 = six chunks of 8), ``num_cameras=2`` (adds a gripper-centred view),
+``reward="dense"``.
+
 **Rendering** (:mod:`~pirl.envs.tabletop.render`): precomputed sprites composited with one
 ``scatter_`` per layer into uint8 frames; a gripper-centred wrist view with ``num_cameras=2``.
 """
