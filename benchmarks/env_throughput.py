@@ -24,7 +24,8 @@ import torch
 DEFAULT_SECONDS = 2.0
 
 
-def time_env(env, seconds: float = DEFAULT_SECONDS, warmup: int = 5, seed: int = 0) -> dict[str, float]:
+def time_env(env, seconds: float = DEFAULT_SECONDS, warmup: int = 5,
+             seed: int = 0) -> dict[str, float]:
     """Step ``env`` with random actions for about ``seconds``; return throughput numbers."""
     env.reset(seed=seed)
     g = torch.Generator().manual_seed(seed)

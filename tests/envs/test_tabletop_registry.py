@@ -16,7 +16,8 @@ def test_make_tabletop_with_kwargs():
     assert make_env("tabletop/all", 1).split == "all"
     assert make_env("tabletop:ood", 1).split == "ood"
     vocab = env.vocabulary()
-    for text in make_env("tabletop/all", 1, task_families=("pick_place", "push", "stack")).instructions:
+    every = make_env("tabletop/all", 1, task_families=("pick_place", "push", "stack"))
+    for text in every.instructions:
         assert set(text.split()) <= set(vocab)
 
 

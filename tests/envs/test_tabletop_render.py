@@ -49,7 +49,8 @@ def reference_frame(env: TabletopEnv, i: int, kind: str) -> list[list[set]]:
     edge = (abs(x) > R.EDGE_ZONE) | (abs(y) > R.EDGE_ZONE)
     for r in range(s):
         for c in range(s):
-            out[r, c] = {R.OUTSIDE_RGB} if off[r, c] else ({R.EDGE_RGB} if edge[r, c] else {R.TABLE_RGB})
+            bg = R.OUTSIDE_RGB if off[r, c] else (R.EDGE_RGB if edge[r, c] else R.TABLE_RGB)
+            out[r, c] = {bg}
 
     def sprite_uv(px, py):  # sprite centred at the pixel containing (px, py), relative coords
         col0 = math.floor((px - cx + hw) * ppu + R.PIXEL_EPS)

@@ -4,8 +4,9 @@ Layout (LeRobotDataset-v3-like, parquet; images stored as raw uint8 arrays inste
 
     DIR/meta/info.json                          # format, env + kwargs, fps, features, counts
     DIR/meta/tasks.parquet                      # task_index, task (instruction), task_name
-    DIR/meta/episodes/chunk-000/file-000.parquet  # episode_index, task_index, length, success,
-                                                #   episode_seed, dataset_from_index, dataset_to_index
+    DIR/meta/episodes/chunk-000/file-000.parquet
+        # episode_index, task_index, length, success, episode_seed,
+        # dataset_from_index, dataset_to_index
     DIR/data/chunk-000/file-000.parquet         # one row per frame (see below)
 
 Frame columns: ``index`` (global frame), ``episode_index``, ``frame_index``, ``timestamp``,
@@ -34,7 +35,8 @@ FORMAT = "pirl-demos/v1 (LeRobotDataset v3-like)"
 
 def _fixed_list(arr: np.ndarray, pa_type: pa.DataType) -> pa.FixedSizeListArray:
     flat = arr.reshape(arr.shape[0], -1)
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=pa_type), flat.shape[1])
+    values = pa.array(flat.reshape(-1), type=pa_type)
+    return pa.FixedSizeListArray.from_arrays(values, flat.shape[1])
 
 
 def _record_batch(env, expert, tasks: torch.Tensor, seeds: torch.Tensor) -> dict[str, Any]:
@@ -230,9 +232,9 @@ class DemoDataset:
     def select_episodes(self, episodes: torch.Tensor | list[int]) -> "DemoDataset":
         """A new dataset with only the given episodes (renumbered in the given order)."""
         episodes = torch.as_tensor(episodes, dtype=torch.long)
-        frames = torch.cat([torch.arange(int(self.ep_start[e]), int(self.ep_start[e] + self.ep_length[e]))
-                            for e in episodes.tolist()]) if episodes.numel() else \
-            torch.zeros(0, dtype=torch.long)
+        spans = [torch.arange(int(self.ep_start[e]), int(self.ep_start[e] + self.ep_length[e]))
+                 for e in episodes.tolist()]
+        frames = torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
         lengths = self.ep_length[episodes]
         starts = torch.cumsum(lengths, 0) - lengths
         return DemoDataset(

@@ -86,7 +86,8 @@ class ScriptedExpert:
         # in front / beside: first go sideways (side with room), then back along -u
         on = (o * nrm).sum(-1)
         room_pos, room_neg = 1.0 - on, 1.0 + on
-        side = torch.where(b.abs() > 0.02, torch.sign(b), torch.where(room_pos >= room_neg, one, -one))
+        roomier = torch.where(room_pos >= room_neg, one, -one)
+        side = torch.where(b.abs() > 0.02, torch.sign(b), roomier)
         side = torch.where((side > 0) & (room_pos < _SIDE + 0.05), -one, side)
         side = torch.where((side < 0) & (room_neg < _SIDE + 0.05), one, side)
         sideways = self._move_to(o + nrm * side[:, None] * (_SIDE + 0.02) + u * a[:, None])

@@ -4,12 +4,13 @@ Every drawable thing (object of a given shape and colour, plate of a given colou
 gripper) is a *sprite*: a list of pixel offsets ``(dy, dx)`` from its centre pixel with an RGB
 value each, precomputed once per camera scale.  Drawing a layer for all N envs is one
 ``scatter_`` into the flat uint8 frame buffer: the pixel offsets of each env's sprite are
-shifted to its position; pixels off the image are sent to a scratch "trash" frame.  No float image is ever materialised, so the cost is
-proportional to the number of sprite pixels, not to ``N * S * S`` per object.
+shifted to its position; pixels off the image are sent to a scratch "trash" frame.  No float
+image is ever materialised, so the cost is proportional to the number of sprite pixels, not to
+``N * S * S`` per object.
 
-Coordinates: the table is ``[-1, 1]^2`` with ``x`` to the right and ``y`` up.  The *top* camera
-sees the whole table (``S / 2`` pixels per unit); the *wrist* camera is a gripper-centred view of
-half-width :data:`WRIST_HALF_WIDTH` (a higher-resolution local view).
+Coordinates: the table is ``[-1, 1]^2`` with ``x`` to the right and ``y`` up.  The *top*
+camera sees the whole table (``S / 2`` pixels per unit); the *wrist* camera is a gripper-centred
+view of half-width :data:`WRIST_HALF_WIDTH` (a higher-resolution local view).
 """
 
 from __future__ import annotations
@@ -180,8 +181,8 @@ class Camera:
         self._palette_planar = torch.tensor(palette, dtype=torch.uint8).t().contiguous().to(device)
         self._buffers: dict[str, torch.Tensor] = {}
         # Pixel-centre coordinates along one axis, relative to the view centre (table units).
-        self._axis = ((torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size * 2 - 1) \
-            * self.half_width
+        ramp = torch.arange(size, device=device, dtype=torch.float32)
+        self._axis = ((ramp + 0.5) / size * 2 - 1) * self.half_width
         self._static: torch.Tensor | None = None
         if kind == "top":
             self._background = self._background_for(torch.zeros(1, 2, device=device))[0]
@@ -252,7 +253,8 @@ class Camera:
             out[:, c] = tables[c].index_select(0, flat_idx).view(k, self.size, self.size)
         return out
 
-    def pixel(self, pos: torch.Tensor, centre: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def pixel(self, pos: torch.Tensor,
+              centre: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, col) int64 of table points ``pos [..., 2]`` in this view (``centre [K, 2]``
         for the wrist camera, broadcast against pos's leading dims)."""
         if centre is not None:

@@ -171,8 +171,8 @@ class TabletopEnv(BatchedEnv):
         # The camera behind render() (videos), also for state-only observations.
         self._video_camera = (self.cameras[0] if self.cameras
                               else Camera("top", image_size, num_envs, dev))
-        self._cells = torch.tensor([(x, y) for y in (_CELL, 0.0, -_CELL) for x in (-_CELL, 0.0, _CELL)],
-                                   device=dev)
+        grid = (-_CELL, 0.0, _CELL)
+        self._cells = torch.tensor([(x, -y) for y in grid for x in grid], device=dev)
         self._slots = torch.arange(NUM_OBJECTS, device=dev)
 
         n = num_envs
@@ -251,7 +251,8 @@ class TabletopEnv(BatchedEnv):
                                torch.zeros(k, 2, device=dev))
         along = (pos[:, 0] * goal_dir).sum(-1)
         flip = along > 0.5 * _CELL
-        mirror = torch.where(flip[:, None], 1.0 - 2.0 * goal_dir.abs(), torch.ones(k, 2, device=dev))
+        mirror = torch.where(flip[:, None], 1.0 - 2.0 * goal_dir.abs(),
+                             torch.ones(k, 2, device=dev))
         pos = pos * mirror[:, None, :]
         # objects beyond the requested number of distractors are parked off the table
         d = self.num_distractors
@@ -414,8 +415,8 @@ class TabletopEnv(BatchedEnv):
         held = torch.where(grasp, nearest, held)
         snap = grasp[:, None] & (self._slots[None, :] == nearest[:, None])
         obj = torch.where(snap[..., None], g_new[:, None, :], obj)
-        self.obj_pos = torch.where(self.obj_active[..., None], obj.clamp(-OBJECT_LIMIT, OBJECT_LIMIT),
-                                   obj)
+        self.obj_pos = torch.where(self.obj_active[..., None],
+                                   obj.clamp(-OBJECT_LIMIT, OBJECT_LIMIT), obj)
         self.gripper = g_new
         self.held = held
         self.closed = want_closed

@@ -28,7 +28,8 @@ DEFAULT_FAMILIES: tuple[str, ...] = ("pick_place", "push")
 SPLITS: tuple[str, ...] = ("train", "ood", "all")
 
 # Unit direction of each edge in table coordinates (x right, y up).
-EDGE_DIRECTIONS: tuple[tuple[float, float], ...] = ((-1.0, 0.0), (1.0, 0.0), (0.0, 1.0), (0.0, -1.0))
+EDGE_DIRECTIONS: tuple[tuple[float, float], ...] = (
+    (-1.0, 0.0), (1.0, 0.0), (0.0, 1.0), (0.0, -1.0))
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,8 @@ class TaskSpec:
     @property
     def name(self) -> str:
         """A stable identifier, e.g. ``pick_place/red_cube/blue_plate``."""
-        return f"{self.family}/{self.object_name.replace(' ', '_')}/{self.target_name.replace(' ', '_')}"
+        obj, target = self.object_name.replace(" ", "_"), self.target_name.replace(" ", "_")
+        return f"{self.family}/{obj}/{target}"
 
     @property
     def instruction(self) -> str:
