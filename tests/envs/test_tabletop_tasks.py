@@ -99,6 +99,11 @@ def test_fewer_distractors_variant(d):
     stack = env.family == 2
     expected = 1 + d + stack.long() - (stack & (d == 2)).long()
     assert torch.equal(env.obj_active.sum(1), expected.clamp_max(3))
+    if d == 1:  # the remaining distractor shares the shape and differs in colour
+        pp = ~stack
+        assert bool(env.obj_active[pp, 2].all()) and not bool(env.obj_active[pp, 1].any())
+        assert bool((env.obj_shape[pp, 2] == env.obj_shape[pp, 0]).all())
+        assert bool((env.obj_colour[pp, 2] != env.obj_colour[pp, 0]).all())
     # absent objects are off the table: not drawn, never pushed or grasped
     parked = ~env.obj_active
     assert bool((env.obj_pos[parked].abs() > 5).all())

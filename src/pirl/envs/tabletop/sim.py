@@ -117,8 +117,9 @@ class TabletopEnv(BatchedEnv):
         max_speed: gripper displacement per step at ``|action| = 1``.
         dense_scale: weight of the shaping term with ``reward="dense"``.
         num_distractors: distractor objects per scene (2: one sharing the object's colour and
-            one its shape; 1: only the same-colour one; 0: none -- easier variants; absent
-            objects are parked off the table and take no part in the dynamics).
+            one its shape; 1: only the same-shape one, told apart by colour; 0: none -- easier
+            variants; absent objects are parked off the table and take no part in the
+            dynamics).  stack scenes always keep their base cube.
         seed: seed of the generator used when :meth:`reset` gets no seed.
     """
 
@@ -256,8 +257,9 @@ class TabletopEnv(BatchedEnv):
         pos = pos * mirror[:, None, :]
         # objects beyond the requested number of distractors are parked off the table
         d = self.num_distractors
-        active = torch.stack([torch.ones_like(is_stack), is_stack | (d >= 1),
-                              (is_stack & (d >= 1)) | (d >= 2)], 1)
+        # (with one distractor: the same-shape one, so the colour word tells them apart)
+        active = torch.stack([torch.ones_like(is_stack), is_stack | (d >= 2),
+                              torch.full_like(is_stack, d >= 1)], 1)
         obj_pos = torch.where(active[..., None], pos[:, :NUM_OBJECTS], _PARKED)
         return {
             "obj_active": active,
