@@ -295,3 +295,28 @@ def test_sft_then_ode_sampling_reproduces_demo_actions():
         chunk = ode.sample(pol, pol.encode_prefix(obs), generator=torch.Generator().manual_seed(1)).actions
     mse = (chunk - actions).pow(2).mean().item()
     assert mse < 0.5 * actions.var().item(), (mse, actions.var().item())
+
+
+def test_coord_conv_appends_pixel_coordinates():
+    """With coord_conv the first conv sees x (along width) and y (along height) in [-1, 1]."""
+    from pirl.models.tiny_vla import ImageEncoder
+
+    enc = ImageEncoder([8, 16], width=32, grid=2, coord_conv=True)
+    first = enc.net[0]
+    assert first.in_channels == 5
+    seen = {}
+
+    def hook(module, inp, out):
+        seen["x"] = inp[0]
+
+    first.register_forward_hook(hook)
+    img = torch.rand(2, 3, 6, 10)
+    enc(img)
+    x = seen["x"]
+    assert x.shape == (2, 5, 6, 10)
+    torch.testing.assert_close(x[:, :3], img)
+    xs = torch.linspace(-1, 1, 10)
+    ys = torch.linspace(-1, 1, 6)
+    torch.testing.assert_close(x[1, 3], xs[None, :].expand(6, 10))
+    torch.testing.assert_close(x[0, 4], ys[:, None].expand(6, 10))
+    assert ImageEncoder([8], width=32, grid=2, coord_conv=False).net[0].in_channels == 3

@@ -47,6 +47,8 @@ class TinyVLAConfig:
     image_tokens: side of the token grid per camera (4 -> 16 tokens per image).
     value_head: ``"expert"`` or ``"prefix"`` (see module docstring).
     critic_detach: whether the critic's input is detached from the shared trunk.
+    coord_conv: append two pixel-coordinate channels to every image (CoordConv, Liu et al.
+        2018), so the conv encoder can report *where* an object is, not only what it is.
     """
 
     action_horizon: int = 8
@@ -66,6 +68,7 @@ class TinyVLAConfig:
     value_head: str = "expert"
     critic_detach: bool = True
     value_hidden: int = 128
+    coord_conv: bool = True
 
     def __post_init__(self) -> None:
         positive = ("action_horizon", "action_dim", "image_size", "width", "depth", "heads",
@@ -206,12 +209,17 @@ class ExpertBlock(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """Conv stack: ``[N, 3, S, S]`` float -> ``[N, T*T, D]`` tokens (stride-2 convs + pooling)."""
+    """Conv stack: ``[N, 3, S, S]`` float -> ``[N, T*T, D]`` tokens (stride-2 convs + pooling).
 
-    def __init__(self, channels: list[int], width: int, grid: int):
+    With ``coord_conv`` two channels holding the pixel's x and y in ``[-1, 1]`` are appended to the
+    input, which makes absolute positions (where to reach) a linear read-out.
+    """
+
+    def __init__(self, channels: list[int], width: int, grid: int, coord_conv: bool = False):
         super().__init__()
+        self.coord_conv = coord_conv
         layers: list[nn.Module] = []
-        c_in = 3
+        c_in = 5 if coord_conv else 3
         for c in channels:
             layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1),
                        nn.GroupNorm(min(8, c), c), nn.GELU()]
@@ -220,6 +228,12 @@ class ImageEncoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
+        if self.coord_conv:
+            n, _, h, w = img.shape
+            ys = torch.linspace(-1.0, 1.0, h, device=img.device, dtype=img.dtype)
+            xs = torch.linspace(-1.0, 1.0, w, device=img.device, dtype=img.dtype)
+            grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))       # [2, H, W]
+            img = torch.cat([img, grid.expand(n, 2, h, w)], dim=1)
         return self.net(img).flatten(2).transpose(1, 2)
 
 
@@ -245,7 +259,8 @@ class TinyVLA(FlowPolicy):
         # ---- prefix ----
         n_img = cfg.image_tokens ** 2
         if cfg.num_cameras > 0:
-            self.image_encoder = ImageEncoder(cfg.conv_channels, d, cfg.image_tokens)
+            self.image_encoder = ImageEncoder(cfg.conv_channels, d, cfg.image_tokens,
+                                              cfg.coord_conv)
             self.image_pos = nn.Parameter(torch.randn(cfg.num_cameras, n_img, d) * 0.02)
         self.text_embed = nn.Embedding(self.tokenizer.vocab_size, d, padding_idx=0)
         self.text_pos = nn.Parameter(torch.randn(cfg.max_text_len, d) * 0.02)
