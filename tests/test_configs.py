@@ -36,6 +36,9 @@ def test_overrides_parse_and_type():
     assert cfg.inner.betas == (0.8, 0.9)
     # ints are accepted for floats, not the other way round
     assert apply_overrides(Outer(), ["inner.lr=1"]).inner.lr == 1.0
+    # YAML 1.1 reads exponent floats without a dot ("5e-4") as strings; a float field takes them
+    for raw, val in (("5e-4", 5e-4), ("1E3", 1000.0), ("-2.5e-1", -0.25)):
+        assert apply_overrides(Outer(), [f"inner.lr={raw}"]).inner.lr == val
 
 
 @pytest.mark.parametrize("ov,needle", [
