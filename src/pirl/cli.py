@@ -89,11 +89,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _env_kwargs(pairs: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for kv in pairs:
+        if "=" not in kv:
+            raise SystemExit(f"pirl: --kwarg {kv!r} is not of the form KEY=VALUE")
+        k, v = kv.split("=", 1)
+        out[k] = yaml.safe_load(v) if v else ""
+    return out
+
+
 def cmd_demos(args) -> int:
     from pirl.envs.demos import generate_demos
 
     path = generate_demos(env_name=args.env, episodes_per_task=args.episodes, out_dir=args.out,
-                          seed=args.seed, noise=args.noise)
+                          seed=args.seed, noise=args.noise, env_kwargs=_env_kwargs(args.kwarg))
     print(f"wrote demos to {path}")
     return 0
 
@@ -118,12 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--splits", nargs="+", help="splits to evaluate (default: the run's)")
     e.add_argument("--out", help="output folder (default RUN_DIR/eval)")
     e.set_defaults(fn=cmd_eval)
-    d = sub.add_parser("demos", help="write scripted-expert demos for SFT")
+    d = sub.add_parser("demos", help="write scripted-expert (tabletop) or motion-planning "
+                                      "(maniskill) demos for SFT")
     d.add_argument("--env", default="tabletop")
     d.add_argument("--episodes", type=int, default=10, help="episodes per task")
     d.add_argument("--out", required=True)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--noise", type=float, default=0.1)
+    d.add_argument("--kwarg", action="append", default=[], metavar="KEY=VALUE",
+                   help="env keyword (YAML value), repeatable: e.g. image_size=32 (tabletop), "
+                        "obs_mode=state (maniskill/PushCube-v1: motion-planning demos)")
     d.set_defaults(fn=cmd_demos)
     return p
 

@@ -94,3 +94,53 @@ def test_few_shot_and_action_chunks(demo_dir):
     obs, acts, msk = d.sft_samples(horizon=h, episodes_per_task=1)
     assert torch.equal(acts, chunks) and torch.equal(msk, mask)
     assert torch.equal(obs["images"], one.images)
+
+
+def test_maniskill_env_names_dispatch_to_motion_planning(monkeypatch, tmp_path):
+    """``generate_demos`` (what ``pirl train`` calls) sends ManiSkill env names to the
+    motion-planning demo generator with the env's task list and observation settings."""
+    import sys
+    import types
+
+    from pirl.envs.demos import maniskill_demo_tasks
+
+    assert maniskill_demo_tasks("maniskill/PushCube-v1") == ["PushCube-v1"]
+    assert maniskill_demo_tasks("maniskill") == ["PickCube-v1"]
+    assert maniskill_demo_tasks("maniskill", env_kwargs={"tasks": ["A", "B"]}) == ["A", "B"]
+    assert maniskill_demo_tasks("maniskill_multitask",
+                                env_kwargs={"tasks": ["PushCube-v1"]}) == ["PushCube-v1"]
+    assert maniskill_demo_tasks("maniskill_multitask/test_unseen") == ["PullCube-v1"]
+    calls = []
+
+    def fake(tasks, episodes_per_task, out_dir, seed=0, **kw):
+        calls.append((tasks, episodes_per_task, seed, kw))
+        return out_dir, {}
+
+    fake_mod = types.ModuleType("pirl.envs.maniskill")
+    fake_mod.generate_maniskill_demos = fake
+    fake_mod.split_config = __import__("pirl.envs.maniskill",
+                                       fromlist=["split_config"]).split_config
+    monkeypatch.setitem(sys.modules, "pirl.envs.maniskill", fake_mod)
+    out = generate_demos("maniskill_multitask", episodes_per_task=3, out_dir=tmp_path, seed=7,
+                         env_kwargs={"tasks": ["PushCube-v1"], "obs_mode": "state",
+                                     "sim_backend": "cpu", "reward_mode": "sparse"})
+    assert out == tmp_path
+    assert calls == [(["PushCube-v1"], 3, 7, {"obs_mode": "state"})]
+
+
+def test_cli_demos_passes_env_kwargs(monkeypatch, tmp_path):
+    """``pirl demos --kwarg KEY=VALUE`` reaches generate_demos as env_kwargs (YAML values)."""
+    import pirl.envs.demos as D
+    from pirl.cli import main
+
+    seen = {}
+
+    def fake(**kw):
+        seen.update(kw)
+        return kw["out_dir"]
+
+    monkeypatch.setattr(D, "generate_demos", fake)
+    assert main(["demos", "--env", "maniskill/PushCube-v1", "--episodes", "3", "--out",
+                 str(tmp_path), "--kwarg", "obs_mode=state", "--kwarg", "image_size=64"]) == 0
+    assert seen["env_name"] == "maniskill/PushCube-v1" and seen["episodes_per_task"] == 3
+    assert seen["env_kwargs"] == {"obs_mode": "state", "image_size": 64}

@@ -214,6 +214,9 @@ def test_make_env_name_parsing(monkeypatch):
     M.make_env("maniskill", 1, tasks=["PickCube-v1", "PullCube-v1"])
     M.make_env("maniskill_multitask/test_unseen", 5)
     M.make_env("maniskill_multitask", 5, split="test_seen")
+    # pirl train passes device= to every env; ManiSkill's observations come back on the CPU
+    M.make_env("maniskill_multitask", 2, split="train", device="cpu", tasks=["PushCube-v1"])
+    M.make_env("maniskill/PushCube-v1", 2, device="cpu")
     assert calls == [
         ("env", "PickCube-v1", 4, {}),
         ("env", "StackCube-v1", 2, {"obs_mode": "state"}),
@@ -222,6 +225,8 @@ def test_make_env_name_parsing(monkeypatch):
         ("env", ["PickCube-v1", "PullCube-v1"], 1, {}),
         ("multi", None, 5, {"split": "test_unseen"}),
         ("multi", None, 5, {"split": "test_seen"}),
+        ("multi", None, 2, {"split": "train", "tasks": ["PushCube-v1"]}),
+        ("env", "PushCube-v1", 2, {}),
     ]
 
 

@@ -89,8 +89,13 @@ def generate_demos(env_name: str = "tabletop", episodes_per_task: int = 4,
     if episodes is not None:
         episodes_per_task = episodes
     episodes = episodes_per_task
-    if env_name.replace(":", "/").split("/")[0] != "tabletop":
-        raise ValueError(f"scripted demos exist only for the 'tabletop' env, not {env_name!r}")
+    base = env_name.replace(":", "/").split("/")[0]
+    if base.startswith("maniskill"):
+        return _maniskill_demos(env_name, episodes_per_task, Path(out_dir), seed, split,
+                                dict(env_kwargs or {}))
+    if base != "tabletop":
+        raise ValueError(f"scripted demos exist only for the 'tabletop' and 'maniskill' envs, "
+                         f"not {env_name!r}")
     from pirl.envs.tabletop import ScriptedExpert, TabletopEnv
 
     kwargs = dict(env_kwargs or {})
@@ -127,6 +132,39 @@ def generate_demos(env_name: str = "tabletop", episodes_per_task: int = 4,
     return _write(Path(out_dir), env, kept, dict(env_name=env_name, env_kwargs=kwargs, seed=seed,
                                                  noise=noise, split=split,
                                                  episodes_per_task=episodes_per_task))
+
+
+def maniskill_demo_tasks(env_name: str, split: str = "train",
+                         env_kwargs: dict[str, Any] | None = None) -> list[str]:
+    """The task list a ``maniskill*`` env of :func:`pirl.envs.make_env` runs (demo
+    ``task_index`` values index it), without building the env."""
+    from pirl.envs.maniskill import split_config
+
+    kw = env_kwargs or {}
+    base, _, rest = env_name.replace(":", "/").partition("/")
+    if base in ("maniskill_multitask", "maniskill-multitask"):
+        tasks = kw.get("tasks") or split_config(kw.get("split", rest or split))[0]
+    elif base == "maniskill":
+        tasks = kw.get("tasks", rest or "PickCube-v1")
+    else:
+        raise ValueError(f"not a ManiSkill env name: {env_name!r}")
+    return [tasks] if isinstance(tasks, str) else list(tasks)
+
+
+def _maniskill_demos(env_name: str, episodes_per_task: int, out: Path, seed: int, split: str,
+                     env_kwargs: dict[str, Any]) -> Path:
+    """ManiSkill motion-planning demos (``generate_maniskill_demos``) recorded with the
+    training env's observation settings (``obs_mode``, ``control_mode``, ``image_size``,
+    ``wrist_camera``).  Action noise does not apply: the demos are planned."""
+    from pirl.envs.maniskill import generate_maniskill_demos
+
+    tasks = maniskill_demo_tasks(env_name, split, env_kwargs)
+    kw = {k: env_kwargs[k] for k in ("obs_mode", "control_mode", "image_size", "wrist_camera")
+          if k in env_kwargs}
+    path, stats = generate_maniskill_demos(tasks, episodes_per_task, out, seed=seed, **kw)
+    for t, st in stats.items():
+        print(f"maniskill demos {t}: {st}")
+    return Path(path)
 
 
 def _write(out: Path, env, episodes: list[dict[str, Any]], meta: dict[str, Any]) -> Path:

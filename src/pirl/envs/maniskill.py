@@ -418,7 +418,10 @@ def make_env(name: str = "maniskill", num_envs: int = 1, **kw) -> ManiSkillEnv:
     """Registry entry.  ``name``: ``"maniskill"`` (PickCube-v1 unless ``tasks=`` is given),
     ``"maniskill/<TaskId>"`` / ``"maniskill:<TaskId>"`` / ``"<TaskId>"`` (e.g. ``PickCube-v1``),
     or ``"maniskill_multitask"`` (optionally ``.../train|test_seen|test_unseen``, or
-    ``split=``).  Other keywords go to :class:`ManiSkillEnv`."""
+    ``split=``).  ``device`` (what ``pirl train`` passes every env) is accepted and ignored:
+    observations come back on the CPU and the rollout moves them to the policy's device.
+    Other keywords go to :class:`ManiSkillEnv`."""
+    kw.pop("device", None)
     base, _, rest = name.replace(":", "/").partition("/")
     if base in ("maniskill_multitask", "maniskill-multitask"):
         if rest:
