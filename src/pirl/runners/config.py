@@ -22,13 +22,20 @@ def _check(cond: bool, name: str, msg: str) -> None:
         raise ValueError(f"{name}: {msg}")
 
 
+def _default_env_kwargs() -> dict[str, Any]:
+    # The default recipe runs the tabletop without distractor objects: with 8 demos per task and
+    # 1000 SFT steps the tiny VLA then starts at ~30% success (29.2% train / 27.1% OOD measured),
+    # inside the few-shot band pi_RL starts from; with 1 or 2 distractors it starts at ~6%.
+    return {"num_distractors": 0}
+
+
 @dataclass
 class EnvConfig:
     """Training environment: ``pirl.envs.make_env(name, num_envs, **kwargs)``."""
 
     name: str = "tabletop"
     num_envs: int = 64
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=_default_env_kwargs)
 
     def __post_init__(self):
         _check(self.num_envs >= 1, "env.num_envs", f"must be >= 1, got {self.num_envs}")
@@ -47,7 +54,7 @@ class ModelConfig:
 class DemoConfig:
     """Scripted-expert demos for few-shot SFT (generated once per run folder)."""
 
-    episodes_per_task: int = 4
+    episodes_per_task: int = 8
     noise: float = 0.1
     seed: int = 12345
     path: str | None = None  # an existing demo folder; None = generate into RUN/demos
@@ -61,7 +68,7 @@ class DemoConfig:
 class SFTConfig:
     """Few-shot flow-matching SFT (the RL starting point)."""
 
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-4
