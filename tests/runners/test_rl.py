@@ -107,3 +107,44 @@ def test_resume_rejects_other_model(tmp_path):
     r = train_mod.Run(apply_overrides(cfg, ["model.kwargs={width: 64}"]), tmp_path / "d")
     with pytest.raises(CheckpointError, match="model"):
         r.load(tmp_path / "c" / "checkpoints" / "last.pt")
+
+
+@pytest.mark.parametrize("algo,kind", [("ppo", "flow_noise"), ("grpo", "flow_sde")])
+def test_reused_frozen_prefix_equals_reencoding(algo, kind, monkeypatch):
+    """expert_only: the update on the rollout's frozen prefix caches gives the parameters and
+    metrics of re-encoding every observation, and never runs the prefix encoder."""
+    from pirl.envs.tabletop import TabletopEnv
+
+    def run(reuse: bool):
+        torch.manual_seed(0)
+        env = TabletopEnv(8, max_episode_steps=16, num_distractors=0)
+        pol = build_policy("tiny", action_dim=3, state_dim=4, action_horizon=4, width=32,
+                           depth=1, heads=2, conv_channels=[8, 16], value_hidden=32,
+                           vocab=list(env.vocabulary()))
+        smp = build_sampler(kind, 3, pol.feature_dim, pol.action_dim, config=SamplerConfig())
+        cfg = apply_overrides(RLConfig(algo=algo), [
+            "train_mode=expert_only", f"reuse_prefix={str(reuse).lower()}",
+            f"{algo}.update_epochs=2", f"{algo}.num_minibatches=2"]
+            + (["grpo.group_size=4", "grpo.kl_coef=0.1"] if algo == "grpo" else []))
+        tr = RLTrainer(pol, smp, env, cfg, seed=0)
+        ro = tr.rollout()
+        assert (ro.prefixes is not None) == reuse
+        calls = {"n": 0}
+        orig = type(pol).encode_prefix
+
+        def counting(self, obs):
+            calls["n"] += 1
+            return orig(self, obs)
+
+        monkeypatch.setattr(type(pol), "encode_prefix", counting)
+        m = tr.learn(ro)
+        monkeypatch.setattr(type(pol), "encode_prefix", orig)
+        return pol.state_dict(), m, calls["n"]
+
+    sd_a, m_a, n_a = run(True)
+    sd_b, m_b, n_b = run(False)
+    assert n_a == 0 and n_b > 0
+    for k in sd_a:
+        torch.testing.assert_close(sd_a[k], sd_b[k], rtol=1e-4, atol=1e-5, msg=k)
+    for k in ("policy/loss", "policy/approx_kl", "policy/clip_fraction"):
+        assert m_a[k] == pytest.approx(m_b[k], rel=1e-3, abs=1e-5), k

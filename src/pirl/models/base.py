@@ -126,6 +126,19 @@ class FlowPolicy(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not declare its prefix "
                                   "parameters; use rl.train_mode=full")
 
+    def frozen_prefix(self, prefix: Any) -> Any | None:
+        """The part of a prefix cache that only the prefix parameters compute, for learners that
+        keep it from the rollout while those parameters are frozen (``rl.train_mode=expert_only``)
+        instead of re-encoding every observation in every update epoch.  It must be a (nested)
+        batch of tensors (:func:`index_batch` / :func:`cat_batch` work on it).  Default: None, the
+        learner re-encodes the observations."""
+        return None
+
+    def thaw_prefix(self, frozen: Any) -> Any:
+        """A full prefix cache from :meth:`frozen_prefix`'s output, computing the parts that
+        depend on trainable (action-expert) parameters with their current values."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no frozen prefix")
+
     def prefix_index(self, prefix: Any, index: torch.Tensor) -> Any:
         """Rows ``index`` of a prefix cache (default: index every tensor / list field)."""
         return index_batch(prefix, index)
@@ -151,6 +164,44 @@ def index_batch(x: Any, index: torch.Tensor) -> Any:
         return tuple(index_batch(v, index) for v in x)
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
         return dataclasses.replace(x, **{f.name: index_batch(getattr(x, f.name), index)
+                                         for f in dataclasses.fields(x)})
+    return x
+
+
+def cat_batch(items: list[Any]) -> Any:
+    """Concatenate (nested) batches along dim 0: tensors, dicts, lists, tuples, dataclasses
+    (the inverse of :func:`index_batch` over a split); None fields stay None."""
+    import dataclasses
+
+    x = items[0]
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        return torch.cat(items, dim=0)
+    if isinstance(x, dict):
+        return {k: cat_batch([it[k] for it in items]) for k in x}
+    if isinstance(x, list):
+        return [v for it in items for v in it]
+    if isinstance(x, tuple):
+        return tuple(cat_batch([it[j] for it in items]) for j in range(len(x)))
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: cat_batch([getattr(it, f.name) for it in items])
+                                         for f in dataclasses.fields(x)})
+    raise TypeError(f"cannot concatenate batches of {type(x).__name__}")
+
+
+def to_device(x: Any, device: Any) -> Any:
+    """Move every tensor of a (nested) batch to ``device``."""
+    import dataclasses
+
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_device(v, device) for v in x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: to_device(getattr(x, f.name), device)
                                          for f in dataclasses.fields(x)})
     return x
 

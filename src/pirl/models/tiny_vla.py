@@ -96,12 +96,14 @@ class TinyPrefix:
 
     tokens: ``[B, P, D]`` prefix features after the prefix transformer.
     mask: ``[B, P]`` bool, True on real (non-padding) tokens.
-    kv: ``[B, L, 2, nh, P, dh]`` every expert layer's cross-attention keys (0) and values (1).
+    kv: ``[B, L, 2, nh, P, dh]`` every expert layer's cross-attention keys (0) and values (1);
+        None in a frozen prefix (:meth:`TinyVLA.frozen_prefix`), whose K/V projections belong to
+        the trainable expert.
     """
 
     tokens: torch.Tensor
     mask: torch.Tensor
-    kv: torch.Tensor
+    kv: torch.Tensor | None
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, min_period: float = 4e-3,
@@ -341,8 +343,17 @@ class TinyVLA(FlowPolicy):
         for blk in self.prefix_blocks:
             x = blk(x, mask)
         x = self.prefix_norm(x)
+        return self.thaw_prefix(TinyPrefix(tokens=x, mask=mask, kv=None))
+
+    def frozen_prefix(self, prefix: TinyPrefix) -> TinyPrefix:
+        """Tokens and mask (the prefix encoder's output); the expert's K/V are left out."""
+        return TinyPrefix(tokens=prefix.tokens, mask=prefix.mask, kv=None)
+
+    def thaw_prefix(self, frozen: TinyPrefix) -> TinyPrefix:
+        """Add every expert layer's cross-attention K/V (current expert weights) to the tokens."""
+        x = frozen.tokens
         kv = torch.stack([blk.cross_attn.project_kv(x) for blk in self.expert_blocks], dim=1)
-        return TinyPrefix(tokens=x, mask=mask, kv=kv)
+        return TinyPrefix(tokens=x, mask=frozen.mask, kv=kv)
 
     # ------------------------------------------------------------------ expert
     def velocity(self, prefix: TinyPrefix, x_t: torch.Tensor, t: torch.Tensor) -> VelocityOut:

@@ -95,6 +95,9 @@ class RLConfig:
     reward: Literal["env", "success"] = "env"
     # "expert_only": the prefix (VLM) is frozen during RL, as in pi_RL; "full": everything trains
     train_mode: Literal["full", "expert_only"] = "expert_only"
+    # expert_only: keep each rollout step's frozen prefix cache (policy.frozen_prefix) and reuse
+    # it in every update epoch instead of re-encoding the observations (same numbers, faster)
+    reuse_prefix: bool = True
 
     def __post_init__(self):
         _check(self.iterations >= 0, "rl.iterations", "must be >= 0")

@@ -631,8 +631,11 @@ class _LossModule(nn.Module):
         self.sampler = trainer.sampler
         self._trainer = [trainer]  # a list: not registered as a submodule
 
-    def forward(self, o, c, old_logp, adv, ret, old_values, scale: float):
-        loss, stats = self._trainer[0].minibatch_loss(o, c, old_logp, adv, ret, old_values)
+    def forward(self, o, c, old_logp, adv, ret, old_values, *rest):
+        # rest: (scale,) or (frozen_prefix, scale)
+        scale, extra = rest[-1], rest[:-1]
+        loss, stats = self._trainer[0].minibatch_loss(o, c, old_logp, adv, ret, old_values,
+                                                      *extra)
         return loss * scale, stats
 
 

@@ -22,7 +22,7 @@ from pirl.algos.ppo import (aggregate_logp, approx_kl, explained_variance, level
                             policy_loss, value_loss)
 from pirl.envs.base import BatchedEnv, ChunkedEnv
 from pirl.flow.base import Sampler
-from pirl.models.base import FlowPolicy, index_batch
+from pirl.models.base import FlowPolicy, cat_batch, index_batch, to_device
 from pirl.runners.config import RLConfig
 from pirl.runners.rollout import Rollout, cat_chains, collect, stack_obs
 
@@ -52,6 +52,8 @@ class RLTrainer:
         mask[: self.action_chunk, : env.action_dim] = 1.0
         self.action_mask = mask
         self.optimizer = self._make_optimizer()
+        # with a frozen prefix the rollout's prefix caches are reused by every update epoch
+        self.reuse_prefix = cfg.train_mode == "expert_only" and cfg.reuse_prefix
         self.total_updates = max(1, cfg.iterations)
         self.ref = None
         if self.algo == "grpo" and cfg.grpo.kl_coef > 0:
@@ -105,7 +107,8 @@ class RLTrainer:
         self.policy.eval()
         return collect(self.policy, self.sampler, self.env, num_chunks=self.num_chunks,
                        reset_kwargs=self._reset_kwargs(), action_chunk=self.action_chunk,
-                       generator=self.sample_gen, with_values=self.algo == "ppo")
+                       generator=self.sample_gen, with_values=self.algo == "ppo",
+                       keep_prefix=self.reuse_prefix)
 
     def _aggregate(self, chain) -> torch.Tensor:
         init = chain.init_logp if self.sampler.includes_init else None
@@ -135,6 +138,7 @@ class RLTrainer:
         idx = flat_valid.nonzero().squeeze(1)
         obs = index_batch(stack_obs(ro.obs), idx)
         chain = cat_chains(ro.chains).index(idx)
+        frozen = index_batch(cat_batch(ro.prefixes), idx) if ro.prefixes else None
         old_logp = self._aggregate(chain)
         rewards = self._rewards(ro)
         metrics: dict[str, float] = {}
@@ -153,7 +157,7 @@ class RLTrainer:
         if self.hp.normalize_advantages and adv.numel() > 1:
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
         t1 = time.perf_counter()
-        upd = self.update(obs, chain, old_logp, adv, ret, old_values)
+        upd = self.update(obs, chain, old_logp, adv, ret, old_values, frozen)
         t_upd = time.perf_counter() - t1
         self.iter += 1
         metrics.update(upd)
@@ -169,7 +173,10 @@ class RLTrainer:
         })
         return metrics
 
-    def update(self, obs, chain, old_logp, adv, ret, old_values) -> dict[str, float]:
+    def update(self, obs, chain, old_logp, adv, ret, old_values,
+               frozen_prefix=None) -> dict[str, float]:
+        """``update_epochs`` passes of minibatch steps; ``frozen_prefix``: the rollout's frozen
+        prefix caches of the same rows (None: re-encode ``obs``)."""
         hp = self.hp
         self.policy.train()
         self._set_lr()
@@ -187,8 +194,11 @@ class RLTrainer:
                 c = chain.index(i)
                 c = type(c)(*(getattr(c, f).to(device) for f in
                               ("x", "t", "mean", "std", "stochastic", "step_logp", "init_logp", "logp")))
-                loss, s = self._loss(o, c, old_logp[i].to(device), adv[i].to(device),
-                                     ret[i].to(device), old_values[i].to(device))
+                args = (o, c, old_logp[i].to(device), adv[i].to(device), ret[i].to(device),
+                        old_values[i].to(device))
+                if frozen_prefix is not None:
+                    args += (to_device(index_batch(frozen_prefix, i), device),)
+                loss, s = self._loss(*args)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 gn = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
@@ -204,12 +214,17 @@ class RLTrainer:
         out["policy/lr"] = self.optimizer.param_groups[0]["lr"]
         return out
 
-    def minibatch_loss(self, o, c, old_logp, adv, ret, old_values) -> tuple[torch.Tensor, dict[str, float]]:
+    def minibatch_loss(self, o, c, old_logp, adv, ret, old_values,
+                       frozen_prefix=None) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss and stats of one minibatch (already on the device): obs ``o``, chains ``c``,
-        rollout log-probs, advantages, returns and values ``[M]``."""
+        rollout log-probs, advantages, returns and values ``[M]``; ``frozen_prefix``: the
+        rollout's frozen prefix caches of these rows (else ``o`` is re-encoded)."""
         hp = self.hp
         device = old_logp.device
-        prefix = self.policy.encode_prefix(o)
+        if frozen_prefix is not None:
+            prefix = self.policy.thaw_prefix(frozen_prefix)
+        else:
+            prefix = self.policy.encode_prefix(o)
         new = self.sampler.log_prob(self.policy, prefix, c)
         new_logp = self._aggregate(new)
         mask = level_mask(self.action_mask.to(device), adv.shape[0], hp.ratio_level)
@@ -221,11 +236,13 @@ class RLTrainer:
         if self.ref is not None:
             with torch.no_grad():
                 ref_pol, ref_smp = self.ref
-                ref_logp = self._aggregate(
-                    ref_smp.log_prob(ref_pol, ref_pol.encode_prefix(o), c))
+                # a frozen prefix is the same in the reference (a copy of the starting policy)
+                ref_prefix = (ref_pol.thaw_prefix(frozen_prefix) if frozen_prefix is not None
+                              else ref_pol.encode_prefix(o))
+                ref_logp = self._aggregate(ref_smp.log_prob(ref_pol, ref_prefix, c))
             kl = approx_kl(new_logp, ref_logp, mask)
             loss = loss + self.hp.kl_coef * kl
-            s["ref_kl"] = float(kl)
+            s["ref_kl"] = float(kl.detach())
         s = {f"policy/{k}": float(v) for k, v in s.items()}
         s["policy/loss"] = float(pg.detach())
         if self.algo == "ppo":

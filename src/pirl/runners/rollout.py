@@ -15,7 +15,7 @@ import torch
 
 from pirl.envs.base import ChunkedEnv
 from pirl.flow.base import Chain, Sampler
-from pirl.models.base import FlowPolicy
+from pirl.models.base import FlowPolicy, to_device
 
 Obs = dict[str, Any]
 
@@ -60,6 +60,8 @@ class Rollout:
     inside that chunk); success ``[T, N]`` bool; valid ``[T, N]`` bool (the env was still running
     when the chunk started); episode_success ``[N]`` bool; episode_return ``[N]``.
     frames: optional ``[T*H, N, 3, h, w]`` uint8 for videos.
+    prefixes: optional list of T frozen prefix caches (:meth:`FlowPolicy.frozen_prefix`, on the
+    CPU), kept when the learner reuses them instead of re-encoding ``obs``.
     """
 
     obs: list[Obs]
@@ -73,6 +75,7 @@ class Rollout:
     valid: torch.Tensor
     env_steps: int
     frames: torch.Tensor | None = None
+    prefixes: list[Any] | None = None
 
     @property
     def episode_success(self) -> torch.Tensor:
@@ -86,10 +89,12 @@ class Rollout:
 @torch.no_grad()
 def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks: int,
             reset_kwargs: dict[str, Any], action_chunk: int, generator: torch.Generator,
-            with_values: bool = True, record: bool = False) -> Rollout:
+            with_values: bool = True, record: bool = False,
+            keep_prefix: bool = False) -> Rollout:
     """Reset all envs (``env.reset(**reset_kwargs)``) and run ``num_chunks`` chunk steps.
 
     Envs whose episode ended are frozen by the env; rollout stops early when all are done.
+    ``keep_prefix``: also return each step's frozen prefix cache (when the policy has one).
     """
     obs = env.reset(**reset_kwargs)
     n = env.num_envs
@@ -98,6 +103,7 @@ def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks
     obs_l, chains, values = [], [], []
     rewards, terms, truncs, succ, valid = [], [], [], [], []
     frames = [env.render()] if record else None
+    prefixes: list[Any] | None = [] if keep_prefix else None
     steps = 0
     for _ in range(num_chunks):
         pobs = _to_device(policy_obs(obs), device)
@@ -107,6 +113,12 @@ def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks
         act = env_actions(chain.actions, action_chunk, env.action_dim).to(env.device)
         out = env.step_chunk(act, record=record)
         obs_l.append(_to_device(pobs, "cpu"))
+        if prefixes is not None:
+            frozen = policy.frozen_prefix(prefix)
+            if frozen is None:
+                prefixes = None
+            else:
+                prefixes.append(to_device(frozen, "cpu"))
         chains.append(_chain_to(chain, "cpu"))
         values.append(v)
         valid.append(~done)
@@ -133,7 +145,8 @@ def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks
                    rewards=torch.stack(rewards), terminated=torch.stack(terms),
                    truncated=torch.stack(truncs), success=torch.stack(succ),
                    valid=torch.stack(valid), env_steps=steps,
-                   frames=torch.stack([f.cpu() for f in frames]) if record else None)
+                   frames=torch.stack([f.cpu() for f in frames]) if record else None,
+                   prefixes=prefixes)
 
 
 def _to_device(obs: Obs, device) -> Obs:
