@@ -20,6 +20,7 @@ VARIANTS = {
     "ppo_flow_noise": ["rl.algo=ppo", "sampler.kind=flow_noise"],
     "ppo_flow_sde": ["rl.algo=ppo", "sampler.kind=flow_sde"],
     "grpo_flow_noise": ["rl.algo=grpo", "sampler.kind=flow_noise"],
+    "grpo_flow_sde": ["rl.algo=grpo", "sampler.kind=flow_sde"],
 }
 
 
