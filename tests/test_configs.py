@@ -64,6 +64,22 @@ def test_yaml_round_trip(tmp_path):
         from_dict(Outer, {"inner": {"lr": 1.0, "typo": 2}})
 
 
+def test_partial_sections_keep_the_parents_defaults(tmp_path):
+    """A preset that gives part of a section keeps the run-level defaults of the rest (TrainConfig
+    sets its own sampler kind / PPO lr / env kwargs); free-form kwargs given are taken whole."""
+    from pirl.runners.config import TrainConfig
+
+    base = TrainConfig()
+    cfg = from_dict(TrainConfig, {"sampler": {"num_steps": 3}, "rl": {"ppo": {"clip_low": 0.1}},
+                                  "env": {"num_envs": 8}})
+    assert cfg.sampler.num_steps == 3 and cfg.sampler.kind == base.sampler.kind
+    assert cfg.rl.ppo.clip_low == 0.1 and cfg.rl.ppo.lr_policy == base.rl.ppo.lr_policy
+    assert cfg.rl.iterations == base.rl.iterations
+    assert cfg.env.num_envs == 8 and cfg.env.kwargs == base.env.kwargs
+    other = from_dict(TrainConfig, {"env": {"name": "maniskill", "kwargs": {"tasks": "PushCube-v1"}}})
+    assert other.env.kwargs == {"tasks": "PushCube-v1"}
+
+
 def test_train_config_defaults_validate():
     from pirl.runners.config import TrainConfig
 

@@ -99,6 +99,16 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     if unknown:
         where = path or cls.__name__
         raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(names)}")
+    data = dict(data)
+    for f in dataclasses.fields(cls):
+        # a partial section starts from the parent's default for it (which may differ from the
+        # section class's own defaults, e.g. TrainConfig's sampler kind); one level here, deeper
+        # sections by the recursion; free-form dicts (env.kwargs) given are taken whole
+        if f.name in data and isinstance(data[f.name], dict) \
+                and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                data[f.name] = {**to_dict(default), **data[f.name]}
     kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
