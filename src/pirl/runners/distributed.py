@@ -45,7 +45,7 @@ from torch import nn
 
 from pirl.envs.base import BatchedEnv, ChunkedEnv
 from pirl.flow.base import Chain, Sampler
-from pirl.models.base import FlowPolicy, first_tensor
+from pirl.models.base import FlowPolicy, first_tensor, to_device
 from pirl.runners.placement import LearnerPlacement, PlacementConfig, shard_rows
 from pirl.runners.rollout import Rollout, cat_chains, env_actions, policy_obs, stack_obs
 
@@ -186,12 +186,12 @@ class EnvSlice:
     def reset(self, kwargs: dict[str, Any]) -> StepResult:
         """``kwargs``: the full batch's reset arguments (sliced here)."""
         obs = self.env.reset(**slice_reset_kwargs(kwargs, self.start, self.stop))
-        return StepResult(obs=_cpu(policy_obs(obs)))
+        return StepResult(obs=to_device(policy_obs(obs), "cpu"))
 
     def step(self, actions: torch.Tensor) -> StepResult:
         """actions: ``[n, c, A_env]`` the executed chunk of this slice."""
         out = self.env.step_chunk(actions.to(self.env.device))
-        return StepResult(obs=_cpu(policy_obs(out.obs)), reward=out.reward.float().cpu(),
+        return StepResult(obs=to_device(policy_obs(out.obs), "cpu"), reward=out.reward.float().cpu(),
                           terminated=out.terminated.cpu(), truncated=out.truncated.cpu(),
                           success=out.success.cpu(), done=out.done.cpu(),
                           steps=int(out.steps.sum()))
@@ -355,7 +355,7 @@ def collect_staged(policy: FlowPolicy, sampler: Sampler, stages: Sequence[Stage]
             if stop or t >= num_chunks:
                 stop = True
                 continue  # no more chunk steps: only collect the remaining stages' results
-            pobs = _to_device(res.obs, device)
+            pobs = to_device(res.obs, device)
             prefix = policy.encode_prefix(pobs)
             if noise is None:
                 dtype, dev = chain_dtype(prefix)
@@ -367,7 +367,7 @@ def collect_staged(policy: FlowPolicy, sampler: Sampler, stages: Sequence[Stage]
                  else torch.zeros(st.stop - st.start))
             act = env_actions(chain.actions, action_chunk, st.env_action_dim)
             pending[s] = st.submit_step(act.cpu())
-            cur.obs[s], cur.chains[s], cur.values[s] = res.obs, _chain_cpu(chain), v
+            cur.obs[s], cur.chains[s], cur.values[s] = res.obs, to_device(chain, "cpu"), v
         if stop:
             if noise is not None:
                 generator.set_state(gen_state)  # drop the speculative step's draws
@@ -379,7 +379,7 @@ def collect_staged(policy: FlowPolicy, sampler: Sampler, stages: Sequence[Stage]
         t += 1
     vals = torch.stack(values)
     if with_values:
-        last = torch.cat([policy.value(policy.encode_prefix(_to_device(o, device))).float().cpu()
+        last = torch.cat([policy.value(policy.encode_prefix(to_device(o, device))).float().cpu()
                           for o in obs_cur])
         nxt = torch.cat([vals[1:], last[None]], dim=0)
     else:
@@ -404,19 +404,6 @@ def cat_rollouts(parts: Sequence[Rollout]) -> Rollout:
                    rewards=cat1("rewards"), terminated=cat1("terminated"),
                    truncated=cat1("truncated"), success=cat1("success"), valid=cat1("valid"),
                    env_steps=sum(p.env_steps for p in parts))
-
-
-def _cpu(obs: Obs) -> Obs:
-    return {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in obs.items()}
-
-
-def _to_device(obs: Obs, device) -> Obs:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in obs.items()}
-
-
-def _chain_cpu(chain: Chain) -> Chain:
-    return Chain(*(getattr(chain, f).cpu() for f in
-                   ("x", "t", "mean", "std", "stochastic", "step_logp", "init_logp", "logp")))
 
 
 # ============================================================================ Ray helpers

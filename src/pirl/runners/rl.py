@@ -189,11 +189,8 @@ class RLTrainer:
             perm = torch.randperm(m, generator=self.update_gen)
             for start in range(0, m, mb):
                 i = self._minibatch_rows(perm[start:start + mb])
-                o = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                     for k, v in index_batch(obs, i).items()}
-                c = chain.index(i)
-                c = type(c)(*(getattr(c, f).to(device) for f in
-                              ("x", "t", "mean", "std", "stochastic", "step_logp", "init_logp", "logp")))
+                o = to_device(index_batch(obs, i), device)
+                c = to_device(chain.index(i), device)
                 args = (o, c, old_logp[i].to(device), adv[i].to(device), ret[i].to(device),
                         old_values[i].to(device))
                 if frozen_prefix is not None:

@@ -106,20 +106,20 @@ def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks
     prefixes: list[Any] | None = [] if keep_prefix else None
     steps = 0
     for _ in range(num_chunks):
-        pobs = _to_device(policy_obs(obs), device)
+        pobs = to_device(policy_obs(obs), device)
         prefix = policy.encode_prefix(pobs)
         chain = sampler.sample(policy, prefix, generator=generator)
         v = policy.value(prefix).float().cpu() if with_values else torch.zeros(n)
         act = env_actions(chain.actions, action_chunk, env.action_dim).to(env.device)
         out = env.step_chunk(act, record=record)
-        obs_l.append(_to_device(pobs, "cpu"))
+        obs_l.append(to_device(pobs, "cpu"))
         if prefixes is not None:
             frozen = policy.frozen_prefix(prefix)
             if frozen is None:
                 prefixes = None
             else:
                 prefixes.append(to_device(frozen, "cpu"))
-        chains.append(_chain_to(chain, "cpu"))
+        chains.append(to_device(chain, "cpu"))
         values.append(v)
         valid.append(~done)
         rewards.append(out.reward.float().cpu())
@@ -135,7 +135,7 @@ def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks
             break
     vals = torch.stack(values)
     if with_values:
-        last = policy.value(policy.encode_prefix(_to_device(policy_obs(obs), device))).float().cpu()
+        last = policy.value(policy.encode_prefix(to_device(policy_obs(obs), device))).float().cpu()
         nxt = torch.cat([vals[1:], last[None]], dim=0)
     else:
         nxt = torch.zeros_like(vals)
@@ -147,12 +147,3 @@ def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks
                    valid=torch.stack(valid), env_steps=steps,
                    frames=torch.stack([f.cpu() for f in frames]) if record else None,
                    prefixes=prefixes)
-
-
-def _to_device(obs: Obs, device) -> Obs:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in obs.items()}
-
-
-def _chain_to(chain: Chain, device) -> Chain:
-    return Chain(*(getattr(chain, f).to(device) for f in
-                   ("x", "t", "mean", "std", "stochastic", "step_logp", "init_logp", "logp")))
