@@ -320,3 +320,46 @@ def test_coord_conv_appends_pixel_coordinates():
     torch.testing.assert_close(x[1, 3], xs[None, :].expand(6, 10))
     torch.testing.assert_close(x[0, 4], ys[:, None].expand(6, 10))
     assert ImageEncoder([8], width=32, grid=2, coord_conv=False).net[0].in_channels == 3
+
+
+def test_mean_std_normalizer_fits_demo_statistics_and_round_trips():
+    """fit_normalization = float64 mean / std of the valid demo steps and states; constant
+    columns only get centred; model -> env -> model space is the identity; the prefix sees
+    the standardised state; the stats travel with the state dict."""
+    torch.manual_seed(0)
+    pol = TinyVLA(**small_cfg(normalization="mean_std", num_cameras=0))
+    g = torch.Generator().manual_seed(1)
+    acts = torch.randn(50, 4, 3, generator=g, dtype=torch.float64) * torch.tensor([0.05, 2.0, 1.0],
+                                                                                  dtype=torch.float64)
+    acts += torch.tensor([0.01, -3.0, 0.5], dtype=torch.float64)
+    acts[..., 2] = 0.5  # a constant action column
+    mask = torch.rand(50, 4, generator=g) > 0.3
+    state = torch.randn(50, 5, generator=g, dtype=torch.float64) * 10 + 4
+    assert pol.fit_normalization(state.float(), acts.float(), mask)
+    valid = acts[mask]                                                    # [M, 3]
+    ref_std = valid.std(0, unbiased=False)
+    ref_std[2] = 1.0
+    torch.testing.assert_close(pol.norm_action_mean.double(), valid.mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pol.norm_action_std.double(), ref_std, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pol.norm_state_mean.double(), state.mean(0), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(pol.norm_state_std.double(), state.std(0, unbiased=False),
+                               atol=1e-4, rtol=1e-5)
+    a = acts[:4].float()
+    torch.testing.assert_close(pol.postprocess_actions(pol.normalize_actions(a)), a)
+    # the prefix of raw states == an identity-mode twin fed the standardised states
+    twin = TinyVLA(**small_cfg(num_cameras=0))
+    twin.load_state_dict({k: v for k, v in pol.state_dict().items()
+                          if not k.startswith("norm_")})
+    obs = make_obs(4, cams=0)
+    obs_std = dict(obs, state=(obs["state"] - pol.norm_state_mean) / pol.norm_state_std)
+    torch.testing.assert_close(pol.encode_prefix(obs).tokens, twin.encode_prefix(obs_std).tokens)
+    # the stats are buffers: saved and loaded with the weights, not trained
+    clone = TinyVLA(**pol.get_config())
+    clone.load_state_dict(pol.state_dict())
+    torch.testing.assert_close(clone.norm_action_std, pol.norm_action_std)
+    assert not any(n.startswith("norm_") for n, _ in pol.named_parameters())
+    # identity mode fits nothing and leaves actions alone
+    assert not twin.fit_normalization(state.float(), acts.float(), mask)
+    assert torch.equal(twin.postprocess_actions(a), a)
+    with pytest.raises(ValueError, match="normalization"):
+        TinyVLA(**small_cfg(normalization="minmax"))

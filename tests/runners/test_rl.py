@@ -148,3 +148,25 @@ def test_reused_frozen_prefix_equals_reencoding(algo, kind, monkeypatch):
         torch.testing.assert_close(sd_a[k], sd_b[k], rtol=1e-4, atol=1e-5, msg=k)
     for k in ("policy/loss", "policy/approx_kl", "policy/clip_fraction"):
         assert m_a[k] == pytest.approx(m_b[k], rel=1e-3, abs=1e-5), k
+
+
+def test_rollout_sends_unnormalised_actions_to_the_env():
+    """Chains stay in model space; the env gets ``policy.postprocess_actions`` of them."""
+    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
+                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"],
+                       normalization="mean_std")
+    pol.norm_action_mean.copy_(torch.tensor([0.3, -0.2]))
+    pol.norm_action_std.copy_(torch.tensor([0.05, 2.0]))
+    smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim, config=SamplerConfig())
+    sent = []
+
+    class Recording(ReachEnv):
+        def step(self, action):
+            sent.append(action.clone())
+            return super().step(action)
+
+    env = ChunkedEnv(Recording(8, max_episode_steps=2, radius=0.0))
+    ro = collect(pol, smp, env, num_chunks=1, reset_kwargs={"seed": 0}, action_chunk=2,
+                 generator=torch.Generator().manual_seed(0), with_values=False)
+    expect = ro.chains[0].actions * pol.norm_action_std + pol.norm_action_mean   # [N, H, A]
+    torch.testing.assert_close(torch.stack(sent, 1), expect)

@@ -143,6 +143,19 @@ class FlowPolicy(nn.Module):
         """Rows ``index`` of a prefix cache (default: index every tensor / list field)."""
         return index_batch(prefix, index)
 
+    def postprocess_actions(self, actions: torch.Tensor) -> torch.Tensor:
+        """A sampled model-space chunk ``[B, H, A]`` -> the env's actions ``[B, H, A_env]``
+        (unnormalised).  Runners apply this to every chunk they send to an env; the log-probs
+        stay in model space.  Default: identity."""
+        return actions
+
+    def fit_normalization(self, state: torch.Tensor | None, actions: torch.Tensor,
+                          mask: torch.Tensor | None = None) -> bool:
+        """Set the policy's state / action normaliser from SFT data (``state [M, S]``, env-space
+        ``actions [M, H, A_env]``, validity ``mask [M, H]``) before few-shot SFT.  Return whether
+        anything was fitted.  Default: the policy keeps no fitted normaliser (False)."""
+        return False
+
     def sft_loss(self, obs: Obs, actions: torch.Tensor, mask: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Flow-matching loss on a batch of (obs, action chunk ``[B, H, A]``)."""

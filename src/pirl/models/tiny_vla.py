@@ -49,6 +49,13 @@ class TinyVLAConfig:
     critic_detach: whether the critic's input is detached from the shared trunk.
     coord_conv: append two pixel-coordinate channels to every image (CoordConv, Liu et al.
         2018), so the conv encoder can report *where* an object is, not only what it is.
+    normalization: ``"identity"`` (the env's state and actions as they are) or ``"mean_std"``
+        (LeRobot's MEAN_STD: the state and the action chunk are standardised with per-dim
+        statistics that :meth:`TinyVLA.fit_normalization` sets from the SFT demos and that the
+        checkpoint stores; the flow then runs in normalised action units and
+        :meth:`TinyVLA.postprocess_actions` maps its chunks back to env actions).  Use it when
+        the env's action scale is far from ``[-1, 1]`` (ManiSkill's ``pd_ee_delta_pose`` demos
+        move by ~0.05) or its state mixes scales.
     """
 
     action_horizon: int = 8
@@ -69,6 +76,7 @@ class TinyVLAConfig:
     critic_detach: bool = True
     value_hidden: int = 128
     coord_conv: bool = True
+    normalization: str = "identity"
 
     def __post_init__(self) -> None:
         positive = ("action_horizon", "action_dim", "image_size", "width", "depth", "heads",
@@ -83,6 +91,9 @@ class TinyVLAConfig:
             raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
         if self.value_head not in ("expert", "prefix"):
             raise ValueError(f"value_head must be 'expert' or 'prefix', got {self.value_head!r}")
+        if self.normalization not in ("identity", "mean_std"):
+            raise ValueError(f"normalization must be 'identity' or 'mean_std', "
+                             f"got {self.normalization!r}")
         if not self.conv_channels or any(c < 1 for c in self.conv_channels):
             raise ValueError(f"conv_channels must be a non-empty list of positive ints, "
                              f"got {self.conv_channels}")
@@ -286,6 +297,13 @@ class TinyVLA(FlowPolicy):
                                        nn.Linear(cfg.value_hidden, cfg.value_hidden), nn.GELU(),
                                        nn.Linear(cfg.value_hidden, 1))
 
+        # ---- normaliser (buffers: saved with the weights, never trained) ----
+        if cfg.normalization == "mean_std":
+            self.register_buffer("norm_state_mean", torch.zeros(cfg.state_dim))
+            self.register_buffer("norm_state_std", torch.ones(cfg.state_dim))
+            self.register_buffer("norm_action_mean", torch.zeros(cfg.action_dim))
+            self.register_buffer("norm_action_std", torch.ones(cfg.action_dim))
+
     # ------------------------------------------------------------------ config
     def get_config(self) -> dict[str, Any]:
         """Plain-dict config: ``build_policy("tiny", **policy.get_config())`` rebuilds the model."""
@@ -333,6 +351,8 @@ class TinyVLA(FlowPolicy):
         masks.append(tmask)
         if cfg.state_dim > 0:
             state = obs["state"].to(dev, dtype)
+            if cfg.normalization == "mean_std":
+                state = (state - self.norm_state_mean) / self.norm_state_std
             parts.append(self.state_proj(state).unsqueeze(1))
             masks.append(torch.ones(b, 1, dtype=torch.bool, device=dev))
         return torch.cat(parts, 1), torch.cat(masks, 1)
@@ -390,6 +410,58 @@ class TinyVLA(FlowPolicy):
         if self.cfg.critic_detach:
             feat = feat.detach()
         return self.value_mlp(feat).squeeze(-1)
+
+    # ------------------------------------------------------------------ normaliser
+    @staticmethod
+    def _mean_std(x: torch.Tensor, min_std: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-column mean and std of ``x [M, F]`` (float64); a column with std below
+        ``min_std`` (a constant one, e.g. zero padding) gets std 1 so it is only centred."""
+        x = x.double()
+        mean, std = x.mean(0), x.std(0, unbiased=False)
+        std = torch.where(std < min_std, torch.ones_like(std), std)
+        return mean, std
+
+    def fit_normalization(self, state: torch.Tensor | None, actions: torch.Tensor,
+                          mask: torch.Tensor | None = None, min_std: float = 1e-3) -> bool:
+        """With ``normalization="mean_std"``: set the state stats from ``state [M, S]`` and the
+        action stats from the valid steps of ``actions [M, H, A]`` (``mask [M, H]``).  Returns
+        False (nothing to fit) with ``"identity"``."""
+        if self.cfg.normalization != "mean_std":
+            return False
+        a = actions.reshape(-1, actions.shape[-1])
+        if mask is not None:
+            a = a[mask.reshape(-1).bool()]
+        if a.shape[-1] != self.action_dim or a.shape[0] < 2:
+            raise ValueError(f"fit_normalization needs >= 2 valid actions of dim "
+                             f"{self.action_dim}, got {tuple(a.shape)}")
+        mean, std = self._mean_std(a, min_std)
+        self.norm_action_mean.copy_(mean)
+        self.norm_action_std.copy_(std)
+        if self.cfg.state_dim > 0:
+            if state is None or state.shape[-1] != self.cfg.state_dim:
+                raise ValueError(f"fit_normalization needs states of dim {self.cfg.state_dim}")
+            mean, std = self._mean_std(state.reshape(-1, state.shape[-1]), min_std)
+            self.norm_state_mean.copy_(mean)
+            self.norm_state_std.copy_(std)
+        return True
+
+    def normalize_actions(self, actions: torch.Tensor) -> torch.Tensor:
+        """Env-space ``[..., A]`` -> model space (identity without a normaliser)."""
+        if self.cfg.normalization != "mean_std":
+            return actions
+        return (actions - self.norm_action_mean) / self.norm_action_std
+
+    def postprocess_actions(self, actions: torch.Tensor) -> torch.Tensor:
+        """Model-space chunk ``[B, H, A]`` -> env actions ``[B, H, A]``."""
+        if self.cfg.normalization != "mean_std":
+            return actions
+        return actions * self.norm_action_std + self.norm_action_mean
+
+    def sft_loss(self, obs: Obs, actions: torch.Tensor, mask: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Flow-matching loss on env-space demo chunks ``[B, H, A]`` (normalised here)."""
+        a = self.normalize_actions(actions.to(self.device, self.action_in.weight.dtype))
+        return super().sft_loss(obs, a, mask=mask, generator=generator)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -365,7 +365,8 @@ def collect_staged(policy: FlowPolicy, sampler: Sampler, stages: Sequence[Stage]
                                       noise.rows(st.start, st.stop))
             v = (policy.value(prefix).float().cpu() if with_values
                  else torch.zeros(st.stop - st.start))
-            act = env_actions(chain.actions, action_chunk, st.env_action_dim)
+            act = env_actions(policy.postprocess_actions(chain.actions), action_chunk,
+                              st.env_action_dim)
             pending[s] = st.submit_step(act.cpu())
             cur.obs[s], cur.chains[s], cur.values[s] = res.obs, to_device(chain, "cpu"), v
         if stop:

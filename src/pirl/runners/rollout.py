@@ -110,7 +110,8 @@ def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks
         prefix = policy.encode_prefix(pobs)
         chain = sampler.sample(policy, prefix, generator=generator)
         v = policy.value(prefix).float().cpu() if with_values else torch.zeros(n)
-        act = env_actions(chain.actions, action_chunk, env.action_dim).to(env.device)
+        act = env_actions(policy.postprocess_actions(chain.actions), action_chunk,
+                          env.action_dim).to(env.device)
         out = env.step_chunk(act, record=record)
         obs_l.append(to_device(pobs, "cpu"))
         if prefixes is not None:

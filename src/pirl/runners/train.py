@@ -179,6 +179,11 @@ class Run:
                               "policy")
         if cfg.sft.steps > 0:
             data = load_sft_data(cfg, self.demos(), self.policy.action_horizon)
+            if not cfg.model.checkpoint:  # a loaded checkpoint keeps its own normaliser
+                with torch.no_grad():
+                    if self.policy.fit_normalization(data.obs.get("state"), data.actions,
+                                                     data.mask):
+                        print("normaliser: state / action mean-std fitted on the SFT demos")
             gen = torch.Generator().manual_seed(cfg.seed * 7 + 3)
             bar = _progress(range(cfg.sft.steps), cfg.progress, desc="SFT", leave=False)
             it = iter(bar)
