@@ -95,6 +95,31 @@ def _rows(seconds: float, device: str) -> list[Callable[[], dict[str, Any] | lis
 #: Row-producing functions (other simulators append theirs, e.g. ManiSkill / LIBERO rows).
 ROWS: list[Callable[[], dict[str, Any] | list[dict[str, Any]]]] = []
 
+def sim_rows() -> list[Callable[[], dict[str, Any]]]:
+    """``benchmarks/sim_throughput.py``'s ManiSkill / LIBERO rows in this table's columns
+    (a row that cannot run here says why in the steps/s column)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "sim_throughput", Path(__file__).with_name("sim_throughput.py"))
+    sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim)
+
+    def convert(name: str) -> dict[str, Any]:
+        r = sim.ROWS[name]()
+        sps = r.get("steps_per_s")
+        num = isinstance(sps, (int, float))
+        return {"env": r["sim"], "device": r["backend"], "num_envs": r["num_envs"],
+                "obs": f"{r['obs']} ({r['vectorization']})",
+                "steps/s": f"{sps:,.1f}" if num else f"{sps}: {r.get('setup_s', '')}",
+                "cpu steps/s": "", "ms/step": ""}
+
+    names = ("maniskill_state_1", "maniskill_rgb_1", "maniskill_rgb_2_process",
+             "maniskill_gpu_state_320", "maniskill_gpu_rgb_320", "libero_1", "libero_2")
+    return [functools.partial(convert, n) for n in names]
+
+
 COLUMNS = ["env", "device", "num_envs", "obs", "steps/s", "cpu steps/s", "ms/step"]
 
 
@@ -111,12 +136,17 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=DEFAULT_SECONDS, help="timed seconds per row")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="only the 1-camera tabletop rows")
+    ap.add_argument("--sim", action="store_true",
+                    help="add the real-simulator rows (ManiSkill CPU / GPU, LIBERO processes) of "
+                         "benchmarks/sim_throughput.py; run in the simulator venv")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = _rows(args.seconds, args.device)
     if args.quick:
         rows = rows[:4]
     rows += ROWS
+    if args.sim:
+        rows += sim_rows()
     print(f"cpu cores: {os.cpu_count()}, torch threads: {torch.get_num_threads()}, "
           f"load avg before: {os.getloadavg()[0]:.2f}, torch {torch.__version__}")
     out = []

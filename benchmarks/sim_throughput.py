@@ -89,6 +89,15 @@ def maniskill_demo_row(task: str = "PickCube-v1", episodes: int = 3) -> dict[str
                         f"{st['success']:.0%}, mean len {st['mean_len']:.0f}")}
 
 
+def maniskill_gpu_row(num_envs: int = 320, obs_mode: str = "state") -> dict[str, Any]:
+    """ManiSkill's GPU-parallel simulation (pi_RL's 320 envs); says so where CUDA is absent."""
+    if not torch.cuda.is_available():
+        return {"sim": "ManiSkill PickCube-v1", "backend": "gpu", "num_envs": num_envs,
+                "vectorization": "gpu", "obs": obs_mode, "steps_per_s": "n/a",
+                "setup_s": "needs CUDA (no GPU on this machine; run it on a GPU machine)"}
+    return maniskill_row(num_envs, obs_mode, steps=50)
+
+
 ROWS: dict[str, Callable[[], dict[str, Any]]] = {
     "maniskill_state_1": lambda: maniskill_row(1, "state", steps=50),
     "maniskill_rgb_1": lambda: maniskill_row(1, "rgb"),
@@ -96,6 +105,8 @@ ROWS: dict[str, Callable[[], dict[str, Any]]] = {
     "maniskill_rgb_wrist_1": lambda: maniskill_row(1, "rgb", wrist_camera=True),
     "maniskill_rgb_2_loop": lambda: maniskill_row(2, "rgb", "loop"),
     "maniskill_rgb_2_process": lambda: maniskill_row(2, "rgb", "process"),
+    "maniskill_gpu_state_320": lambda: maniskill_gpu_row(320, "state"),
+    "maniskill_gpu_rgb_320": lambda: maniskill_gpu_row(320, "rgb"),
     "maniskill_demos": maniskill_demo_row,
     "libero_1": lambda: libero_row(1, processes=False),
     "libero_2": lambda: libero_row(2),

@@ -170,3 +170,34 @@ def test_rollout_sends_unnormalised_actions_to_the_env():
                  generator=torch.Generator().manual_seed(0), with_values=False)
     expect = ro.chains[0].actions * pol.norm_action_std + pol.norm_action_mean   # [N, H, A]
     torch.testing.assert_close(torch.stack(sent, 1), expect)
+
+
+def test_critic_warmup_trains_only_the_critic_first():
+    """With ppo.critic_warmup_iters=2 the first two updates leave the policy and the noise net
+    exactly as they were and move the critic; the third moves the policy."""
+    torch.manual_seed(0)
+    pol = _policy()
+    smp = build_sampler("flow_noise", 3, pol.feature_dim, pol.action_dim,
+                        config=SamplerConfig(kind="flow_noise", num_steps=3))
+    cfg = apply_overrides(RLConfig(algo="ppo"), [
+        "train_mode=full", "ppo.critic_warmup_iters=2", "ppo.lr_policy=0.01",
+        "ppo.lr_noise=0.01", "ppo.entropy_coef=0.01"])
+    tr = RLTrainer(pol, smp, ReachEnv(32, max_episode_steps=2), cfg, seed=0)
+    critic = set(pol.critic_parameter_names())
+
+    def snap():
+        actor = {n: p.detach().clone() for n, p in pol.named_parameters() if n not in critic}
+        actor.update({f"noise.{n}": p.detach().clone() for n, p in smp.named_parameters()})
+        return actor, {n: p.detach().clone() for n, p in pol.named_parameters() if n in critic}
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    a0, c0 = snap()
+    for _ in range(2):
+        tr.iteration()
+    a1, c1 = snap()
+    assert same(a0, a1) and not same(c0, c1)
+    tr.iteration()
+    a2, _ = snap()
+    assert not same(a1, a2)

@@ -387,7 +387,10 @@ class PPOConfig(PolicyUpdateConfig):
     """PPO with a critic and chunk-level GAE (RLinf-like defaults, see REFERENCE.md).
 
     ``value_coef`` weights the value loss in the summed loss (the critic has its own learning
-    rate ``lr_value`` in a separate parameter group).
+    rate ``lr_value`` in a separate parameter group).  ``critic_warmup_iters``: the first N
+    updates train only the critic (the policy and noise-net loss is weighted 0, as verl's
+    ``critic_warmup``), so that GAE does not push a fine-tuned policy with a fresh critic's
+    noise.
     """
 
     gamma: float = 0.99
@@ -396,6 +399,7 @@ class PPOConfig(PolicyUpdateConfig):
     huber_delta: float | None = 10.0
     lr_value: float = 1e-3
     value_coef: float = 1.0
+    critic_warmup_iters: int = 0
 
     def __post_init__(self):
         super().__post_init__()
@@ -408,3 +412,5 @@ class PPOConfig(PolicyUpdateConfig):
                f"must be > 0 or null, got {self.huber_delta}")
         _check(self.lr_value > 0, "lr_value", f"must be > 0, got {self.lr_value}")
         _check(self.value_coef >= 0, "value_coef", f"must be >= 0, got {self.value_coef}")
+        _check(self.critic_warmup_iters >= 0, "critic_warmup_iters",
+               f"must be >= 0, got {self.critic_warmup_iters}")

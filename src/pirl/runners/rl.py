@@ -229,7 +229,10 @@ class RLTrainer:
                             clip_low=hp.clip_low, clip_high=hp.clip_high,
                             dual_clip=hp.dual_clip, mask=mask,
                             max_log_ratio=hp.max_log_ratio)
-        loss = pg
+        # critic warm-up: the policy term is weighted 0 (zero gradients, not missing ones, so
+        # that data-parallel wrappers see every parameter used)
+        warm = self.algo == "ppo" and self.iter < getattr(hp, "critic_warmup_iters", 0)
+        loss = pg * 0.0 if warm else pg
         if self.ref is not None:
             with torch.no_grad():
                 ref_pol, ref_smp = self.ref
@@ -249,7 +252,7 @@ class RLTrainer:
             loss = loss + hp.value_coef * vl
             s["value/loss"] = float(vl.detach())
         ent = hp.entropy_coef
-        if ent and bool(new.stochastic.any()):
+        if ent and not warm and bool(new.stochastic.any()):
             # Gaussian entropy per element = log std + const: a bonus on the noise level
             bonus = new.std[new.stochastic].clamp_min(1e-8).log().mean()
             loss = loss - ent * bonus
