@@ -302,7 +302,7 @@ def test_coord_conv_appends_pixel_coordinates():
     from pirl.models.tiny_vla import ImageEncoder
 
     enc = ImageEncoder([8, 16], width=32, grid=2, coord_conv=True)
-    first = enc.net[0]
+    first = enc.convs[0]
     assert first.in_channels == 5
     seen = {}
 
@@ -319,7 +319,7 @@ def test_coord_conv_appends_pixel_coordinates():
     ys = torch.linspace(-1, 1, 6)
     torch.testing.assert_close(x[1, 3], xs[None, :].expand(6, 10))
     torch.testing.assert_close(x[0, 4], ys[:, None].expand(6, 10))
-    assert ImageEncoder([8], width=32, grid=2, coord_conv=False).net[0].in_channels == 3
+    assert ImageEncoder([8], width=32, grid=2, coord_conv=False).convs[0].in_channels == 3
 
 
 def test_mean_std_normalizer_fits_demo_statistics_and_round_trips():
@@ -363,3 +363,26 @@ def test_mean_std_normalizer_fits_demo_statistics_and_round_trips():
     assert torch.equal(twin.postprocess_actions(a), a)
     with pytest.raises(ValueError, match="normalization"):
         TinyVLA(**small_cfg(normalization="minmax"))
+
+
+def test_film_encoder_is_identity_at_init_and_then_reads_the_instruction():
+    """FiLM projections start at zero: the image tokens equal the plain encoder's with the same
+    conv weights; once trained (here: set) the tokens depend on the instruction, word order
+    included, and the FiLM text MLP is part of the frozen prefix."""
+    torch.manual_seed(0)
+    pol = TinyVLA(**small_cfg(film=True))
+    plain = TinyVLA(**small_cfg())
+    plain.load_state_dict({k: v for k, v in pol.state_dict().items()
+                           if ".films." not in k and not k.startswith("film_text.")})
+    obs = make_obs(3)
+    torch.testing.assert_close(pol.encode_prefix(obs).tokens, plain.encode_prefix(obs).tokens)
+    with torch.no_grad():
+        for film in pol.image_encoder.films:
+            film.weight.normal_(0, 0.5)
+    a = dict(obs, instruction=["pick up the red cube"] * 3)
+    b = dict(obs, instruction=["pick up the cube red"] * 3)
+    n_img = pol.cfg.image_tokens ** 2
+    ta, tb = pol._prefix_tokens(a)[0][:, :n_img], pol._prefix_tokens(b)[0][:, :n_img]
+    assert (ta - tb).abs().max() > 1e-3
+    assert any(n.startswith("film_text.") for n in pol.prefix_parameter_names())
+    assert any(".films." in n for n in pol.prefix_parameter_names())

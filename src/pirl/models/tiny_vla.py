@@ -49,6 +49,9 @@ class TinyVLAConfig:
     critic_detach: whether the critic's input is detached from the shared trunk.
     coord_conv: append two pixel-coordinate channels to every image (CoordConv, Liu et al.
         2018), so the conv encoder can report *where* an object is, not only what it is.
+    film: condition the image encoder on the instruction (FiLM on every conv block; the
+        condition is the masked mean of an MLP over the instruction's token + position
+        embeddings, so word order survives the pooling).
     normalization: ``"identity"`` (the env's state and actions as they are) or ``"mean_std"``
         (LeRobot's MEAN_STD: the state and the action chunk are standardised with per-dim
         statistics that :meth:`TinyVLA.fit_normalization` sets from the SFT demos and that the
@@ -76,6 +79,7 @@ class TinyVLAConfig:
     critic_detach: bool = True
     value_hidden: int = 128
     coord_conv: bool = True
+    film: bool = False
     normalization: str = "identity"
 
     def __post_init__(self) -> None:
@@ -226,28 +230,52 @@ class ImageEncoder(nn.Module):
 
     With ``coord_conv`` two channels holding the pixel's x and y in ``[-1, 1]`` are appended to the
     input, which makes absolute positions (where to reach) a linear read-out.
+
+    With ``film_dim > 0`` every conv block is FiLM-conditioned (Perez et al. 2018, as in RT-1's
+    language-conditioned image encoder): a per-image vector ``cond [N, film_dim]`` (the
+    instruction) scales and shifts the normalised channels, ``h * (1 + gamma) + beta``, with the
+    FiLM projections zero-initialised (identity at init).  The visual features can then depend
+    on what the instruction asks for ("the blue plate"), not only on the image.
     """
 
-    def __init__(self, channels: list[int], width: int, grid: int, coord_conv: bool = False):
+    def __init__(self, channels: list[int], width: int, grid: int, coord_conv: bool = False,
+                 film_dim: int = 0):
         super().__init__()
         self.coord_conv = coord_conv
-        layers: list[nn.Module] = []
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        self.films = nn.ModuleList() if film_dim > 0 else None
         c_in = 5 if coord_conv else 3
         for c in channels:
-            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1),
-                       nn.GroupNorm(min(8, c), c), nn.GELU()]
+            self.convs.append(nn.Conv2d(c_in, c, 3, stride=2, padding=1))
+            self.norms.append(nn.GroupNorm(min(8, c), c))
+            if self.films is not None:
+                film = nn.Linear(film_dim, 2 * c)
+                nn.init.zeros_(film.weight)
+                nn.init.zeros_(film.bias)
+                self.films.append(film)
             c_in = c
-        layers += [nn.Conv2d(c_in, width, 3, stride=2, padding=1), nn.AdaptiveAvgPool2d(grid)]
-        self.net = nn.Sequential(*layers)
+        self.out = nn.Conv2d(c_in, width, 3, stride=2, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(grid)
 
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
+    def forward(self, img: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """``img [N, 3, S, S]`` (and ``cond [N, film_dim]`` with FiLM) -> tokens ``[N, T*T, D]``."""
         if self.coord_conv:
             n, _, h, w = img.shape
             ys = torch.linspace(-1.0, 1.0, h, device=img.device, dtype=img.dtype)
             xs = torch.linspace(-1.0, 1.0, w, device=img.device, dtype=img.dtype)
             grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))       # [2, H, W]
             img = torch.cat([img, grid.expand(n, 2, h, w)], dim=1)
-        return self.net(img).flatten(2).transpose(1, 2)
+        if (self.films is not None) != (cond is not None):
+            raise ValueError("a FiLM image encoder needs cond, a plain one takes none")
+        x = img
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            x = norm(conv(x))
+            if self.films is not None:
+                gamma, beta = self.films[i](cond).chunk(2, dim=-1)       # [N, C] each
+                x = x * (1.0 + gamma[:, :, None, None]) + beta[:, :, None, None]
+            x = F.gelu(x)
+        return self.pool(self.out(x)).flatten(2).transpose(1, 2)
 
 
 class TinyVLA(FlowPolicy):
@@ -273,7 +301,9 @@ class TinyVLA(FlowPolicy):
         n_img = cfg.image_tokens ** 2
         if cfg.num_cameras > 0:
             self.image_encoder = ImageEncoder(cfg.conv_channels, d, cfg.image_tokens,
-                                              cfg.coord_conv)
+                                              cfg.coord_conv, film_dim=d if cfg.film else 0)
+            if cfg.film:
+                self.film_text = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
             self.image_pos = nn.Parameter(torch.randn(cfg.num_cameras, n_img, d) * 0.02)
         self.text_embed = nn.Embedding(self.tokenizer.vocab_size, d, padding_idx=0)
         self.text_pos = nn.Parameter(torch.randn(cfg.max_text_len, d) * 0.02)
@@ -318,7 +348,7 @@ class TinyVLA(FlowPolicy):
         """The prefix encoder: images, instruction tokens, state projection, prefix blocks.
         (The expert's cross-attention K/V projections belong to the expert.)"""
         heads = ("image_encoder.", "image_pos", "text_embed.", "text_pos", "state_proj.",
-                 "prefix_blocks.", "prefix_norm.")
+                 "prefix_blocks.", "prefix_norm.", "film_text.")
         return [n for n, _ in self.named_parameters() if n.startswith(heads)]
 
     def _prefix_tokens(self, obs: Obs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,6 +361,8 @@ class TinyVLA(FlowPolicy):
         if isinstance(instr, str):
             instr = [instr]
         b = len(instr)
+        ids, tmask = self.tokenizer.encode(list(instr), device=dev)
+        text = self.text_embed(ids) + self.text_pos                        # [B, L, D]
         if cfg.num_cameras > 0:
             img = obs["images"].to(dev)
             if img.dim() != 5 or img.shape[1] != cfg.num_cameras or img.shape[2] != 3:
@@ -342,12 +374,16 @@ class TinyVLA(FlowPolicy):
                 img = img.to(dtype)
             img = (img - 0.5) / 0.5                                   # [-1, 1]
             c = img.shape[1]
-            tok = self.image_encoder(img.flatten(0, 1))                # [B*C, T, D]
+            cond = None
+            if cfg.film:
+                m = tmask.unsqueeze(-1).to(text.dtype)
+                cond = (self.film_text(text) * m).sum(1) / m.sum(1).clamp_min(1.0)   # [B, D]
+                cond = cond.repeat_interleave(c, dim=0)                            # [B*C, D]
+            tok = self.image_encoder(img.flatten(0, 1), cond)          # [B*C, T, D]
             tok = tok.reshape(b, c * tok.shape[1], -1) + self.image_pos.flatten(0, 1)
             parts.append(tok)
             masks.append(torch.ones(b, tok.shape[1], dtype=torch.bool, device=dev))
-        ids, tmask = self.tokenizer.encode(list(instr), device=dev)
-        parts.append(self.text_embed(ids) + self.text_pos)
+        parts.append(text)
         masks.append(tmask)
         if cfg.state_dim > 0:
             state = obs["state"].to(dev, dtype)
