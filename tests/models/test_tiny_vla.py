@@ -166,14 +166,19 @@ def test_cached_prefix_matches_uncached_reference():
     torch.manual_seed(0)
     pol = TinyVLA(TinyVLAConfig(**small_cfg()))
     obs = make_obs(5)
-    prefix = pol.encode_prefix(obs)
+    prefix32 = pol.encode_prefix(obs)
+    pol.double()
+    prefix = pol.encode_prefix(obs)  # the cached path in float64: must match to rounding
     with torch.no_grad():
         for step in range(3):  # the same cache serves several velocity calls
-            x, t = torch.randn(5, 4, 3), torch.rand(5)
+            x, t = torch.randn(5, 4, 3, dtype=torch.float64), torch.rand(5, dtype=torch.float64)
             v = pol.velocity(prefix, x, t).velocity
-            ref = _reference_velocity(pol.double(), obs, x, t)
-            pol.float()
-            torch.testing.assert_close(v.double(), ref, rtol=1e-4, atol=1e-5)
+            ref = _reference_velocity(pol, obs, x, t)
+            torch.testing.assert_close(v, ref, rtol=1e-10, atol=1e-10)
+            pol.float()  # and the float32 cache agrees to float32 precision
+            v32 = pol.velocity(prefix32, x.float(), t.float()).velocity
+            pol.double()
+            torch.testing.assert_close(v32.double(), ref, rtol=1e-3, atol=1e-4)
 
 
 def test_sampling_never_recomputes_the_prefix():
@@ -227,7 +232,7 @@ def test_sft_loss_decreases_on_fixed_batch():
 
     before = eval_loss()
     opt = torch.optim.AdamW(pol.parameters(), lr=2e-3)
-    for _ in range(60):
+    for _ in range(120):  # 60 steps gave ratios 0.23-0.46 over init seeds, 120 give 0.09-0.16
         loss = pol.sft_loss(obs, actions, generator=g)
         opt.zero_grad()
         loss.backward()
@@ -371,7 +376,7 @@ def test_film_encoder_is_identity_at_init_and_then_reads_the_instruction():
     included, and the FiLM text MLP is part of the frozen prefix."""
     torch.manual_seed(0)
     pol = TinyVLA(**small_cfg(film=True))
-    plain = TinyVLA(**small_cfg())
+    plain = TinyVLA(**small_cfg(film=False))
     plain.load_state_dict({k: v for k, v in pol.state_dict().items()
                            if ".films." not in k and not k.startswith("film_text.")})
     obs = make_obs(3)

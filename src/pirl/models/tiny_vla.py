@@ -18,7 +18,12 @@ Structure (mirrors pi0 at toy scale):
   averaged over the chunk (pi0 in RLinf).  ``critic_detach=True`` stops the critic's gradient at
   its input, so the value loss trains only the value MLP.
 
-Default size (width 128, 1 prefix layer, 3 expert layers, 1 camera): about 1.3M parameters.
+The image encoder is CoordConv (pixel coordinates as input channels) and FiLM-conditioned on
+the instruction by default: on the tabletop, a few-shot SFT policy without FiLM picked the wrong
+plate in a third of its failed pick-and-place episodes (measured), i.e. the instruction's target
+word was not bound to a place in the image.
+
+Default size (width 128, 1 prefix layer, 3 expert layers, 1 camera): about 1.4M parameters.
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ class TinyVLAConfig:
     critic_detach: bool = True
     value_hidden: int = 128
     coord_conv: bool = True
-    film: bool = False
+    film: bool = True
     normalization: str = "identity"
 
     def __post_init__(self) -> None:
