@@ -241,3 +241,30 @@ def test_value_placements():
         assert all(p.grad is None for n, p in pol.named_parameters() if "value_head" not in n)
         sub = index_batch(prefix, torch.tensor([1]))
         torch.testing.assert_close(pol.value(sub), v[1:2].detach(), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("pi05", [False, True])
+def test_frozen_prefix_stays_valid_after_an_expert_only_step(pi05):
+    """With prefix_parameter_names frozen (RL's expert_only), an Adam step on a loss through the
+    kept cache leaves re-encoding equal to that cache, so the learner may reuse it."""
+    pol = make_policy(pi05)
+    frozen = set(pol.prefix_parameter_names())
+    assert frozen and all(".paligemma." in n for n in frozen)
+    assert not any("gemma_expert" in n or n.startswith("value_head") for n in frozen)
+    for n, p in pol.named_parameters():
+        p.requires_grad_(n not in frozen)
+    obs = make_obs(b=3)
+    with torch.no_grad():
+        kept = pol.frozen_prefix(pol.encode_prefix(obs))
+    opt = torch.optim.Adam([p for p in pol.parameters() if p.requires_grad], lr=1e-2)
+    prefix = pol.thaw_prefix(kept)
+    x_t, t = torch.randn(3, 6, 8), torch.rand(3)
+    loss = pol.velocity(prefix, x_t, t).velocity.pow(2).mean() + pol.value(prefix).pow(2).mean()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        again = pol.encode_prefix(obs)
+        for f in ("keys", "values", "pad_mask", "state", "pooled"):
+            assert torch.equal(getattr(again, f), getattr(kept, f)), f
+        torch.testing.assert_close(pol.velocity(pol.thaw_prefix(kept), x_t, t).velocity,
+                                   pol.velocity(again, x_t, t).velocity, atol=0, rtol=0)

@@ -258,6 +258,21 @@ class Pi0Policy(FlowPolicy):
         pwe.vision.gradient_checkpointing = train.gradient_checkpointing
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
+    # ------------------------------------------------------------------ RL's frozen prefix
+    def prefix_parameter_names(self) -> list[str]:
+        """PaliGemma (vision tower, projector, Gemma): what ``rl.train_mode=expert_only``
+        freezes, as ``configure_training(TrainConfig("expert_only"))`` does."""
+        return [n for n, _ in self.named_parameters()
+                if n.startswith("paligemma_with_expert.paligemma.")]
+
+    def frozen_prefix(self, prefix: VLAPrefix) -> VLAPrefix:
+        """The whole cache: its K / V and pooled states come from the frozen VLM, the state from
+        the normaliser (pi0 projects it in the expert, pi0.5 writes it into the prompt)."""
+        return prefix
+
+    def thaw_prefix(self, frozen: VLAPrefix) -> VLAPrefix:
+        return frozen
+
     def _autocast(self, device: torch.device):
         return torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=self.cfg.train.autocast_bf16)

@@ -230,6 +230,22 @@ class SmolVLAPolicy(FlowPolicy):
         vwe.vision.gradient_checkpointing = train.gradient_checkpointing
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
+    # ------------------------------------------------------------------ RL's frozen prefix
+    def prefix_parameter_names(self) -> list[str]:
+        """SmolVLM (vision, connector, text layers) and the state projection, whose token sits
+        in the VLM prefix: everything the prefix cache is computed from.  (LeRobot's
+        ``train_expert_only`` keeps ``state_proj`` trainable; RL's expert_only freezes it too, so
+        that the rollout's cache stays valid in the update.)"""
+        return [n for n, _ in self.named_parameters()
+                if n.startswith(("vlm_with_expert.vlm.", "state_proj."))]
+
+    def frozen_prefix(self, prefix: VLAPrefix) -> VLAPrefix:
+        """The whole cache (K / V, pooled states and state all come from the parameters above)."""
+        return prefix
+
+    def thaw_prefix(self, frozen: VLAPrefix) -> VLAPrefix:
+        return frozen
+
     def _autocast(self, device: torch.device):
         return torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=self.cfg.train.autocast_bf16)
