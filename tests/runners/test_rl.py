@@ -201,3 +201,23 @@ def test_critic_warmup_trains_only_the_critic_first():
     tr.iteration()
     a2, _ = snap()
     assert not same(a1, a2)
+
+
+def test_train_fits_the_normaliser_on_the_demos(tmp_path):
+    """model.kwargs.normalization=mean_std: pirl train sets the policy's stats from the SFT
+    samples (float64 reference over the valid demo steps) and the SFT checkpoint keeps them."""
+    from pirl.runners import train as train_mod
+    from pirl.runners.checkpoint import load_checkpoint
+
+    cfg = apply_overrides(_tiny_run_cfg(tmp_path, "n", iterations=0),
+                          ["model.kwargs.normalization=mean_std"])
+    train_mod.run(cfg)
+    sd = load_checkpoint(tmp_path / "n" / "checkpoints" / "sft.pt")["policy"]
+    data = train_mod.load_sft_data(cfg, tmp_path / "n" / "demos", horizon=8)
+    acts = data.actions.double()[data.mask.bool()]
+    torch.testing.assert_close(sd["norm_action_mean"].double(), acts.mean(0), atol=1e-5, rtol=1e-5)
+    std = acts.std(0, unbiased=False)
+    torch.testing.assert_close(sd["norm_action_std"].double(), torch.where(std < 1e-3, 1.0, std),
+                               atol=1e-5, rtol=1e-5)
+    state = data.obs["state"].double()
+    torch.testing.assert_close(sd["norm_state_mean"].double(), state.mean(0), atol=1e-5, rtol=1e-5)
