@@ -264,7 +264,7 @@ def test_gradients_reach_policy_and_noise_net(kind):
     out = sampler.log_prob(pol, pol.encode_prefix(obs), chain)
     out.logp.sum().backward()
     for name in ("action_out.weight", "expert_blocks.0.cross_attn.q.weight",
-                 "prefix_blocks.0.attn.qkv.weight", "image_encoder.net.0.weight",
+                 "prefix_blocks.0.attn.qkv.weight", "image_encoder.convs.0.weight",
                  "text_embed.weight", "state_proj.weight"):
         g = dict(pol.named_parameters())[name].grad
         assert g is not None and g.abs().sum() > 0, name

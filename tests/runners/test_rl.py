@@ -45,7 +45,8 @@ def test_short_rl_run_increases_success(algo, kind):
     cfg = apply_overrides(RLConfig(algo=algo), [
         "train_mode=full", f"{algo}.lr_policy=0.01", f"{algo}.lr_noise=0.01",
         f"{algo}.update_epochs=4", f"{algo}.num_minibatches=2", f"{algo}.logp_mode=chain_mean"]
-        + (["ppo.lr_value=0.01"] if algo == "ppo" else ["grpo.group_size=8"]))
+        + (["ppo.lr_value=0.01", "ppo.lr_schedule=constant"] if algo == "ppo"
+           else ["grpo.group_size=8"]))
     tr = RLTrainer(pol, smp, ReachEnv(128, max_episode_steps=2, radius=0.45), cfg, seed=0)
     succ = [tr.iteration()["rollout/success"] for _ in range(20)]
     before, after = sum(succ[:3]) / 3, sum(succ[-3:]) / 3
