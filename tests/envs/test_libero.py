@@ -150,12 +150,22 @@ def test_write_libero_config(tmp_path: Path):
     assert cfg["init_states"] == str(root / "init_files")
     assert cfg["assets"] == str(root / "assets")
     assert set(cfg) == {"benchmark_root", "bddl_files", "init_states", "datasets", "assets"}
-    # an existing file is kept unless overwrite
-    path.write_text("custom: 1\n")
+    # an existing file whose folders exist is kept unless overwrite
+    mine = tmp_path / "mine"
+    for sub in ("bddl_files", "init_files"):
+        (mine / sub).mkdir(parents=True)
+    custom = yaml.safe_dump({"benchmark_root": str(mine), "bddl_files": str(mine / "bddl_files"),
+                             "init_states": str(mine / "init_files"), "custom": 1})
+    path.write_text(custom)
     L.write_libero_config(tmp_path / "cfg", package_root=root)
-    assert path.read_text() == "custom: 1\n"
+    assert path.read_text() == custom
     L.write_libero_config(tmp_path / "cfg", package_root=root, overwrite=True)
-    assert "bddl_files" in path.read_text()
+    assert yaml.safe_load(path.read_text())["bddl_files"] == str(root / "bddl_files")
+    # a stale one (an install that moved: its folders are gone) is rewritten, with a warning
+    path.write_text(custom.replace(str(mine), str(tmp_path / "gone")))
+    with pytest.warns(UserWarning, match="stale"):
+        L.write_libero_config(tmp_path / "cfg", package_root=root)
+    assert yaml.safe_load(path.read_text())["bddl_files"] == str(root / "bddl_files")
 
 
 def test_assets_dir_resolution(tmp_path: Path, monkeypatch):

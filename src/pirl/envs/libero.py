@@ -106,14 +106,29 @@ def write_libero_config(config_dir: str | os.PathLike | None = None,
 
     Keys (what LIBERO's own first-import prompt would write with the default answer):
     ``benchmark_root``, ``bddl_files``, ``init_states``, ``datasets``, ``assets``.  An existing
-    file is kept unless ``overwrite``.  Returns the file's path.
+    file is kept unless ``overwrite`` or it is stale: one whose ``benchmark_root``,
+    ``bddl_files`` or ``init_states`` folder does not exist (left by a moved or deleted install)
+    is rewritten with a warning, instead of LIBERO failing later on a missing task file.
+    Returns the file's path.
     """
+    import warnings
+
     import yaml
 
     cdir = Path(config_dir) if config_dir is not None else libero_config_dir()
     path = cdir / "config.yaml"
     if path.exists() and not overwrite:
-        return path
+        try:
+            old = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError:
+            old = {}
+        keys = ("benchmark_root", "bddl_files", "init_states")
+        missing = [k for k in keys if not (isinstance(old, dict) and old.get(k)
+                                           and Path(str(old[k])).is_dir())]
+        if not missing:
+            return path
+        warnings.warn(f"LIBERO config {path} is stale ({', '.join(missing)} missing or not "
+                      f"a folder); rewriting it for the installed package", stacklevel=2)
     root = Path(package_root) if package_root is not None else libero_package_root()
     cfg = {
         "benchmark_root": str(root),
