@@ -344,25 +344,26 @@ def test_mean_std_normalizer_fits_demo_statistics_and_round_trips():
     valid = acts[mask]                                                    # [M, 3]
     ref_std = valid.std(0, unbiased=False)
     ref_std[2] = 1.0
-    torch.testing.assert_close(pol.norm_action_mean.double(), valid.mean(0), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(pol.norm_action_std.double(), ref_std, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(pol.norm_state_mean.double(), state.mean(0), atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(pol.norm_state_std.double(), state.std(0, unbiased=False),
+    torch.testing.assert_close(pol.normalizer.actions_mean.double(), valid.mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pol.normalizer.actions_std.double(), ref_std, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pol.normalizer.state_mean.double(), state.mean(0), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(pol.normalizer.state_std.double(), state.std(0, unbiased=False),
                                atol=1e-4, rtol=1e-5)
     a = acts[:4].float()
     torch.testing.assert_close(pol.postprocess_actions(pol.normalize_actions(a)), a)
     # the prefix of raw states == an identity-mode twin fed the standardised states
     twin = TinyVLA(**small_cfg(num_cameras=0))
     twin.load_state_dict({k: v for k, v in pol.state_dict().items()
-                          if not k.startswith("norm_")})
+                          if not k.startswith("normalizer.")})
     obs = make_obs(4, cams=0)
-    obs_std = dict(obs, state=(obs["state"] - pol.norm_state_mean) / pol.norm_state_std)
+    nz = pol.normalizer  # the shared Normalizer's mean_std: (x - mean) / (std + 1e-6)
+    obs_std = dict(obs, state=(obs["state"] - nz.state_mean) / (nz.state_std + 1e-6))
     torch.testing.assert_close(pol.encode_prefix(obs).tokens, twin.encode_prefix(obs_std).tokens)
     # the stats are buffers: saved and loaded with the weights, not trained
     clone = TinyVLA(**pol.get_config())
     clone.load_state_dict(pol.state_dict())
-    torch.testing.assert_close(clone.norm_action_std, pol.norm_action_std)
-    assert not any(n.startswith("norm_") for n, _ in pol.named_parameters())
+    torch.testing.assert_close(clone.normalizer.actions_std, pol.normalizer.actions_std)
+    assert not any(n.startswith("normalizer.") for n, _ in pol.named_parameters())
     # identity mode fits nothing and leaves actions alone
     assert not twin.fit_normalization(state.float(), acts.float(), mask)
     assert torch.equal(twin.postprocess_actions(a), a)

@@ -156,8 +156,8 @@ def test_rollout_sends_unnormalised_actions_to_the_env():
     pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
                        width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"],
                        normalization="mean_std")
-    pol.norm_action_mean.copy_(torch.tensor([0.3, -0.2]))
-    pol.norm_action_std.copy_(torch.tensor([0.05, 2.0]))
+    pol.normalizer.actions_mean.copy_(torch.tensor([0.3, -0.2]))
+    pol.normalizer.actions_std.copy_(torch.tensor([0.05, 2.0]))
     smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim, config=SamplerConfig())
     sent = []
 
@@ -169,7 +169,8 @@ def test_rollout_sends_unnormalised_actions_to_the_env():
     env = ChunkedEnv(Recording(8, max_episode_steps=2, radius=0.0))
     ro = collect(pol, smp, env, num_chunks=1, reset_kwargs={"seed": 0}, action_chunk=2,
                  generator=torch.Generator().manual_seed(0), with_values=False)
-    expect = ro.chains[0].actions * pol.norm_action_std + pol.norm_action_mean   # [N, H, A]
+    # the shared Normalizer's mean_std inverse: x * (std + 1e-6) + mean            [N, H, A]
+    expect = ro.chains[0].actions * (torch.tensor([0.05, 2.0]) + 1e-6) + torch.tensor([0.3, -0.2])
     torch.testing.assert_close(torch.stack(sent, 1), expect)
 
 
@@ -216,9 +217,9 @@ def test_train_fits_the_normaliser_on_the_demos(tmp_path):
     sd = load_checkpoint(tmp_path / "n" / "checkpoints" / "sft.pt")["policy"]
     data = train_mod.load_sft_data(cfg, tmp_path / "n" / "demos", horizon=8)
     acts = data.actions.double()[data.mask.bool()]
-    torch.testing.assert_close(sd["norm_action_mean"].double(), acts.mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sd["normalizer.actions_mean"].double(), acts.mean(0), atol=1e-5, rtol=1e-5)
     std = acts.std(0, unbiased=False)
-    torch.testing.assert_close(sd["norm_action_std"].double(), torch.where(std < 1e-3, 1.0, std),
+    torch.testing.assert_close(sd["normalizer.actions_std"].double(), torch.where(std < 1e-3, 1.0, std),
                                atol=1e-5, rtol=1e-5)
     state = data.obs["state"].double()
-    torch.testing.assert_close(sd["norm_state_mean"].double(), state.mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sd["normalizer.state_mean"].double(), state.mean(0), atol=1e-5, rtol=1e-5)

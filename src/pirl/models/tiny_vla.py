@@ -39,6 +39,7 @@ from torch import nn
 
 from pirl.models.base import FlowPolicy, Obs, VelocityOut
 from pirl.models.tokenizer import WordTokenizer
+from pirl.models.vla_common import Normalizer
 
 
 @dataclass
@@ -333,11 +334,14 @@ class TinyVLA(FlowPolicy):
                                        nn.Linear(cfg.value_hidden, 1))
 
         # ---- normaliser (buffers: saved with the weights, never trained) ----
+        # (pirl's shared Normalizer, stats sized here so a fitted checkpoint loads into a fresh
+        # model; None in identity mode, so identity checkpoints carry no normaliser keys)
+        self.normalizer = None
         if cfg.normalization == "mean_std":
-            self.register_buffer("norm_state_mean", torch.zeros(cfg.state_dim))
-            self.register_buffer("norm_state_std", torch.ones(cfg.state_dim))
-            self.register_buffer("norm_action_mean", torch.zeros(cfg.action_dim))
-            self.register_buffer("norm_action_std", torch.ones(cfg.action_dim))
+            self.normalizer = Normalizer("mean_std", {
+                "state": {"mean": torch.zeros(cfg.state_dim), "std": torch.ones(cfg.state_dim)},
+                "actions": {"mean": torch.zeros(cfg.action_dim),
+                            "std": torch.ones(cfg.action_dim)}})
 
     # ------------------------------------------------------------------ config
     def get_config(self) -> dict[str, Any]:
@@ -392,8 +396,8 @@ class TinyVLA(FlowPolicy):
         masks.append(tmask)
         if cfg.state_dim > 0:
             state = obs["state"].to(dev, dtype)
-            if cfg.normalization == "mean_std":
-                state = (state - self.norm_state_mean) / self.norm_state_std
+            if self.normalizer is not None:
+                state = self.normalizer.normalize_state(state)
             parts.append(self.state_proj(state).unsqueeze(1))
             masks.append(torch.ones(b, 1, dtype=torch.bool, device=dev))
         return torch.cat(parts, 1), torch.cat(masks, 1)
@@ -467,7 +471,7 @@ class TinyVLA(FlowPolicy):
         """With ``normalization="mean_std"``: set the state stats from ``state [M, S]`` and the
         action stats from the valid steps of ``actions [M, H, A]`` (``mask [M, H]``).  Returns
         False (nothing to fit) with ``"identity"``."""
-        if self.cfg.normalization != "mean_std":
+        if self.normalizer is None:
             return False
         a = actions.reshape(-1, actions.shape[-1])
         if mask is not None:
@@ -476,27 +480,24 @@ class TinyVLA(FlowPolicy):
             raise ValueError(f"fit_normalization needs >= 2 valid actions of dim "
                              f"{self.action_dim}, got {tuple(a.shape)}")
         mean, std = self._mean_std(a, min_std)
-        self.norm_action_mean.copy_(mean)
-        self.norm_action_std.copy_(std)
+        self.normalizer.actions_mean.copy_(mean)
+        self.normalizer.actions_std.copy_(std)
         if self.cfg.state_dim > 0:
             if state is None or state.shape[-1] != self.cfg.state_dim:
                 raise ValueError(f"fit_normalization needs states of dim {self.cfg.state_dim}")
             mean, std = self._mean_std(state.reshape(-1, state.shape[-1]), min_std)
-            self.norm_state_mean.copy_(mean)
-            self.norm_state_std.copy_(std)
+            self.normalizer.state_mean.copy_(mean)
+            self.normalizer.state_std.copy_(std)
         return True
 
     def normalize_actions(self, actions: torch.Tensor) -> torch.Tensor:
         """Env-space ``[..., A]`` -> model space (identity without a normaliser)."""
-        if self.cfg.normalization != "mean_std":
-            return actions
-        return (actions - self.norm_action_mean) / self.norm_action_std
+        return actions if self.normalizer is None else self.normalizer.normalize_actions(actions)
 
     def postprocess_actions(self, actions: torch.Tensor) -> torch.Tensor:
         """Model-space chunk ``[B, H, A]`` -> env actions ``[B, H, A]``."""
-        if self.cfg.normalization != "mean_std":
-            return actions
-        return actions * self.norm_action_std + self.norm_action_mean
+        return (actions if self.normalizer is None
+                else self.normalizer.unnormalize_actions(actions))
 
     def sft_loss(self, obs: Obs, actions: torch.Tensor, mask: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
