@@ -72,3 +72,27 @@ def mlp(m, x, act):
     g = F.linear(x, m.gate_proj.weight)
     g = F.gelu(g, approximate="tanh") if act == "gelu_tanh" else F.silu(g)
     return F.linear(g * F.linear(x, m.up_proj.weight), m.down_proj.weight)
+
+
+def check_frozen_prefix_reuse(pol, obs: dict) -> None:
+    """Freeze ``pol.prefix_parameter_names()`` (RL's expert_only), take an Adam step on a loss
+    through the kept ``frozen_prefix`` cache, and check that re-encoding ``obs`` still equals that
+    cache field by field and gives the same velocity: the learner may reuse it."""
+    frozen = set(pol.prefix_parameter_names())
+    for n, p in pol.named_parameters():
+        p.requires_grad_(n not in frozen)
+    b = len(obs["instruction"])
+    with torch.no_grad():
+        kept = pol.frozen_prefix(pol.encode_prefix(obs))
+    opt = torch.optim.Adam([p for p in pol.parameters() if p.requires_grad], lr=1e-2)
+    prefix = pol.thaw_prefix(kept)
+    x_t, t = torch.randn(b, pol.action_horizon, pol.action_dim), torch.rand(b)
+    loss = pol.velocity(prefix, x_t, t).velocity.pow(2).mean() + pol.value(prefix).pow(2).mean()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        again = pol.encode_prefix(obs)
+        for f in ("keys", "values", "pad_mask", "state", "pooled"):
+            assert torch.equal(getattr(again, f), getattr(kept, f)), f
+        torch.testing.assert_close(pol.velocity(pol.thaw_prefix(kept), x_t, t).velocity,
+                                   pol.velocity(again, x_t, t).velocity, atol=0, rtol=0)
