@@ -231,7 +231,7 @@ class RLTrainer:
                             max_log_ratio=hp.max_log_ratio)
         # critic warm-up: the policy term is weighted 0 (zero gradients, not missing ones, so
         # that data-parallel wrappers see every parameter used)
-        warm = self.algo == "ppo" and self.iter < getattr(hp, "critic_warmup_iters", 0)
+        warm = self.algo == "ppo" and self.iter < hp.critic_warmup_iters
         loss = pg * 0.0 if warm else pg
         if self.ref is not None:
             with torch.no_grad():
