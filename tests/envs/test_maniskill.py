@@ -280,3 +280,57 @@ def test_gpu_slot_pool_logic_on_cpu_matches_cpu_slots():
     finally:
         gpu_like.close()
         cpu.close()
+
+
+def test_potential_shaper_telescopes_and_resets():
+    """Shaped rewards equal success + scale * (phi_t - phi_{t-1}) (no term on an episode's first
+    step), so an episode's shaping sums to scale * (phi_T - phi_1); rows are independent and a
+    reset forgets the previous episode's phi."""
+    rng = np.random.default_rng(0)
+    scale = 0.7
+    phi = rng.uniform(0, 1, size=(6, 3))  # [T, rows]
+    success = np.zeros((6, 3))
+    success[5, 1] = 1.0
+    sh = M.PotentialShaper(3, scale)
+    got = np.stack([sh.reward(phi[t], success[t]) for t in range(6)])
+    want = success.copy()
+    for t in range(1, 6):  # independent loop form
+        for r in range(3):
+            want[t, r] += scale * (phi[t, r] - phi[t - 1, r])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got.sum(0), success.sum(0) + scale * (phi[-1] - phi[0]),
+                               atol=1e-12)
+    sh.reset([1])  # new episode in row 1 only: its next step has no shaping term
+    nxt = sh.reward(np.array([0.5, 0.9, 0.5]), np.zeros(3))
+    np.testing.assert_allclose(nxt, [scale * (0.5 - phi[-1, 0]), 0.0, scale * (0.5 - phi[-1, 2])],
+                               atol=1e-12)
+    # a row subset updates only those rows
+    out = sh.reward(np.array([0.2]), np.array([1.0]), rows=slice(2, 3))
+    np.testing.assert_allclose(out, [1.0 + scale * (0.2 - 0.5)], atol=1e-12)
+
+
+@pytest.mark.sim
+def test_shaped_reward_matches_normalized_dense_differences():
+    """reward_mode="shaped" on the real simulator: success + scale * first differences of the
+    same episode's normalized_dense rewards (two envs, same seeds and actions)."""
+    kw = dict(tasks=["PushCube-v1"], num_envs=1, obs_mode="state", sim_backend="cpu",
+              max_episode_steps=6)
+    shaped = _sim_env(reward_mode="shaped", shaping_scale=2.0, **kw)
+    dense = _sim_env(reward_mode="normalized_dense", **kw)
+    try:
+        for e in (shaped, dense):
+            e.reset(task_ids=torch.tensor([0]), episode_seeds=torch.tensor([3]))
+        g = torch.Generator().manual_seed(1)
+        rs, rd, succ = [], [], []
+        for _ in range(6):
+            act = torch.rand(1, 7, generator=g) * 2 - 1
+            a, b = shaped.step(act), dense.step(act)
+            rs.append(float(a.reward[0]))
+            rd.append(float(b.reward[0]))
+            succ.append(float(a.info["success"][0]))
+        want = [succ[0]] + [succ[t] + 2.0 * (rd[t] - rd[t - 1]) for t in range(1, 6)]
+        np.testing.assert_allclose(rs, want, atol=1e-5)
+        assert any(abs(r) > 1e-4 for r in rs)  # the random actions moved the arm
+    finally:
+        shaped.close()
+        dense.close()

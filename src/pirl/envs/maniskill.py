@@ -25,7 +25,12 @@ normalised delta xyz, delta axis-angle, gripper in ``[-1, 1]``, ``+1`` open).
 
 Episodes: ``terminated`` = the task's success (``info["success"]``), ``truncated`` = the time
 limit (default: ``max(DEFAULT_MAX_STEPS = 150, the task's registered limit)``); reward is
-ManiSkill's ``reward_mode`` (``"sparse"`` by default: 1 on success).  Same task + same episode
+ManiSkill's ``reward_mode`` (``"sparse"`` by default: 1 on success), or pirl's ``"shaped"``: 1 on
+success plus potential-based shaping ``shaping_scale * (phi_t - phi_{t-1})`` with ``phi`` the
+task's ``normalized_dense`` reward (:class:`PotentialShaper`).  ManiSkill's own dense rewards are
+not returned as such by default because an episode ends at success here: a per-step dense reward
+then pays the policy for *not* finishing (measured: dense return rose while success fell), where
+the shaping terms telescope and cannot be farmed by waiting.  Same task + same episode
 seed => same initial state (CPU: ``env.reset(seed)``; GPU: each slot is reset on its own with its
 own seed).
 
@@ -136,7 +141,8 @@ def _make_gym_env(task: str, num_envs: int, sim_backend: str, obs_mode: str, con
     import mani_skill.envs  # noqa: F401  (registers the tasks)
 
     kw: dict[str, Any] = dict(num_envs=num_envs, obs_mode=obs_mode, control_mode=control_mode,
-                              reward_mode=reward_mode, sim_backend=sim_backend,
+                              reward_mode="normalized_dense" if reward_mode == "shaped"
+                              else reward_mode, sim_backend=sim_backend,
                               max_episode_steps=10**9)  # pirl counts the time limit itself
     if render_backend is not None:
         kw["render_backend"] = render_backend
@@ -164,6 +170,32 @@ def format_obs(env, raw: Any, obs_mode: str, state_dim: int, cameras: Sequence[s
     return {"images": imgs.permute(0, 1, 4, 2, 3).contiguous(), "state": state}
 
 
+class PotentialShaper:
+    """pirl's ``reward_mode="shaped"`` for ``n`` env rows (numpy, float64).
+
+    ``reward(raw, success, rows)`` turns ManiSkill's ``normalized_dense`` reward ``phi_t`` (in
+    ``[0, 1]``, 1 at success) of rows ``rows`` into ``success_t + scale * (phi_t - phi_{t-1})``.
+    :meth:`reset` marks rows as new episodes; their first step has no previous ``phi`` and gets
+    no shaping term.  Over an episode the shaping sums to ``scale * (phi_T - phi_1)``, so it
+    does not change which policies are optimal for reaching success (Ng et al., 1999; exactly
+    so with discount 1) and waiting earns nothing.
+    """
+
+    def __init__(self, n: int, scale: float):
+        self.scale = float(scale)
+        self.prev = np.full(n, np.nan)
+
+    def reset(self, rows: Any) -> None:
+        self.prev[rows] = np.nan
+
+    def reward(self, phi: np.ndarray, success: np.ndarray, rows: Any = slice(None)) -> np.ndarray:
+        phi = np.asarray(phi, dtype=np.float64)
+        prev = self.prev[rows]
+        shaping = np.where(np.isnan(prev), 0.0, phi - prev)
+        self.prev[rows] = phi
+        return np.asarray(success, dtype=np.float64) + self.scale * shaping
+
+
 # --------------------------------------------------------------------------------------------
 # CPU: single-env slots (in this process or one per worker process)
 # --------------------------------------------------------------------------------------------
@@ -179,8 +211,10 @@ class ManiSkillSlot:
     def __init__(self, tasks: Sequence[str], obs_mode: str = "rgb",
                  control_mode: str = "pd_ee_delta_pose", image_size: int = 128,
                  wrist_camera: bool = False, reward_mode: str = "sparse",
-                 render_backend: str | None = "gpu", state_dim: int = 16):
+                 render_backend: str | None = "gpu", state_dim: int = 16,
+                 shaping_scale: float = 1.0):
         self.tasks = list(tasks)
+        self.shaper = PotentialShaper(1, shaping_scale) if reward_mode == "shaped" else None
         self.obs_mode = obs_mode
         self.kw = dict(sim_backend="physx_cpu", obs_mode=obs_mode, control_mode=control_mode,
                        image_size=image_size, wrist_camera=wrist_camera, reward_mode=reward_mode,
@@ -211,12 +245,18 @@ class ManiSkillSlot:
         del init_index  # ManiSkill draws the initial state from the seed
         self.current = task_index
         raw, _ = self.env(task_index).reset(seed=int(seed))
+        if self.shaper is not None:
+            self.shaper.reset(0)
         return self._format(raw)
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool]:
         raw, reward, _, _, info = self.envs[self.current].step(
             torch.as_tensor(np.asarray(action, dtype=np.float32))[None])
-        return self._format(raw), float(reward.reshape(-1)[0]), bool(info["success"].reshape(-1)[0])
+        r = float(reward.reshape(-1)[0])
+        success = bool(info["success"].reshape(-1)[0])
+        if self.shaper is not None:
+            r = float(self.shaper.reward(np.array([r]), np.array([success]), slice(0, 1))[0])
+        return self._format(raw), r, success
 
     def close(self) -> None:
         for e in self.envs.values():
@@ -241,7 +281,8 @@ class GpuSlotPool:
 
     def __init__(self, tasks: Sequence[str], slot_tasks: Sequence[int], obs_mode: str,
                  control_mode: str, image_size: int, wrist_camera: bool, reward_mode: str,
-                 render_backend: str | None, state_dim: int, physx_backend: str = "physx_cuda"):
+                 render_backend: str | None, state_dim: int, physx_backend: str = "physx_cuda",
+                 shaping_scale: float = 1.0):
         self.tasks = list(tasks)
         self.slot_tasks = [int(t) for t in slot_tasks]
         self.size = len(self.slot_tasks)
@@ -258,6 +299,8 @@ class GpuSlotPool:
                      for t, n in counts.items()}
         first = next(iter(self.envs.values())).unwrapped
         self.action_dim = int(first.single_action_space.shape[0])
+        self.shaper = (PotentialShaper(self.size, shaping_scale) if reward_mode == "shaped"
+                       else None)
 
     def _rows(self, t: int, raw, rows: Any = slice(None)) -> dict[str, np.ndarray]:
         """Formatted observations of task ``t``'s env rows, on the CPU."""
@@ -278,6 +321,8 @@ class GpuSlotPool:
                 raw, _ = env.reset(seed=[int(seed)], options={
                     "env_idx": torch.tensor([self.local[i]], device=env.unwrapped.device)})
                 j = self.local[i]
+                if self.shaper is not None:
+                    self.shaper.reset(i)
                 out.append({k: v[0] for k, v in self._rows(task, raw, slice(j, j + 1)).items()})
             return out
         if method == "step":
@@ -295,8 +340,11 @@ class GpuSlotPool:
             for i in idx:
                 t, j = self.slot_tasks[i], self.local[i]
                 obs, reward, success = res[t]
-                out.append(({k: v[j] for k, v in obs.items()}, float(reward[j]),
-                            bool(success[j])))
+                r = float(reward[j])
+                if self.shaper is not None:
+                    r = float(self.shaper.reward(np.array([r]), np.array([success[j]]),
+                                                 slice(i, i + 1))[0])
+                out.append(({k: v[j] for k, v in obs.items()}, r, bool(success[j])))
             return out
         raise ValueError(f"GpuSlotPool supports reset / step, not {method}")
 
@@ -319,6 +367,8 @@ class ManiSkillEnv(PoolBatchedEnv):
     (default ``pd_ee_delta_pose``).  image_size: square camera side.  wrist_camera: add the
     Panda hand camera (robot ``panda_wristcam``).  max_episode_steps: default the largest
     registered limit of the tasks and :data:`DEFAULT_MAX_STEPS`.
+    reward_mode: ManiSkill's ``"sparse"`` / ``"dense"`` / ``"normalized_dense"`` / ``"none"``,
+    or ``"shaped"`` (success + ``shaping_scale`` x potential shaping, :class:`PotentialShaper`).
     instructions: override :data:`TASK_INSTRUCTIONS`.
     render_backend: ManiSkill's (default ``"gpu"``: SAPIEN's Vulkan renderer, which is Mesa's
     lavapipe on a CPU-only machine; ``"sapien_cpu"`` is the alternative, slower here).
@@ -334,8 +384,11 @@ class ManiSkillEnv(PoolBatchedEnv):
                  render_backend: str | None = None, max_episode_steps: int | None = None,
                  auto_reset: bool = False, instructions: dict[str, str] | None = None,
                  seed_range: tuple[int, int] = (0, 2**31 - 1),
-                 slot_tasks: Sequence[int] | None = None):
+                 slot_tasks: Sequence[int] | None = None, shaping_scale: float = 1.0):
         require_maniskill()
+        if reward_mode not in ("sparse", "dense", "normalized_dense", "shaped", "none"):
+            raise ValueError(f"reward_mode must be sparse, dense, normalized_dense, shaped or "
+                             f"none, got {reward_mode!r}")
         tasks = [tasks] if isinstance(tasks, str) else list(tasks)
         if obs_mode not in ("rgb", "state"):
             raise ValueError(f"obs_mode must be 'rgb' or 'state', got {obs_mode!r}")
@@ -354,6 +407,7 @@ class ManiSkillEnv(PoolBatchedEnv):
         slot_kw = dict(obs_mode=obs_mode, control_mode=control_mode, image_size=image_size,
                        wrist_camera=wrist_camera, reward_mode=reward_mode,
                        render_backend=render_backend)
+        shaping_kw = dict(shaping_scale=shaping_scale)
         state_dim = 16
         if obs_mode == "state":
             probe = ManiSkillSlot(tasks, **slot_kw)
@@ -364,12 +418,14 @@ class ManiSkillEnv(PoolBatchedEnv):
                 slot_tasks = np.repeat(np.arange(len(tasks)),
                                        [len(b) for b in np.array_split(np.arange(num_envs),
                                                                        len(tasks))]).tolist()
-            pool: Any = GpuSlotPool(tasks, slot_tasks, state_dim=state_dim, **slot_kw)
+            pool: Any = GpuSlotPool(tasks, slot_tasks, state_dim=state_dim, **slot_kw,
+                                    **shaping_kw)
             self.slot_tasks = torch.as_tensor(slot_tasks, dtype=torch.long)
         else:
             if vectorization not in ("loop", "process"):
                 raise ValueError(f"vectorization must be loop or process, got {vectorization!r}")
-            factory = functools.partial(ManiSkillSlot, tasks, state_dim=state_dim, **slot_kw)
+            factory = functools.partial(ManiSkillSlot, tasks, state_dim=state_dim, **slot_kw,
+                                        **shaping_kw)
             pool = SubprocEnvPool([factory] * num_envs, in_process=vectorization == "loop")
             self.slot_tasks = None
         # ManiSkill's pd_ee_delta_pose / pd_joint_* arms are 7-D (+gripper) for the Panda
