@@ -248,20 +248,21 @@ def test_multitask_splits_draw_heldout_seeds():
 
 
 @pytest.mark.sim
-def test_gpu_slot_pool_logic_on_cpu_matches_cpu_slots():
+@pytest.mark.parametrize("reward_mode", ["sparse", "shaped"])
+def test_gpu_slot_pool_logic_on_cpu_matches_cpu_slots(reward_mode):
     """The GPU code path (per-task batched envs, partial resets, row bookkeeping), run on the CPU
-    simulator with one slot per task, gives the same episodes as the CPU slots."""
+    simulator with one slot per task, gives the same episodes (and rewards) as the CPU slots."""
     pytest.importorskip("mani_skill")
     from pirl.envs.libero import PoolBatchedEnv
 
     tasks = ["PickCube-v1", "PushCube-v1"]
     kw = dict(obs_mode="rgb", control_mode="pd_ee_delta_pose", image_size=32,
-              wrist_camera=False, reward_mode="sparse", render_backend="gpu")
+              wrist_camera=False, reward_mode=reward_mode, render_backend="gpu")
     pool = M.GpuSlotPool(tasks, [1, 0], state_dim=16, physx_backend="physx_cpu", **kw)
     gpu_like = PoolBatchedEnv(pool, task_names=tasks, instructions=tasks, action_dim=7,
                               state_dim=16, max_episode_steps=4, seed_space=1)
     cpu = _sim_env(tasks=tasks, num_envs=2, sim_backend="cpu", image_size=32,
-                   max_episode_steps=4)
+                   max_episode_steps=4, reward_mode=reward_mode)
     try:
         ids, seeds = torch.tensor([1, 0]), torch.tensor([5, 9])
         a = gpu_like.reset(task_ids=ids, episode_seeds=seeds)
@@ -272,6 +273,7 @@ def test_gpu_slot_pool_logic_on_cpu_matches_cpu_slots():
             act = torch.rand(2, 7, generator=g) * 2 - 1
             sa, sb = gpu_like.step(act), cpu.step(act)
             assert torch.allclose(sa.obs["state"], sb.obs["state"], atol=1e-5)
+            assert torch.allclose(sa.reward, sb.reward, atol=1e-5)
             assert torch.equal(sa.terminated, sb.terminated)
             assert torch.equal(sa.truncated, sb.truncated)
         assert sa.done.all()

@@ -173,7 +173,7 @@ def format_obs(env, raw: Any, obs_mode: str, state_dim: int, cameras: Sequence[s
 class PotentialShaper:
     """pirl's ``reward_mode="shaped"`` for ``n`` env rows (numpy, float64).
 
-    ``reward(raw, success, rows)`` turns ManiSkill's ``normalized_dense`` reward ``phi_t`` (in
+    ``reward(phi, success, rows)`` turns ManiSkill's ``normalized_dense`` reward ``phi_t`` (in
     ``[0, 1]``, 1 at success) of rows ``rows`` into ``success_t + scale * (phi_t - phi_{t-1})``.
     :meth:`reset` marks rows as new episodes; their first step has no previous ``phi`` and gets
     no shaping term.  Over an episode the shaping sums to ``scale * (phi_T - phi_1)``, so it
