@@ -195,6 +195,10 @@ class PotentialShaper:
         self.prev[rows] = phi
         return np.asarray(success, dtype=np.float64) + self.scale * shaping
 
+    def reward_row(self, row: int, phi: float, success: bool) -> float:
+        """:meth:`reward` of one row (scalars in and out), as the env slots call it."""
+        return float(self.reward(np.array([phi]), np.array([success]), slice(row, row + 1))[0])
+
 
 # --------------------------------------------------------------------------------------------
 # CPU: single-env slots (in this process or one per worker process)
@@ -255,7 +259,7 @@ class ManiSkillSlot:
         r = float(reward.reshape(-1)[0])
         success = bool(info["success"].reshape(-1)[0])
         if self.shaper is not None:
-            r = float(self.shaper.reward(np.array([r]), np.array([success]), slice(0, 1))[0])
+            r = self.shaper.reward_row(0, r, success)
         return self._format(raw), r, success
 
     def close(self) -> None:
@@ -342,8 +346,7 @@ class GpuSlotPool:
                 obs, reward, success = res[t]
                 r = float(reward[j])
                 if self.shaper is not None:
-                    r = float(self.shaper.reward(np.array([r]), np.array([success[j]]),
-                                                 slice(i, i + 1))[0])
+                    r = self.shaper.reward_row(i, r, bool(success[j]))
                 out.append(({k: v[j] for k, v in obs.items()}, r, bool(success[j])))
             return out
         raise ValueError(f"GpuSlotPool supports reset / step, not {method}")
@@ -407,7 +410,6 @@ class ManiSkillEnv(PoolBatchedEnv):
         slot_kw = dict(obs_mode=obs_mode, control_mode=control_mode, image_size=image_size,
                        wrist_camera=wrist_camera, reward_mode=reward_mode,
                        render_backend=render_backend)
-        shaping_kw = dict(shaping_scale=shaping_scale)
         state_dim = 16
         if obs_mode == "state":
             probe = ManiSkillSlot(tasks, **slot_kw)
@@ -419,13 +421,13 @@ class ManiSkillEnv(PoolBatchedEnv):
                                        [len(b) for b in np.array_split(np.arange(num_envs),
                                                                        len(tasks))]).tolist()
             pool: Any = GpuSlotPool(tasks, slot_tasks, state_dim=state_dim, **slot_kw,
-                                    **shaping_kw)
+                                    shaping_scale=shaping_scale)
             self.slot_tasks = torch.as_tensor(slot_tasks, dtype=torch.long)
         else:
             if vectorization not in ("loop", "process"):
                 raise ValueError(f"vectorization must be loop or process, got {vectorization!r}")
             factory = functools.partial(ManiSkillSlot, tasks, state_dim=state_dim, **slot_kw,
-                                        **shaping_kw)
+                                        shaping_scale=shaping_scale)
             pool = SubprocEnvPool([factory] * num_envs, in_process=vectorization == "loop")
             self.slot_tasks = None
         # ManiSkill's pd_ee_delta_pose / pd_joint_* arms are 7-D (+gripper) for the Panda
