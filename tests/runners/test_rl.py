@@ -53,6 +53,26 @@ def test_short_rl_run_increases_success(algo, kind):
     assert after > before + 0.25, succ
 
 
+def test_grpo_logs_fraction_of_episodes_with_signal():
+    """``grpo/nonzero_adv_fraction`` = the share of episodes whose group's returns differ,
+    counted here with a plain loop over the groups."""
+    pol = _policy()
+    smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
+                        config=SamplerConfig(kind="flow_sde", num_steps=3, hybrid=False))
+    cfg = apply_overrides(RLConfig(algo="grpo"), ["grpo.group_size=4", "train_mode=full"])
+    tr = RLTrainer(pol, smp, ReachEnv(32, max_episode_steps=2, radius=0.45), cfg, seed=0)
+    ro = tr.rollout()
+    groups, returns = tr._groups.tolist(), ro.episode_return.tolist()
+    mixed = 0
+    for g in set(groups):
+        members = [r for r, gi in zip(returns, groups) if gi == g]
+        if max(members) != min(members):
+            mixed += len(members)
+    assert 0 < mixed < len(returns)  # the check below is not vacuous
+    m = tr.learn(ro)
+    assert m["grpo/nonzero_adv_fraction"] == pytest.approx(mixed / len(returns))
+
+
 def _tiny_run_cfg(tmp_path, name, iterations=2):
     return apply_overrides(TrainConfig(), [
         f"run_dir={tmp_path / name}", "env.num_envs=8", "progress=false",

@@ -152,6 +152,8 @@ class RLTrainer:
             ep_ret = (rewards * valid).sum(0)
             ep_adv = group_advantages(ep_ret, self._groups, eps=self.hp.std_eps,
                                       normalize_std=self.hp.normalize_std)
+            # episodes with a non-zero advantage (all-equal groups carry no learning signal)
+            metrics["grpo/nonzero_adv_fraction"] = float((ep_adv != 0).float().mean())
             adv = broadcast_over_time(ep_adv, valid).reshape(-1)[idx]
             ret = old_values = torch.zeros_like(adv)
         if self.hp.normalize_advantages and adv.numel() > 1:
