@@ -23,10 +23,12 @@ def _check(cond: bool, name: str, msg: str) -> None:
 
 
 def _default_env_kwargs() -> dict[str, Any]:
-    # The default recipe runs the tabletop without distractor objects: with 8 demos per task and
-    # 1000 SFT steps the tiny VLA then starts at ~30% success (29.2% train / 27.1% OOD measured),
-    # inside the few-shot band pi_RL starts from; with 1 or 2 distractors it starts at ~6%.
-    return {"num_distractors": 0}
+    # The default recipe runs the tabletop without distractor objects (with 1 or 2 the few-shot
+    # tiny VLA starts at ~6%) and with the gripper-centred wrist camera besides the top view, as
+    # pi0 on LIBERO: train / OOD success of the default job went from 46.1% / 45.8% (SFT) and
+    # 60.9% / 55.7% (after RL) with the top camera only to 68.8% / 63.3% and 79.7% / 72.7%
+    # (README; pick-and-place SFT 29% -> 67%)
+    return {"num_distractors": 0, "num_cameras": 2}
 
 
 @dataclass
