@@ -54,8 +54,9 @@ def test_short_rl_run_increases_success(algo, kind):
 
 
 def test_grpo_logs_fraction_of_episodes_with_signal():
-    """``grpo/nonzero_adv_fraction`` = the share of episodes whose group's returns differ,
-    counted here with a plain loop over the groups."""
+    """``grpo/nonzero_adv_fraction`` (episodes with a non-zero advantage) equals, for ReachEnv's
+    0/1 returns, the share of episodes whose group's returns differ, counted here with a plain
+    loop over the groups."""
     pol = _policy()
     smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
                         config=SamplerConfig(kind="flow_sde", num_steps=3, hybrid=False))
