@@ -226,6 +226,31 @@ def test_critic_warmup_trains_only_the_critic_first():
     assert not same(a1, a2)
 
 
+def test_lr_prefix_gives_the_prefix_its_own_learning_rate():
+    """train_mode=full with ppo.lr_prefix: the prefix parameters (and only they) form the
+    "prefix" group, and Adam's first step moves each of them by at most lr_prefix (its first
+    step is lr * g / (|g| + eps) per element), the expert's by up to lr_policy."""
+    pol = _policy()
+    smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
+                        config=SamplerConfig(kind="flow_sde", num_steps=3))
+    cfg = apply_overrides(RLConfig(algo="ppo"), [
+        "train_mode=full", "ppo.lr_policy=1e-2", "ppo.lr_prefix=1e-4", "ppo.update_epochs=1",
+        "ppo.num_minibatches=1", "ppo.lr_schedule=constant"])
+    tr = RLTrainer(pol, smp, ReachEnv(16, max_episode_steps=2), cfg, seed=0)
+    groups = {g["name"]: g for g in tr.optimizer.param_groups}
+    prefix = set(pol.prefix_parameter_names())
+    by_id = {id(p): n for n, p in pol.named_parameters()}
+    assert {by_id[id(p)] for p in groups["prefix"]["params"]} == prefix
+    assert not prefix & {by_id[id(p)] for p in groups["policy"]["params"]}
+    before = {n: p.detach().clone() for n, p in pol.named_parameters()}
+    tr.iteration()
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in pol.named_parameters()}
+    assert max(moved[n] for n in prefix) <= 1e-4 * (1 + 1e-3)
+    assert max(moved[n] for n in prefix) > 0.5e-4
+    expert = [n for n in moved if n.startswith("expert_blocks.")]
+    assert max(moved[n] for n in expert) > 0.5e-2
+
+
 def test_train_fits_the_normaliser_on_the_demos(tmp_path):
     """model.kwargs.normalization=mean_std: pirl train sets the policy's stats from the SFT
     samples (float64 reference over the valid demo steps) and the SFT checkpoint keeps them."""

@@ -337,6 +337,8 @@ class PolicyUpdateConfig:
     num_minibatches: int = 4
     lr_policy: float = 1e-4
     lr_noise: float = 1e-4
+    # the prefix (VLM / image encoder) when it trains (rl.train_mode=full); None: lr_policy
+    lr_prefix: float | None = None
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-5
     max_grad_norm: float = 1.0
@@ -359,6 +361,8 @@ class PolicyUpdateConfig:
                f"must be >= 1, got {self.num_minibatches}")
         _check(self.lr_policy > 0, "lr_policy", f"must be > 0, got {self.lr_policy}")
         _check(self.lr_noise > 0, "lr_noise", f"must be > 0, got {self.lr_noise}")
+        _check(self.lr_prefix is None or self.lr_prefix > 0, "lr_prefix",
+               f"must be > 0 or null, got {self.lr_prefix}")
         _check(len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0
                                             for b in self.betas), "betas",
                f"must be two numbers in [0, 1), got {self.betas}")

@@ -65,17 +65,24 @@ class RLTrainer:
 
     # ----------------------------------------------------------------- setup
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        if self.cfg.train_mode == "expert_only":
-            frozen = set(self.policy.prefix_parameter_names())
-            for n, p in self.policy.named_parameters():
-                if n in frozen:
-                    p.requires_grad_(False)
         hp = self.hp
+        # (asked of the policy only when needed: not every policy names its prefix)
+        need_prefix = self.cfg.train_mode == "expert_only" or hp.lr_prefix is not None
+        prefix = set(self.policy.prefix_parameter_names()) if need_prefix else set()
+        if self.cfg.train_mode == "expert_only":
+            for n, p in self.policy.named_parameters():
+                if n in prefix:
+                    p.requires_grad_(False)
         critic = set(self.policy.critic_parameter_names()) if self.algo == "ppo" else set()
-        actor_p = [p for n, p in self.policy.named_parameters() if p.requires_grad and n not in critic]
-        critic_p = [p for n, p in self.policy.named_parameters() if p.requires_grad and n in critic]
+        trainable = [(n, p) for n, p in self.policy.named_parameters() if p.requires_grad]
+        # with train_mode=full and lr_prefix set, the prefix gets its own (usually smaller) lr
+        prefix_p = [p for n, p in trainable if n in prefix and n not in critic]
+        actor_p = [p for n, p in trainable if n not in critic and n not in prefix]
+        critic_p = [p for n, p in trainable if n in critic]
         noise_p = [p for p in self.sampler.parameters() if p.requires_grad]
         groups = [{"params": actor_p, "lr": hp.lr_policy, "name": "policy"}]
+        if prefix_p:
+            groups.append({"params": prefix_p, "lr": hp.lr_prefix, "name": "prefix"})
         if critic_p:
             groups.append({"params": critic_p, "lr": hp.lr_value, "name": "value"})
         if noise_p:
