@@ -35,10 +35,18 @@ def cmd_train(args) -> int:
     from pirl.runners.train import resolve_config, run
 
     if args.resume:
-        if args.overrides or args.config:
-            raise SystemExit("pirl train --resume takes no --config or overrides: a resumed run "
-                             "uses the config saved in its folder")
-        run(resume=args.resume)
+        extend = [o for o in args.overrides if o.split("=", 1)[0] == "rl.iterations"]
+        if args.config or len(extend) != len(args.overrides) or len(extend) > 1:
+            raise SystemExit("pirl train --resume takes no --config and no override but "
+                             "rl.iterations=N (to extend the run): a resumed run uses the "
+                             "config saved in its folder")
+        iterations = None
+        if extend:
+            value = extend[0].split("=", 1)[1]
+            if not value.isdigit():
+                raise SystemExit(f"pirl: rl.iterations must be a whole number, got {value!r}")
+            iterations = int(value)
+        run(resume=args.resume, iterations=iterations)
         return 0
     overrides = list(args.overrides)
     if args.cluster:

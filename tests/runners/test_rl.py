@@ -120,6 +120,33 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     assert strip(ma) == strip(mb)
 
 
+def test_resume_extends_a_finished_run(tmp_path):
+    """``run(resume=RUN, iterations=N)`` continues a finished 1-iteration run to N = 2, and with
+    a constant lr it ends exactly where a run planned for 2 iterations ends; the earlier final
+    evaluation is kept as rl_1 and config.yaml says 2.  Shortening is an error."""
+    from pirl.configs import ConfigError, load_yaml
+    from pirl.runners import train as train_mod
+    from pirl.runners.checkpoint import load_checkpoint
+
+    const = ["rl.ppo.lr_schedule=constant"]
+    train_mod.run(apply_overrides(_tiny_run_cfg(tmp_path, "planned", iterations=2), const))
+    train_mod.run(apply_overrides(_tiny_run_cfg(tmp_path, "short", iterations=1), const))
+    first_final = load_checkpoint(tmp_path / "short" / "checkpoints" / "last.pt")["results"]["final"]
+    with pytest.raises(ConfigError, match="shortened"):
+        train_mod.run(resume=tmp_path / "short", iterations=0)
+    train_mod.run(resume=tmp_path / "short", iterations=2)
+    a = load_checkpoint(tmp_path / "planned" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "short" / "checkpoints" / "last.pt")
+    assert b["stage"] == "done" and b["trainer"]["iter"] == 2
+    for k in a["policy"]:
+        assert torch.equal(a["policy"][k], b["policy"][k]), k
+    for k in a["sampler"]:
+        assert torch.equal(a["sampler"][k], b["sampler"][k]), k
+    assert b["results"]["rl_1"] == first_final
+    assert b["results"]["final"] == a["results"]["final"]
+    assert load_yaml(TrainConfig, tmp_path / "short" / "config.yaml").rl.iterations == 2
+
+
 def test_resume_rejects_other_model(tmp_path):
     from pirl.runners import train as train_mod
     from pirl.runners.checkpoint import CheckpointError

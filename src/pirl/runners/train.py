@@ -155,6 +155,17 @@ class Run:
         # RLTrainer for placement.mode=local, else a Ray DistributedTrainer (same interface)
         self.trainer = trainer_from_config(self.cfg, self.policy, self.sampler, self.env)
 
+    def extend(self) -> None:
+        """Reopen the RL stage of a loaded run for ``cfg.rl.iterations`` (raised by the caller):
+        a finished run's final evaluation becomes the ``rl_<iteration>`` one."""
+        done = self.trainer.iter if self.trainer is not None else 0
+        if self.stage in ("rl_done", "done") and self.cfg.rl.iterations > done:
+            if "final" in self.results:
+                self.results[f"rl_{done}"] = self.results.pop("final")
+            self.stage = "rl"
+        # (the trainer was built from this config, so its lr schedule spans the new total)
+        print(f"extended to {self.cfg.rl.iterations} RL iterations")
+
     # ----------------------------------------------------------------- stages
     def demos(self) -> Path:
         cfg = self.cfg
@@ -250,13 +261,27 @@ def resolve_config(config: str | None, overrides: list[str]) -> TrainConfig:
     return apply_overrides(TrainConfig(), overrides)
 
 
-def run(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> dict[str, Any]:
-    """Run (or resume) the whole recipe; return the results dict (per tag and split)."""
+def run(cfg: TrainConfig | None = None, resume: str | Path | None = None,
+        iterations: int | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole recipe; return the results dict (per tag and split).
+
+    ``iterations`` (with ``resume`` only) raises ``rl.iterations`` of the run folder, so that a
+    finished (or unfinished) run continues to that many RL iterations; the config file is
+    rewritten and the previous final evaluation is kept as ``rl_<iteration>``.  A decaying lr
+    schedule then decays over the new total from where it stands (a constant one continues as
+    if the run had been planned that long)."""
+    if iterations is not None and resume is None:
+        raise ConfigError("iterations= extends a resumed run; give rl.iterations in the config")
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").exists():
             raise CheckpointError(f"{run_dir} is not a pirl run folder (no config.yaml)")
         cfg = load_yaml(TrainConfig, run_dir / "config.yaml")
+        if iterations is not None:
+            if iterations < cfg.rl.iterations:
+                raise ConfigError(f"rl.iterations: a resumed run can be extended, not shortened "
+                                  f"({iterations} < the run's {cfg.rl.iterations})")
+            cfg.rl.iterations = iterations
     else:
         assert cfg is not None
         run_dir = Path(cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
@@ -271,6 +296,9 @@ def run(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> dic
         r.load(run_dir / "checkpoints" / "last.pt")
         print(f"resumed {run_dir} at stage {r.stage}"
               + (f", iteration {r.trainer.iter}" if r.trainer else ""))
+        if iterations is not None:
+            r.extend()
+            save_yaml(cfg, run_dir / "config.yaml")
     if r.stage == "start":
         r.sft()
     if r.stage in ("sft_done", "rl"):
