@@ -143,8 +143,9 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     # hybrid Flow-SDE (RLinf's pi0 / LIBERO default): measured to learn on the tabletop, and its
     # update re-evaluates one denoise step (Flow-Noise: all K)
-    # noise level 1.0 (RLinf: 0.5): PPO from the same SFT checkpoints was 3-6 points higher at
-    # matched iterations (README: 84.7% vs 78.3% and 76.7% vs 73.1% train at iteration 10)
+    # noise level 1.0 (RLinf: 0.5): with rl.action_chunk=4, PPO from two SFT checkpoints ended
+    # 1.2 and 4.3 points higher after 40 iterations (6.4 and 3.6 at iteration 10); with whole
+    # chunks executed it ended 4.5 points lower (README)
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(kind="flow_sde",
                                                                          noise_level=1.0))
     demos: DemoConfig = field(default_factory=DemoConfig)
