@@ -282,6 +282,7 @@ def run(cfg: TrainConfig | None = None, resume: str | Path | None = None,
                 raise ConfigError(f"rl.iterations: a resumed run can be extended, not shortened "
                                   f"({iterations} < the run's {cfg.rl.iterations})")
             cfg.rl.iterations = iterations
+            save_yaml(cfg, run_dir / "config.yaml")
     else:
         assert cfg is not None
         run_dir = Path(cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
@@ -298,7 +299,6 @@ def run(cfg: TrainConfig | None = None, resume: str | Path | None = None,
               + (f", iteration {r.trainer.iter}" if r.trainer else ""))
         if iterations is not None:
             r.extend()
-            save_yaml(cfg, run_dir / "config.yaml")
     if r.stage == "start":
         r.sft()
     if r.stage in ("sft_done", "rl"):
