@@ -74,8 +74,8 @@ def test_grpo_logs_fraction_of_episodes_with_signal():
     assert m["grpo/nonzero_adv_fraction"] == pytest.approx(mixed / len(returns))
 
 
-def _tiny_run_cfg(tmp_path, name, iterations=2):
-    return apply_overrides(TrainConfig(), [
+def _tiny_run_cfg(tmp_path, name, iterations=2, extra=()):
+    return apply_overrides(TrainConfig(), list(extra) + [
         f"run_dir={tmp_path / name}", "env.num_envs=8", "progress=false",
         "model.kwargs={width: 32, depth: 1, heads: 2, conv_channels: [8, 16], value_hidden: 32}",
         "demos.episodes_per_task=1", "sft.steps=3", "sft.batch_size=8",
@@ -85,11 +85,13 @@ def _tiny_run_cfg(tmp_path, name, iterations=2):
         "env.kwargs={max_episode_steps: 16}"])
 
 
-def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("task_sampling", ["uniform", "failure"])
+def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, task_sampling):
     from pirl.runners import train as train_mod
     from pirl.runners.checkpoint import load_checkpoint
 
-    train_mod.run(_tiny_run_cfg(tmp_path, "a"))
+    extra = [f"rl.task_sampling={task_sampling}"]
+    train_mod.run(_tiny_run_cfg(tmp_path, "a", extra=extra))
     # the same run, killed during its second RL iteration, then resumed from the checkpoint
     calls = {"n": 0}
     orig = RLTrainer.iteration
@@ -102,7 +104,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(RLTrainer, "iteration", crashing)
     with pytest.raises(KeyboardInterrupt):
-        train_mod.run(_tiny_run_cfg(tmp_path, "b"))
+        train_mod.run(_tiny_run_cfg(tmp_path, "b", extra=extra))
     monkeypatch.setattr(RLTrainer, "iteration", orig)
     assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["trainer"]["iter"] == 1
     train_mod.run(resume=tmp_path / "b")
@@ -113,6 +115,11 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     for k in a["sampler"]:
         assert torch.equal(a["sampler"][k], b["sampler"][k]), k
     assert a["results"] == b["results"]
+    if task_sampling == "failure":  # the curriculum's counts travel with the checkpoint
+        ca, cb = a["trainer"]["curriculum"], b["trainer"]["curriculum"]
+        assert float(ca["counts"].sum()) > 0
+        assert torch.equal(ca["counts"], cb["counts"])
+        assert torch.equal(ca["successes"], cb["successes"])
     ma = [l for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if "rollout/" in l]
     mb = [l for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if "rollout/" in l]
     strip = lambda rows: [{k: v for k, v in __import__("json").loads(r).items()
@@ -296,3 +303,47 @@ def test_train_fits_the_normaliser_on_the_demos(tmp_path):
                                atol=1e-5, rtol=1e-5)
     state = data.obs["state"].double()
     torch.testing.assert_close(sd["normalizer.state_mean"].double(), state.mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_self_imitation_term_is_the_flow_matching_loss_on_successful_chunks():
+    """With ``sil_coef`` the minibatch loss gains ``sil_coef * FM`` where FM is the flow-matching
+    loss on the executed elements of the rows whose episode succeeded (computed here directly
+    from the policy's velocity), and rows of failed episodes do not reach it."""
+    from pirl.runners.rollout import cat_chains, stack_obs
+    from pirl.models.base import index_batch
+
+    pol = _policy()
+    smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
+                        config=SamplerConfig(kind="flow_sde", num_steps=3))
+    cfg = apply_overrides(RLConfig(algo="ppo", action_chunk=1), ["ppo.sil_coef=0.7"])
+    tr = RLTrainer(pol, smp, ReachEnv(32, max_episode_steps=2, radius=0.45), cfg, seed=0)
+    ro = tr.rollout()
+    valid = ro.valid.reshape(-1)
+    idx = valid.nonzero().squeeze(1)
+    obs = index_batch(stack_obs(ro.obs), idx)
+    chain = cat_chains(ro.chains).index(idx)
+    w = ro.episode_success[None, :].expand_as(ro.valid).reshape(-1)[idx].float()
+    assert 0 < float(w.sum()) < w.numel()  # both kinds of rows are present
+    m = idx.numel()
+    old = tr._aggregate(chain)
+    zeros = torch.zeros(m)
+    sil = tr._sil_inputs(chain, w, "cpu")
+    prefix = pol.encode_prefix(obs)
+    with_sil, s = tr.minibatch_loss(obs, chain, old, zeros, zeros, zeros, None, sil)
+    without, _ = tr.minibatch_loss(obs, chain, old, zeros, zeros, zeros, None, None)
+    # the reference: || v(x_t, t) - (eps - a) ||^2 over successful rows, executed step 0 only
+    a, eps, t = chain.actions, sil["noise"], sil["time"]
+    x_t = t[:, None, None] * eps + (1 - t[:, None, None]) * a
+    err = (pol.velocity(prefix, x_t, t).velocity - (eps - a)).pow(2)[:, :1, :]  # [M, 1, A]
+    rows = w.bool()
+    ref = err[rows].mean()
+    torch.testing.assert_close(with_sil - without, 0.7 * ref, atol=1e-6, rtol=1e-5)
+    assert s["sil/loss"] == pytest.approx(float(ref.detach()), rel=1e-5)
+    # failed rows' actions do not reach the term
+    a2 = chain.actions.clone()
+    a2[~rows] += 5.0
+    sil2 = dict(sil, actions=a2)
+    with_sil2, _ = tr.minibatch_loss(obs, chain, old, zeros, zeros, zeros, None, sil2)
+    torch.testing.assert_close(with_sil2, with_sil)
+    with pytest.raises(ValueError, match="sil_coef"):
+        apply_overrides(RLConfig(), ["ppo.sil_coef=-1"])

@@ -73,7 +73,8 @@ def group_advantages(returns: torch.Tensor, group_ids: torch.Tensor, eps: float 
 
 
 def make_groups(num_envs: int, group_size: int, num_tasks: int,
-                generator: torch.Generator | None = None
+                generator: torch.Generator | None = None,
+                task_probs: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Assign N envs to N / G groups of G envs sharing one task and one initial state.
 
@@ -94,9 +95,15 @@ def make_groups(num_envs: int, group_size: int, num_tasks: int,
     if num_tasks < 1:
         raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
     num_groups = num_envs // group_size
-    perms = [torch.randperm(num_tasks, generator=generator)
-             for _ in range(-(-num_groups // num_tasks))]
-    group_task = torch.cat(perms)[:num_groups]
+    if task_probs is not None:
+        if task_probs.shape != (num_tasks,):
+            raise ValueError(f"task_probs must be [{num_tasks}], got {tuple(task_probs.shape)}")
+        group_task = torch.multinomial(task_probs, num_groups, replacement=True,
+                                       generator=generator)
+    else:
+        perms = [torch.randperm(num_tasks, generator=generator)
+                 for _ in range(-(-num_groups // num_tasks))]
+        group_task = torch.cat(perms)[:num_groups]
     group_seed = torch.randint(0, SEED_HIGH, (num_groups,), generator=generator)
     group_ids = torch.arange(num_groups).repeat_interleave(group_size)
     return group_task[group_ids], group_seed[group_ids], group_ids

@@ -345,6 +345,9 @@ class PolicyUpdateConfig:
     normalize_advantages: bool = True
     entropy_coef: float = 0.0
     target_kl: float | None = None
+    # self-imitation: weight of a flow-matching loss on the executed chunks of the rollout's
+    # successful episodes, added to the policy loss (0: off, plain PPO / GRPO)
+    sil_coef: float = 0.0
     lr_schedule: LRSchedule = "constant"
     lr_warmup_iters: int = 0
     logp_mode: LogpMode = "chain_mean"  # RLinf token-mean: per-element ratios (stable)
@@ -371,6 +374,7 @@ class PolicyUpdateConfig:
         _check(self.entropy_coef >= 0, "entropy_coef", f"must be >= 0, got {self.entropy_coef}")
         _check(self.target_kl is None or self.target_kl > 0, "target_kl",
                f"must be > 0 or null, got {self.target_kl}")
+        _check(self.sil_coef >= 0, "sil_coef", f"must be >= 0, got {self.sil_coef}")
         _check(self.lr_schedule in ("constant", "cosine", "linear"), "lr_schedule",
                f"must be 'constant', 'cosine' or 'linear', got {self.lr_schedule!r}")
         _check(self.lr_warmup_iters >= 0, "lr_warmup_iters",

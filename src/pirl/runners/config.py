@@ -108,9 +108,21 @@ class RLConfig:
     # expert_only: keep each rollout step's frozen prefix cache (policy.frozen_prefix) and reuse
     # it in every update epoch instead of re-encoding the observations (same numbers, faster)
     reuse_prefix: bool = True
+    # which task each env runs: "uniform", or "failure": a share task_sampling_mix of the envs
+    # draws tasks in proportion to their estimated failure rate (decayed per-task counts of the
+    # rollout episodes, factor task_sampling_decay per iteration; pirl.runners.curriculum)
+    task_sampling: Literal["uniform", "failure"] = "uniform"
+    task_sampling_mix: float = 0.5
+    task_sampling_decay: float = 0.8
 
     def __post_init__(self):
         _check(self.iterations >= 0, "rl.iterations", "must be >= 0")
+        _check(self.task_sampling in ("uniform", "failure"), "rl.task_sampling",
+               f"must be 'uniform' or 'failure', got {self.task_sampling!r}")
+        _check(0.0 <= self.task_sampling_mix <= 1.0, "rl.task_sampling_mix",
+               f"must be in [0, 1], got {self.task_sampling_mix}")
+        _check(0.0 < self.task_sampling_decay <= 1.0, "rl.task_sampling_decay",
+               f"must be in (0, 1], got {self.task_sampling_decay}")
         _check(self.action_chunk is None or self.action_chunk >= 1, "rl.action_chunk",
                "must be >= 1")
         _check(self.eval_every >= 1, "rl.eval_every", "must be >= 1")

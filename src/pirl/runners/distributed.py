@@ -620,7 +620,7 @@ class _LossModule(nn.Module):
         self._trainer = [trainer]  # a list: not registered as a submodule
 
     def forward(self, o, c, old_logp, adv, ret, old_values, *rest):
-        # rest: (scale,) or (frozen_prefix, scale)
+        # rest: (frozen_prefix, sil, scale)
         scale, extra = rest[-1], rest[:-1]
         loss, stats = self._trainer[0].minibatch_loss(o, c, old_logp, adv, ret, old_values,
                                                       *extra)
@@ -1064,6 +1064,10 @@ def trainer_from_config(cfg: Any, policy: FlowPolicy, sampler: Sampler, env: Bat
     placement = getattr(cfg, "placement", None)
     if placement is None or placement.mode == "local":
         return _rl_trainer_cls()(policy, sampler, env, cfg.rl, cfg.seed)
+    if cfg.rl.task_sampling != "uniform":
+        # the workers draw the tasks, the learner sees the outcomes: not synced (yet)
+        raise ValueError(f"rl.task_sampling={cfg.rl.task_sampling!r} needs "
+                         f"placement.mode=local (got {placement.mode!r})")
     from pirl.envs import make_env
 
     kw = dict(cfg.env.kwargs)

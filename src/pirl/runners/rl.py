@@ -22,8 +22,10 @@ from pirl.algos.ppo import (aggregate_logp, approx_kl, explained_variance, level
                             policy_loss, value_loss)
 from pirl.envs.base import BatchedEnv, ChunkedEnv
 from pirl.flow.base import Sampler
-from pirl.models.base import FlowPolicy, cat_batch, index_batch, to_device
+from pirl.models.base import (FlowPolicy, cat_batch, flow_matching_loss, index_batch,
+                              sample_flow_time, to_device)
 from pirl.runners.config import RLConfig
+from pirl.runners.curriculum import FailureCurriculum
 from pirl.runners.rollout import Rollout, cat_chains, collect, stack_obs
 
 
@@ -55,6 +57,11 @@ class RLTrainer:
         # with a frozen prefix the rollout's prefix caches are reused by every update epoch
         self.reuse_prefix = cfg.train_mode == "expert_only" and cfg.reuse_prefix
         self.total_updates = max(1, cfg.iterations)
+        # failure-weighted task draws (None: uniform); its counts are part of state_dict
+        self.curriculum = (FailureCurriculum(len(self.env.task_names), cfg.task_sampling_mix,
+                                             cfg.task_sampling_decay)
+                           if cfg.task_sampling == "failure" else None)
+        self._task_ids: torch.Tensor | None = None
         self.ref = None
         if self.algo == "grpo" and cfg.grpo.kl_coef > 0:
             # frozen reference (the policy RL starts from) for GRPO's KL penalty
@@ -101,12 +108,19 @@ class RLTrainer:
     def _reset_kwargs(self) -> dict[str, Any]:
         n = self.env.num_envs
         base = self.seed * 1_000_003 + self.iter * 7919
+        probs = self.curriculum.probs() if self.curriculum is not None else None
         if self.algo == "grpo":
             task_ids, ep_seeds, self._groups = make_groups(
-                n, self.hp.group_size, len(self.env.task_names), self.group_gen)
+                n, self.hp.group_size, len(self.env.task_names), self.group_gen,
+                task_probs=probs)
+            self._task_ids = task_ids
             return {"seed": base, "task_ids": task_ids, "episode_seeds": ep_seeds + base}
         g = torch.Generator().manual_seed(base)
-        task_ids = torch.randint(0, len(self.env.task_names), (n,), generator=g)
+        if probs is not None:
+            task_ids = torch.multinomial(probs, n, replacement=True, generator=g)
+        else:
+            task_ids = torch.randint(0, len(self.env.task_names), (n,), generator=g)
+        self._task_ids = task_ids
         return {"seed": base, "task_ids": task_ids,
                 "episode_seeds": base + torch.arange(n)}
 
@@ -140,6 +154,11 @@ class RLTrainer:
         distributed placements run it on the learner ranks, see
         :mod:`pirl.runners.distributed`).  ``t_roll``: the rollout's wall time, for metrics."""
         self.env_steps += ro.env_steps
+        if self.curriculum is not None:
+            if self._task_ids is None or self._task_ids.numel() != ro.valid.shape[1]:
+                raise RuntimeError("rl.task_sampling=failure needs the rollout's task ids from "
+                                   "this trainer's _reset_kwargs (placement.mode=local)")
+            self.curriculum.update(self._task_ids, ro.episode_success)
         valid = ro.valid
         flat_valid = valid.reshape(-1)
         idx = flat_valid.nonzero().squeeze(1)
@@ -165,11 +184,22 @@ class RLTrainer:
             ret = old_values = torch.zeros_like(adv)
         if self.hp.normalize_advantages and adv.numel() > 1:
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        sil_w = None
+        if self.hp.sil_coef > 0:
+            # self-imitation rows: every executed chunk of an episode that succeeded
+            sil_w = ro.episode_success[None, :].expand_as(valid).reshape(-1)[idx].float()
+            metrics["sil/fraction"] = float(sil_w.mean())
         t1 = time.perf_counter()
-        upd = self.update(obs, chain, old_logp, adv, ret, old_values, frozen)
+        upd = self.update(obs, chain, old_logp, adv, ret, old_values, frozen, sil_w)
         t_upd = time.perf_counter() - t1
         self.iter += 1
         metrics.update(upd)
+        if self.curriculum is not None:
+            # the policy's success averaged over tasks as the curriculum estimates it (the
+            # rollout's own mean is over the failure-weighted draws)
+            metrics["curriculum/task_success"] = float(self.curriculum.success_rate().mean())
+            metrics["curriculum/max_prob_ratio"] = float(self.curriculum.probs().max()
+                                                         * self.curriculum.num_tasks)
         metrics.update({
             "rollout/success": float(ro.episode_success.float().mean()),
             "rollout/return": float(ro.episode_return.mean()),
@@ -183,9 +213,10 @@ class RLTrainer:
         return metrics
 
     def update(self, obs, chain, old_logp, adv, ret, old_values,
-               frozen_prefix=None) -> dict[str, float]:
+               frozen_prefix=None, sil_weight=None) -> dict[str, float]:
         """``update_epochs`` passes of minibatch steps; ``frozen_prefix``: the rollout's frozen
-        prefix caches of the same rows (None: re-encode ``obs``)."""
+        prefix caches of the same rows (None: re-encode ``obs``); ``sil_weight [M]``: the rows'
+        weights in the self-imitation loss (None: no such loss)."""
         hp = self.hp
         self.policy.train()
         self._set_lr()
@@ -201,9 +232,11 @@ class RLTrainer:
                 o = to_device(index_batch(obs, i), device)
                 c = to_device(chain.index(i), device)
                 args = (o, c, old_logp[i].to(device), adv[i].to(device), ret[i].to(device),
-                        old_values[i].to(device))
-                if frozen_prefix is not None:
-                    args += (to_device(index_batch(frozen_prefix, i), device),)
+                        old_values[i].to(device),
+                        (to_device(index_batch(frozen_prefix, i), device)
+                         if frozen_prefix is not None else None),
+                        self._sil_inputs(c, sil_weight[i], device)
+                        if sil_weight is not None else None)
                 loss, s = self._loss(*args)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -220,11 +253,23 @@ class RLTrainer:
         out["policy/lr"] = self.optimizer.param_groups[0]["lr"]
         return out
 
+    def _sil_inputs(self, c, weight: torch.Tensor, device) -> dict[str, torch.Tensor]:
+        """The self-imitation targets of a minibatch: the sampled chunks ``c.actions [M, H, A]``
+        (model units), the loss mask ``[M, H, A]`` (executed elements of successful rows) and
+        the flow-matching noise and times, drawn from the trainer's update generator."""
+        actions = c.actions.detach()
+        m = actions.shape[0]
+        noise = torch.randn(actions.shape, generator=self.update_gen).to(device, actions.dtype)
+        time_ = sample_flow_time(m, generator=self.update_gen).to(device, actions.dtype)
+        mask = self.action_mask.to(device, actions.dtype)[None] * weight.to(device)[:, None, None]
+        return {"actions": actions, "mask": mask, "noise": noise, "time": time_}
+
     def minibatch_loss(self, o, c, old_logp, adv, ret, old_values,
-                       frozen_prefix=None) -> tuple[torch.Tensor, dict[str, float]]:
+                       frozen_prefix=None, sil=None) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss and stats of one minibatch (already on the device): obs ``o``, chains ``c``,
         rollout log-probs, advantages, returns and values ``[M]``; ``frozen_prefix``: the
-        rollout's frozen prefix caches of these rows (else ``o`` is re-encoded)."""
+        rollout's frozen prefix caches of these rows (else ``o`` is re-encoded); ``sil``: the
+        self-imitation inputs (:meth:`_sil_inputs`) or None."""
         hp = self.hp
         device = old_logp.device
         if frozen_prefix is not None:
@@ -260,6 +305,13 @@ class RLTrainer:
                                 clip=hp.value_clip, huber_delta=hp.huber_delta)
             loss = loss + hp.value_coef * vl
             s["value/loss"] = float(vl.detach())
+        if sil is not None and bool(sil["mask"].any()):
+            # self-imitation (Oh et al. 2018, success as the filter): the flow-matching loss
+            # on the executed part of the chunks that led to a success, averaged over them
+            fm = flow_matching_loss(self.policy, prefix, sil["actions"], noise=sil["noise"],
+                                    time=sil["time"], mask=sil["mask"])
+            loss = loss + hp.sil_coef * fm
+            s["sil/loss"] = float(fm.detach())
         ent = hp.entropy_coef
         if ent and not warm and bool(new.stochastic.any()):
             # Gaussian entropy per element = log std + const: a bonus on the noise level
@@ -284,7 +336,9 @@ class RLTrainer:
                 "optimizer": self.optimizer.state_dict(),
                 "sample_gen": self.sample_gen.get_state(),
                 "update_gen": self.update_gen.get_state(),
-                "group_gen": self.group_gen.get_state()}
+                "group_gen": self.group_gen.get_state(),
+                "curriculum": (self.curriculum.state_dict() if self.curriculum is not None
+                               else None)}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.iter, self.env_steps = sd["iter"], sd["env_steps"]
@@ -292,3 +346,8 @@ class RLTrainer:
         self.sample_gen.set_state(sd["sample_gen"])
         self.update_gen.set_state(sd["update_gen"])
         self.group_gen.set_state(sd["group_gen"])
+        cur = sd.get("curriculum")
+        if (cur is None) != (self.curriculum is None):
+            raise ValueError("the checkpoint's rl.task_sampling differs from the config's")
+        if cur is not None:
+            self.curriculum.load_state_dict(cur)
