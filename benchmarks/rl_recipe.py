@@ -19,12 +19,15 @@ from pathlib import Path
 # Per-variant settings are the measured ones (README): Flow-Noise's chain has 4x the Gaussian
 # elements of hybrid Flow-SDE at a third of the std, so PPO forms one ratio per chunk
 # (logp_mode=chain, a chunk-level trust region) at lr 1e-4; with per-element ratios it collapsed.
+# GRPO with Flow-SDE as measured from the default's SFT checkpoint (groups of 8, lr 3e-4, cosine).
 VARIANTS = {
     "ppo_flow_noise": ["rl.algo=ppo", "sampler.kind=flow_noise", "rl.ppo.logp_mode=chain",
                        "rl.ppo.lr_policy=1e-4"],
     "ppo_flow_sde": ["rl.algo=ppo", "sampler.kind=flow_sde"],
-    "grpo_flow_noise": ["rl.algo=grpo", "sampler.kind=flow_noise"],
-    "grpo_flow_sde": ["rl.algo=grpo", "sampler.kind=flow_sde"],
+    "grpo_flow_noise": ["rl.algo=grpo", "sampler.kind=flow_noise", "rl.grpo.logp_mode=chain",
+                        "rl.grpo.lr_policy=1e-4"],
+    "grpo_flow_sde": ["rl.algo=grpo", "sampler.kind=flow_sde", "rl.grpo.lr_policy=3e-4",
+                      "rl.grpo.lr_schedule=cosine"],
 }
 
 
