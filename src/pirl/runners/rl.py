@@ -108,16 +108,16 @@ class RLTrainer:
     def _reset_kwargs(self) -> dict[str, Any]:
         n = self.env.num_envs
         base = self.seed * 1_000_003 + self.iter * 7919
-        probs = self.curriculum.probs() if self.curriculum is not None else None
         if self.algo == "grpo":
+            probs = self.curriculum.probs() if self.curriculum is not None else None
             task_ids, ep_seeds, self._groups = make_groups(
                 n, self.hp.group_size, len(self.env.task_names), self.group_gen,
                 task_probs=probs)
             self._task_ids = task_ids
             return {"seed": base, "task_ids": task_ids, "episode_seeds": ep_seeds + base}
         g = torch.Generator().manual_seed(base)
-        if probs is not None:
-            task_ids = torch.multinomial(probs, n, replacement=True, generator=g)
+        if self.curriculum is not None:
+            task_ids = self.curriculum.sample(n, g)
         else:
             task_ids = torch.randint(0, len(self.env.task_names), (n,), generator=g)
         self._task_ids = task_ids
