@@ -347,3 +347,44 @@ def test_self_imitation_term_is_the_flow_matching_loss_on_successful_chunks():
     torch.testing.assert_close(with_sil2, with_sil)
     with pytest.raises(ValueError, match="sil_coef"):
         apply_overrides(RLConfig(), ["ppo.sil_coef=-1"])
+
+
+@pytest.mark.parametrize("truncation", ["bootstrap", "terminal"])
+def test_time_limit_truncation_in_gae(monkeypatch, truncation):
+    """``ppo.truncation``: the last chunk of an episode that ran into the time limit has return
+    ``r + gamma * V(final obs)`` with "bootstrap" and exactly ``r`` (advantage ``r - V``) with
+    "terminal"; a success (terminated) ends the return in both."""
+    import pirl.runners.rl as rl_mod
+
+    seen = {}
+    real_gae = rl_mod.gae
+
+    def spy(rewards, values, next_values, terminated, truncated, **kw):
+        out = real_gae(rewards, values, next_values, terminated, truncated, **kw)
+        seen.update(rewards=rewards, values=values, next_values=next_values, ret=out[1])
+        return out
+
+    monkeypatch.setattr(rl_mod, "gae", spy)
+    torch.manual_seed(0)
+    pol = _policy()
+    with torch.no_grad():  # a critic far from 0, so that the two modes really differ
+        pol.value_mlp[-1].bias.fill_(0.5)
+    smp = build_sampler("flow_noise", 3, pol.feature_dim, pol.action_dim, config=SamplerConfig())
+    cfg = apply_overrides(RLConfig(algo="ppo"), ["action_chunk=2", "ppo.gamma=0.9",
+                                                 f"ppo.truncation={truncation}"])
+    tr = RLTrainer(pol, smp, ReachEnv(64, max_episode_steps=4, radius=0.2), cfg, seed=0)
+    ro = tr.rollout()
+    tr.learn(ro)
+    last = ro.truncated[-1]  # episodes that timed out in the final chunk
+    assert 0 < int(last.sum()) < 64 and bool(ro.terminated.any())
+    r, v, nv, ret = (seen[k][-1] for k in ("rewards", "values", "next_values", "ret"))
+    want = r[last] + (0.9 * nv[last] if truncation == "bootstrap" else 0.0)
+    torch.testing.assert_close(ret[last], want.to(ret.dtype))
+    succ = ro.terminated[-1]
+    torch.testing.assert_close(ret[succ], r[succ].to(ret.dtype))
+    assert bool((nv[last] > 0.1).all())
+
+
+def test_truncation_is_checked():
+    with pytest.raises(ValueError, match="truncation"):
+        apply_overrides(RLConfig(), ["ppo.truncation=drop"])

@@ -29,6 +29,7 @@ import torch
 LogpMode = Literal["chain", "chain_mean"]
 LogpLevel = Literal["chunk", "action", "element"]
 LRSchedule = Literal["constant", "cosine", "linear"]
+Truncation = Literal["bootstrap", "terminal"]
 
 _LEVEL_DIMS = {"chunk": 1, "action": 2, "element": 3}
 
@@ -408,6 +409,11 @@ class PPOConfig(PolicyUpdateConfig):
     lr_value: float = 1e-3
     value_coef: float = 1.0
     critic_warmup_iters: int = 0
+    # an env's time-limit truncation in GAE: "bootstrap" continues the return with V(final
+    # obs) (the infinite-horizon convention); "terminal" ends it there (value 0 after it), the
+    # true value of a task that must be done within the time limit, so that a timed-out
+    # episode's chunks carry the failure instead of the critic's guess
+    truncation: Truncation = "bootstrap"
 
     def __post_init__(self):
         super().__post_init__()
@@ -422,3 +428,5 @@ class PPOConfig(PolicyUpdateConfig):
         _check(self.value_coef >= 0, "value_coef", f"must be >= 0, got {self.value_coef}")
         _check(self.critic_warmup_iters >= 0, "critic_warmup_iters",
                f"must be >= 0, got {self.critic_warmup_iters}")
+        _check(self.truncation in ("bootstrap", "terminal"), "truncation",
+               f"must be 'bootstrap' or 'terminal', got {self.truncation!r}")

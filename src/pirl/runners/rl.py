@@ -169,7 +169,10 @@ class RLTrainer:
         rewards = self._rewards(ro)
         metrics: dict[str, float] = {}
         if self.algo == "ppo":
-            adv, ret = gae(rewards, ro.values, ro.next_values, ro.terminated, ro.truncated,
+            term, trunc = ro.terminated, ro.truncated
+            if self.hp.truncation == "terminal":  # the time limit ends the task's return
+                term, trunc = term | trunc, torch.zeros_like(trunc)
+            adv, ret = gae(rewards, ro.values, ro.next_values, term, trunc,
                            gamma=self.hp.gamma, lam=self.hp.gae_lambda, valid=valid)
             adv, ret = adv.reshape(-1)[idx], ret.reshape(-1)[idx]
             old_values = ro.values.reshape(-1)[idx]
