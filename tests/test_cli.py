@@ -20,3 +20,28 @@ def test_resume_passes_only_an_iteration_count_on(monkeypatch):
     with pytest.raises(SystemExit):
         cli.main(["train", "--resume", "R", "--config", "x.yaml"])
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in cli._presets_dir().glob("*.yaml")))
+def test_every_preset_loads_into_a_valid_config(preset):
+    """Each shipped preset resolves by name and type-checks into a TrainConfig (a typo in a
+    field name or a bad value would raise naming the field)."""
+    from pirl.configs import load_yaml
+    from pirl.runners.config import TrainConfig
+
+    cfg = load_yaml(TrainConfig, cli._resolve_preset(preset))
+    assert isinstance(cfg, TrainConfig)
+
+
+def test_flow_noise_preset_changes_only_the_sampler_and_ppo_settings():
+    from pirl.configs import load_yaml, to_dict
+    from pirl.runners.config import TrainConfig
+
+    cfg = load_yaml(TrainConfig, cli._resolve_preset("tabletop_flow_noise"))
+    assert (cfg.sampler.kind, cfg.sampler.min_std, cfg.sampler.max_std) == ("flow_noise", 0.16, 0.32)
+    assert (cfg.rl.ppo.logp_mode, cfg.rl.ppo.logp_level, cfg.rl.ppo.lr_policy) == (
+        "chain_mean", "chunk", 1e-4)
+    base, got = to_dict(TrainConfig()), to_dict(cfg)
+    assert got["env"] == base["env"] and got["demos"] == base["demos"]
+    assert got["rl"]["action_chunk"] == base["rl"]["action_chunk"] == 4
+    assert got["rl"]["ppo"]["lr_schedule"] == "cosine"
