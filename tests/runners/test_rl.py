@@ -388,3 +388,28 @@ def test_time_limit_truncation_in_gae(monkeypatch, truncation):
 def test_truncation_is_checked():
     with pytest.raises(ValueError, match="truncation"):
         apply_overrides(RLConfig(), ["ppo.truncation=drop"])
+
+
+def test_sft_freeze_keeps_the_named_parameters_and_gives_them_back_to_rl(tmp_path):
+    """sft.freeze=[prefix]: after SFT every prefix parameter equals its initial value and the
+    expert's have moved; afterwards every parameter trains again (RL decides); an entry that
+    names no parameter is an error naming the field."""
+    from pirl.configs import ConfigError
+    from pirl.runners import train as train_mod
+
+    init = train_mod.Run(_tiny_run_cfg(tmp_path, "i", iterations=0, extra=["sft.steps=0"]),
+                         tmp_path / "i")
+    r = train_mod.Run(_tiny_run_cfg(tmp_path, "f", iterations=0, extra=["sft.freeze=[prefix]"]),
+                      tmp_path / "f")
+    r.sft()
+    before = dict(init.policy.named_parameters())
+    prefix = set(r.policy.prefix_parameter_names())
+    assert prefix
+    moved = {n: not torch.equal(p, before[n]) for n, p in r.policy.named_parameters()}
+    assert not any(moved[n] for n in prefix)
+    assert any(moved[n] for n in moved if n.startswith("expert_blocks"))
+    assert all(p.requires_grad for p in r.policy.parameters())
+    bad = train_mod.Run(_tiny_run_cfg(tmp_path, "b", iterations=0,
+                                      extra=["sft.freeze=[no_such_module]"]), tmp_path / "b")
+    with pytest.raises(ConfigError, match="sft.freeze"):
+        bad.sft()

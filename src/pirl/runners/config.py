@@ -79,6 +79,11 @@ class SFTConfig:
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     warmup_steps: int = 100
+    # parameters kept fixed during SFT: "prefix" (every prefix / VLM parameter, as RL's
+    # expert_only mode freezes them) or leading parts of parameter names ("image_encoder");
+    # [] trains everything.  A diagnostic: with model.checkpoint it asks how far the expert
+    # gets on a given prefix (README, session 15)
+    freeze: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         _check(self.steps >= 0, "sft.steps", "must be >= 0")

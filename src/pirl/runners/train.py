@@ -77,6 +77,20 @@ def load_sft_data(cfg: TrainConfig, demo_dir: Path, horizon: int):
     return SFTData(obs=obs, actions=actions, mask=mask)
 
 
+def sft_frozen_parameters(policy, freeze: list[str]) -> list[Any]:
+    """The parameters ``sft.freeze`` names: ``"prefix"`` = ``policy.prefix_parameter_names()``,
+    any other entry = the parameters whose name starts with it (each entry must match one)."""
+    named = dict(policy.named_parameters())
+    prefix = set(policy.prefix_parameter_names())
+    out: dict[str, Any] = {}
+    for entry in freeze:
+        hit = [n for n in named if (n in prefix if entry == "prefix" else n.startswith(entry))]
+        if not hit:
+            raise ConfigError(f"sft.freeze: {entry!r} names no parameter of the policy")
+        out.update((n, named[n]) for n in hit)
+    return list(out.values())
+
+
 class Run:
     """State of one run folder (see module docstring)."""
 
@@ -207,10 +221,17 @@ class Run:
                         bar.set_postfix(loss=f"{loss:.4f}")
 
             t0 = time.perf_counter()
-            train_sft(self.policy, data, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size,
-                      lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay,
-                      grad_clip=cfg.sft.grad_clip, warmup_steps=cfg.sft.warmup_steps,
-                      generator=gen, callback=cb)
+            frozen = sft_frozen_parameters(self.policy, cfg.sft.freeze)
+            try:
+                for p in frozen:
+                    p.requires_grad_(False)
+                train_sft(self.policy, data, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size,
+                          lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay,
+                          grad_clip=cfg.sft.grad_clip, warmup_steps=cfg.sft.warmup_steps,
+                          generator=gen, callback=cb)
+            finally:  # RL decides for itself what trains
+                for p in frozen:
+                    p.requires_grad_(True)
             if hasattr(bar, "close"):
                 bar.close()
             print(f"SFT: {cfg.sft.steps} steps on {len(data)} samples in "
