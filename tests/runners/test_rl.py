@@ -392,8 +392,9 @@ def test_truncation_is_checked():
 
 def test_sft_freeze_keeps_the_named_parameters_and_gives_them_back_to_rl(tmp_path):
     """sft.freeze=[prefix]: after SFT every prefix parameter equals its initial value and the
-    expert's have moved; afterwards every parameter trains again (RL decides); an entry that
-    names no parameter is an error naming the field."""
+    expert's have moved; afterwards every parameter's requires_grad is what it was before (a
+    parameter the model itself froze stays frozen); an entry that names no parameter is an
+    error naming the field."""
     from pirl.configs import ConfigError
     from pirl.runners import train as train_mod
 
@@ -401,6 +402,8 @@ def test_sft_freeze_keeps_the_named_parameters_and_gives_them_back_to_rl(tmp_pat
                          tmp_path / "i")
     r = train_mod.Run(_tiny_run_cfg(tmp_path, "f", iterations=0, extra=["sft.freeze=[prefix]"]),
                       tmp_path / "f")
+    r.policy.text_embed.weight.requires_grad_(False)  # frozen by the model, not by sft.freeze
+    flags = {n: p.requires_grad for n, p in r.policy.named_parameters()}
     r.sft()
     before = dict(init.policy.named_parameters())
     prefix = set(r.policy.prefix_parameter_names())
@@ -408,7 +411,8 @@ def test_sft_freeze_keeps_the_named_parameters_and_gives_them_back_to_rl(tmp_pat
     moved = {n: not torch.equal(p, before[n]) for n, p in r.policy.named_parameters()}
     assert not any(moved[n] for n in prefix)
     assert any(moved[n] for n in moved if n.startswith("expert_blocks"))
-    assert all(p.requires_grad for p in r.policy.parameters())
+    assert {n: p.requires_grad for n, p in r.policy.named_parameters()} == flags
+    assert not flags["text_embed.weight"] and sum(flags.values()) == len(flags) - 1
     bad = train_mod.Run(_tiny_run_cfg(tmp_path, "b", iterations=0,
                                       extra=["sft.freeze=[no_such_module]"]), tmp_path / "b")
     with pytest.raises(ConfigError, match="sft.freeze"):

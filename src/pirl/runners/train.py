@@ -222,6 +222,9 @@ class Run:
 
             t0 = time.perf_counter()
             frozen = sft_frozen_parameters(self.policy, cfg.sft.freeze)
+            # each parameter's own flag comes back afterwards (a pi0's LoRA / train mode freezes
+            # some for good; RL's train_mode decides about the rest)
+            was = [p.requires_grad for p in frozen]
             try:
                 for p in frozen:
                     p.requires_grad_(False)
@@ -229,9 +232,9 @@ class Run:
                           lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay,
                           grad_clip=cfg.sft.grad_clip, warmup_steps=cfg.sft.warmup_steps,
                           generator=gen, callback=cb)
-            finally:  # RL decides for itself what trains
-                for p in frozen:
-                    p.requires_grad_(True)
+            finally:
+                for p, flag in zip(frozen, was):
+                    p.requires_grad_(flag)
             if hasattr(bar, "close"):
                 bar.close()
             print(f"SFT: {cfg.sft.steps} steps on {len(data)} samples in "
