@@ -350,3 +350,32 @@ def test_cuda_matches_cpu():
     assert torch.allclose(envs[0].obj_pos, envs[1].obj_pos.cpu(), atol=1e-4)
     same = (steps[0].obs["images"] == steps[1].obs["images"].cpu()).float().mean()
     assert float(same) > 0.99
+
+
+def test_scene_points_name_the_object_the_place_and_the_gripper():
+    """scene_points [N, 3, 2]: the task object, the named place (target plate / base cube /
+    the named edge's middle), the gripper; checked against the layout per family."""
+    from pirl.envs.tabletop import TabletopEnv
+    from pirl.envs.tabletop.tasks import EDGE_DIRECTIONS, EDGES
+
+    env = TabletopEnv(256, split="all", task_families=("pick_place", "push", "stack"), seed=0)
+    env.reset(seed=1)
+    pts = env.scene_points()
+    assert pts.shape == (256, 3, 2)
+    torch.testing.assert_close(pts[:, 0], env.obj_pos[:, 0])
+    torch.testing.assert_close(pts[:, 2], env.gripper)
+    seen = set()
+    for i in range(256):
+        task = env.tasks[int(env.task_id[i])]
+        seen.add(task.family)
+        if task.family == "pick_place":
+            want = env.plate_pos[i, 0]
+            assert int(env.plate_colour[i, 0]) == task.target
+        elif task.family == "stack":
+            want = env.obj_pos[i, 1]
+            assert int(env.obj_colour[i, 1]) == task.target
+        else:
+            want = torch.tensor(EDGE_DIRECTIONS[task.target], dtype=pts.dtype)
+            assert task.instruction.endswith(f"{EDGES[task.target]} edge")
+        torch.testing.assert_close(pts[i, 1], want)
+    assert seen == {"pick_place", "push", "stack"}

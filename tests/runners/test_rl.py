@@ -417,3 +417,25 @@ def test_sft_freeze_keeps_the_named_parameters_and_gives_them_back_to_rl(tmp_pat
                                       extra=["sft.freeze=[no_such_module]"]), tmp_path / "b")
     with pytest.raises(ConfigError, match="sft.freeze"):
         bad.sft()
+
+
+def test_pretrain_stage_runs_before_sft_and_needs_the_tabletop(tmp_path):
+    """pretrain.steps > 0: the run's SFT stage first pretrains the prefix (its loss is logged
+    under pretrain/), then fine-tunes; grounding pretraining on another env is an error naming
+    the field."""
+    import json
+
+    from pirl.configs import ConfigError
+    from pirl.runners import train as train_mod
+
+    cfg = _tiny_run_cfg(tmp_path, "p", iterations=0,
+                        extra=["pretrain.steps=4", "pretrain.num_envs=4",
+                               "pretrain.warmup_steps=1"])
+    r = train_mod.Run(cfg, tmp_path / "p")
+    r.sft()
+    rows = [json.loads(x) for x in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
+    assert any("pretrain/loss" in row for row in rows)
+    assert any("sft/loss" in row for row in rows)
+    r.cfg.env.name = "maniskill/PushCube-v1"
+    with pytest.raises(ConfigError, match="pretrain.steps"):
+        r.pretrain()

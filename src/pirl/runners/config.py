@@ -70,6 +70,30 @@ class DemoConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Grounding pretraining of the prefix before SFT (:mod:`pirl.algos.pretrain`; the tiny
+    VLA's stand-in for pi0's pretrained VLM): ``steps`` > 0 turns it on.  The env (``split``,
+    ``num_envs`` parallel copies of the training env) is driven by its scripted controller with
+    action noise ``noise``; the prefix learns to localise the instruction's object and place and
+    the gripper.  Needs an env with ``scene_points()`` and a scripted expert (the tabletop)."""
+
+    steps: int = 0
+    num_envs: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    noise: float = 0.5
+    split: str = "train"
+    seed: int = 777
+
+    def __post_init__(self):
+        _check(self.steps >= 0, "pretrain.steps", "must be >= 0")
+        _check(self.num_envs >= 1, "pretrain.num_envs", "must be >= 1")
+        _check(self.lr > 0, "pretrain.lr", f"must be > 0, got {self.lr}")
+        _check(self.noise >= 0, "pretrain.noise", "must be >= 0")
+
+
+@dataclass
 class SFTConfig:
     """Few-shot flow-matching SFT (the RL starting point)."""
 
@@ -165,6 +189,7 @@ class TrainConfig:
     # chunks executed it ended 4.5 points lower (README)
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(kind="flow_sde",
                                                                          noise_level=1.0))
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     demos: DemoConfig = field(default_factory=DemoConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     # action_chunk=4: the policy re-plans after 4 of its 8 predicted steps.  From one few-shot

@@ -195,6 +195,41 @@ class Run:
                            env_kwargs=dict(cfg.env.kwargs))
         return out
 
+    def pretrain(self) -> None:
+        """Grounding pretraining of the prefix (``cfg.pretrain``; :mod:`pirl.algos.pretrain`)."""
+        from pirl.algos.pretrain import pretrain_grounding
+
+        cfg, pc = self.cfg, self.cfg.pretrain
+        kw = dict(cfg.env.kwargs) | {"split": pc.split, "auto_reset": True}
+        if cfg.env.name.replace(":", "/").split("/")[0] != "tabletop":
+            raise ConfigError(f"pretrain.steps: grounding pretraining needs the tabletop env's "
+                              f"scene annotation and scripted expert, not {cfg.env.name!r}")
+        from pirl.envs.tabletop import ScriptedExpert, TabletopEnv
+
+        env = TabletopEnv(pc.num_envs, device=cfg.device, seed=pc.seed, **kw)
+        expert = ScriptedExpert(env, noise=pc.noise,
+                                generator=torch.Generator().manual_seed(pc.seed))
+        bar = _progress(range(pc.steps), cfg.progress, desc="pretrain (grounding)", leave=False)
+        it = iter(bar)
+
+        def cb(step, m):
+            next(it, None)
+            if step % 25 == 0:
+                self.logger.log(step, m, prefix="pretrain/")
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{m['loss']:.4f}")
+
+        t0 = time.perf_counter()
+        out = pretrain_grounding(self.policy, env, expert.act, env.scene_points, steps=pc.steps,
+                                 lr=pc.lr, weight_decay=pc.weight_decay,
+                                 warmup_steps=pc.warmup_steps, seed=pc.seed, callback=cb)
+        if hasattr(bar, "close"):
+            bar.close()
+        err = ", ".join(f"{name} {e:.3f}" for name, e in
+                        zip(("object", "place", "gripper"), out["error"].tolist()))
+        print(f"grounding pretraining: {pc.steps} steps in {time.perf_counter() - t0:.0f}s; "
+              f"mean error (table units, last 10%): {err}")
+
     def sft(self) -> None:
         from pirl.algos.sft import train_sft
 
@@ -202,6 +237,8 @@ class Run:
         if cfg.model.checkpoint:
             load_module_state(self.policy, load_checkpoint(cfg.model.checkpoint)["policy"],
                               "policy")
+        elif cfg.pretrain.steps > 0:
+            self.pretrain()
         if cfg.sft.steps > 0:
             data = load_sft_data(cfg, self.demos(), self.policy.action_horizon)
             if not cfg.model.checkpoint:  # a loaded checkpoint keeps its own normaliser

@@ -367,6 +367,18 @@ class TabletopEnv(BatchedEnv):
         return torch.where(self.family == FAMILY_PUSH, d_edge,
                            torch.where(self.family == FAMILY_STACK, d_stack, d_plate))
 
+    def scene_points(self) -> torch.Tensor:
+        """Scene annotation ``[N, 3, 2]`` (table coordinates) of the current state: the object
+        the instruction names, the place it names (the target plate, the base cube, or the
+        middle of the named edge for push) and the gripper -- the grounding labels a
+        vision-language model is pretrained on (no actions; used by
+        :func:`pirl.algos.pretrain.pretrain_grounding`)."""
+        stack = self.family == FAMILY_STACK
+        push = self.family == FAMILY_PUSH
+        goal = torch.where(stack[:, None], self.obj_pos[:, 1], self.plate_pos[:, 0])
+        goal = torch.where(push[:, None], self.goal_dir, goal)
+        return torch.stack([self.obj_pos[:, 0], goal, self.gripper], 1)
+
     def _potential(self) -> torch.Tensor:
         reach = (self.gripper - self.obj_pos[:, 0]).norm(dim=-1) * (self.held != 0)
         return -(reach + self._goal_distance())
