@@ -1,7 +1,8 @@
 """The configuration of a pirl run (``pirl train``): typed dataclasses, YAML presets, overrides.
 
 Sections: ``env`` (which batched env, how many in parallel), ``model`` (which policy and its
-kwargs), ``sampler`` (ODE / Flow-Noise / Flow-SDE), ``demos`` + ``sft`` (few-shot SFT),
+kwargs), ``sampler`` (ODE / Flow-Noise / Flow-SDE), ``pretrain`` (grounding pretraining of the
+prefix, off by default), ``demos`` + ``sft`` (few-shot SFT),
 ``rl`` (PPO or GRPO), ``eval`` and the run-level fields.  Every section validates itself in
 ``__post_init__``; errors name the field (see :mod:`pirl.configs`).
 """
