@@ -53,7 +53,8 @@ def test_grounding_loss_is_the_mse_and_fits_a_batch():
         loss.backward()
         opt.step()
     constant = (pts - pts.mean(0)).pow(2).mean()
-    assert float(loss) < 0.05 * float(constant), (float(loss), float(constant))
+    final = float(loss.detach())
+    assert final < 0.05 * float(constant), (final, float(constant))
 
 
 def test_pretraining_loop_touches_only_the_prefix():

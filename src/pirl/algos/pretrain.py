@@ -16,12 +16,12 @@ pretraining.  Loss: mean squared error over points and coordinates.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from pirl.algos.sft import lr_lambda
 from pirl.models.base import FlowPolicy
 
 
@@ -75,7 +75,7 @@ def pretrain_grounding(policy: FlowPolicy, env, act: Callable[[], torch.Tensor],
     observation batch (all ``N`` envs) against ``points() -> [N, Q, 2]`` of the same state.
     ``burn_in`` env steps first spread the envs over their episodes.  Only the parameters in
     ``policy.prefix_parameter_names()`` (that require grad) change.  The lr warms up linearly,
-    then decays with a cosine to 10%.  Returns ``{"head": GroundingHead, "losses": [...],
+    then decays with a cosine to 10% (SFT's schedule).  Returns ``{"head": GroundingHead, "losses": [...],
     "error": [Q] mean Euclidean error of the last 10% of steps}``.
     """
     named = dict(policy.named_parameters())
@@ -89,13 +89,7 @@ def pretrain_grounding(policy: FlowPolicy, env, act: Callable[[], torch.Tensor],
     head = GroundingHead(policy.feature_dim, q).to(device)
     opt = torch.optim.AdamW(params + list(head.parameters()), lr=lr, weight_decay=weight_decay)
 
-    def schedule(s: int) -> float:
-        if s < warmup_steps:
-            return (s + 1) / max(1, warmup_steps)
-        frac = (s - warmup_steps) / max(1, steps - warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, warmup_steps, steps))
     for _ in range(burn_in):
         obs = env.step(act()).obs
     was_training = policy.training
