@@ -6,7 +6,8 @@ One SFT run (demos -> few-shot SFT -> ODE evaluation per split) is shared by eve
 which starts from its checkpoint (``model.checkpoint=.../sft.pt``, ``sft.steps=0``).  Each variant
 is a normal ``pirl train`` run folder; the table reads their ``results.json`` and
 ``metrics.jsonl``.  Extra ``section.field=value`` arguments apply to every run (e.g. a smaller
-``rl.iterations`` for a quick look).
+``rl.iterations`` for a quick look).  ``--config tabletop_pretrained`` shares a grounding-pretrained
+SFT start instead (README, session 16).
 """
 
 from __future__ import annotations
