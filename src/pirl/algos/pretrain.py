@@ -75,8 +75,10 @@ def pretrain_grounding(policy: FlowPolicy, env, act: Callable[[], torch.Tensor],
     observation batch (all ``N`` envs) against ``points() -> [N, Q, 2]`` of the same state.
     ``burn_in`` env steps first spread the envs over their episodes.  Only the parameters in
     ``policy.prefix_parameter_names()`` (that require grad) change.  The lr warms up linearly,
-    then decays with a cosine to 10% (SFT's schedule).  Returns ``{"head": GroundingHead, "losses": [...],
-    "error": [Q] mean Euclidean error of the last 10% of steps}``.
+    then decays with a cosine to 10% (SFT's schedule).  ``seed`` seeds the env's reset and
+    torch's global RNG (the head's initialisation), so the stage is reproducible.  Returns
+    ``{"head": GroundingHead, "losses": [...], "error": [Q] mean Euclidean error over the last
+    10% of the steps}``.
     """
     named = dict(policy.named_parameters())
     params = [named[n] for n in policy.prefix_parameter_names() if named[n].requires_grad]
@@ -88,7 +90,6 @@ def pretrain_grounding(policy: FlowPolicy, env, act: Callable[[], torch.Tensor],
     torch.manual_seed(seed)
     head = GroundingHead(policy.feature_dim, q).to(device)
     opt = torch.optim.AdamW(params + list(head.parameters()), lr=lr, weight_decay=weight_decay)
-
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, warmup_steps, steps))
     for _ in range(burn_in):
         obs = env.step(act()).obs
