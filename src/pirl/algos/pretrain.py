@@ -89,7 +89,8 @@ def pretrain_grounding(policy: FlowPolicy, env, act: Callable[[], torch.Tensor],
     q = points().shape[1]
     torch.manual_seed(seed)
     head = GroundingHead(policy.feature_dim, q).to(device)
-    opt = torch.optim.AdamW(params + list(head.parameters()), lr=lr, weight_decay=weight_decay)
+    trainable = params + list(head.parameters())
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, warmup_steps, steps))
     for _ in range(burn_in):
         obs = env.step(act()).obs
@@ -105,7 +106,7 @@ def pretrain_grounding(policy: FlowPolicy, env, act: Callable[[], torch.Tensor],
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip:
-                torch.nn.utils.clip_grad_norm_(params + list(head.parameters()), grad_clip)
+                torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))

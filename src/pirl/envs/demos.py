@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pirl.envs import env_key
+
 CAMERA_NAMES = ("top", "wrist")
 FORMAT = "pirl-demos/v1 (LeRobotDataset v3-like)"
 
@@ -89,7 +91,7 @@ def generate_demos(env_name: str = "tabletop", episodes_per_task: int = 4,
     if episodes is not None:
         episodes_per_task = episodes
     episodes = episodes_per_task
-    base = env_name.replace(":", "/").split("/")[0]
+    base = env_key(env_name)
     if base.startswith("maniskill"):
         return _maniskill_demos(env_name, episodes_per_task, Path(out_dir), seed, split,
                                 dict(env_kwargs or {}))

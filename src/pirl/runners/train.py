@@ -195,30 +195,39 @@ class Run:
                            env_kwargs=dict(cfg.env.kwargs))
         return out
 
+    def _stage_progress(self, steps: int, desc: str, prefix: str):
+        """A progress bar over ``steps`` and ``callback(step, metrics)`` that advances it, logs
+        ``metrics`` (with a ``"loss"``) under ``prefix`` every 25 steps and shows the loss."""
+        bar = _progress(range(steps), self.cfg.progress, desc=desc, leave=False)
+        it = iter(bar)
+
+        def callback(step: int, metrics: dict[str, float]) -> None:
+            next(it, None)
+            if step % 25 == 0:
+                self.logger.log(step, metrics, prefix=prefix)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+
+        return bar, callback
+
     def pretrain(self) -> None:
         """Grounding pretraining of the prefix (``cfg.pretrain``; :mod:`pirl.algos.pretrain`)."""
         from pirl.algos.pretrain import pretrain_grounding
 
+        from pirl.envs import env_key
+
         cfg, pc = self.cfg, self.cfg.pretrain
-        kw = dict(cfg.env.kwargs) | {"split": pc.split, "auto_reset": True}
-        if cfg.env.name.replace(":", "/").split("/")[0] != "tabletop":
+        if env_key(cfg.env.name) != "tabletop":
             raise ConfigError(f"pretrain.steps: grounding pretraining needs the tabletop env's "
                               f"scene annotation and scripted expert, not {cfg.env.name!r}")
         from pirl.envs.tabletop import ScriptedExpert, TabletopEnv
 
-        env = TabletopEnv(pc.num_envs, device=cfg.device, seed=pc.seed, **kw)
+        # (pretrain_grounding resets the env with pc.seed, which seeds its task draws)
+        kw = dict(cfg.env.kwargs) | {"split": pc.split, "auto_reset": True}
+        env = TabletopEnv(pc.num_envs, device=cfg.device, **kw)
         expert = ScriptedExpert(env, noise=pc.noise,
                                 generator=torch.Generator().manual_seed(pc.seed))
-        bar = _progress(range(pc.steps), cfg.progress, desc="pretrain (grounding)", leave=False)
-        it = iter(bar)
-
-        def cb(step, m):
-            next(it, None)
-            if step % 25 == 0:
-                self.logger.log(step, m, prefix="pretrain/")
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{m['loss']:.4f}")
-
+        bar, cb = self._stage_progress(pc.steps, "pretrain (grounding)", "pretrain/")
         t0 = time.perf_counter()
         out = pretrain_grounding(self.policy, env, expert.act, env.scene_points, steps=pc.steps,
                                  lr=pc.lr, weight_decay=pc.weight_decay,
@@ -247,15 +256,10 @@ class Run:
                                                      data.mask):
                         print("normaliser: state / action mean-std fitted on the SFT demos")
             gen = torch.Generator().manual_seed(cfg.seed * 7 + 3)
-            bar = _progress(range(cfg.sft.steps), cfg.progress, desc="SFT", leave=False)
-            it = iter(bar)
+            bar, log = self._stage_progress(cfg.sft.steps, "SFT", "sft/")
 
             def cb(step, loss):
-                next(it, None)
-                if step % 25 == 0:
-                    self.logger.log(step, {"loss": loss}, prefix="sft/")
-                    if hasattr(bar, "set_postfix"):
-                        bar.set_postfix(loss=f"{loss:.4f}")
+                log(step, {"loss": loss})
 
             t0 = time.perf_counter()
             frozen = sft_frozen_parameters(self.policy, cfg.sft.freeze)
