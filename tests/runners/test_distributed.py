@@ -337,8 +337,8 @@ def test_pirl_run_disaggregated_end_to_end(ray_local, tmp_path):
     """The whole recipe (demos -> SFT -> RL -> eval) with placement.mode=disaggregated: the
     run folder, metrics and a final checkpoint whose trainer state has the local layout."""
     from pirl.runners.checkpoint import load_checkpoint
-    from pirl.runners.config import (DemoConfig, EnvConfig, EvalConfig, ModelConfig, SFTConfig,
-                                     TrainConfig)
+    from pirl.runners.config import (DemoConfig, EnvConfig, EvalConfig, ModelConfig,
+                                     PretrainConfig, SFTConfig, TrainConfig)
     from pirl.runners.train import run
 
     cfg = TrainConfig(
@@ -346,7 +346,8 @@ def test_pirl_run_disaggregated_end_to_end(ray_local, tmp_path):
         env=EnvConfig(num_envs=4, kwargs={"image_size": IMG, "max_episode_steps": 12}),
         model=ModelConfig(kwargs={"width": 32, "depth": 1, "heads": 2, "action_horizon": 4,
                                   "conv_channels": [8, 8, 8]}),
-        sft=SFTConfig(steps=3), demos=DemoConfig(episodes_per_task=1),
+        pretrain=PretrainConfig(steps=0), sft=SFTConfig(steps=3),
+        demos=DemoConfig(episodes_per_task=1),
         rl=RLConfig(iterations=2, action_chunk=3),
         eval=EvalConfig(episodes_per_task=1, num_envs=8, videos=0, splits=["train"]),
         placement=placement("disaggregated", ranks=2))

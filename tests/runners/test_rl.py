@@ -75,14 +75,15 @@ def test_grpo_logs_fraction_of_episodes_with_signal():
 
 
 def _tiny_run_cfg(tmp_path, name, iterations=2, extra=()):
-    return apply_overrides(TrainConfig(), list(extra) + [
+    return apply_overrides(TrainConfig(), [
         f"run_dir={tmp_path / name}", "env.num_envs=8", "progress=false",
         "model.kwargs={width: 32, depth: 1, heads: 2, conv_channels: [8, 16], value_hidden: 32}",
+        "pretrain.steps=2", "pretrain.num_envs=4", "pretrain.warmup_steps=1",
         "demos.episodes_per_task=1", "sft.steps=3", "sft.batch_size=8",
         f"rl.iterations={iterations}", "rl.eval_every=100", "checkpoint_every=1",
         "rl.ppo.update_epochs=1", "rl.ppo.num_minibatches=2",
         "eval.num_envs=72", "eval.episodes_per_task=1", "eval.splits=[train]", "eval.videos=0",
-        "env.kwargs={max_episode_steps: 16}"])
+        "env.kwargs={max_episode_steps: 16}", *extra])
 
 
 @pytest.mark.parametrize("task_sampling", ["uniform", "failure"])
@@ -400,7 +401,9 @@ def test_sft_freeze_keeps_the_named_parameters_and_gives_them_back_to_rl(tmp_pat
 
     init = train_mod.Run(_tiny_run_cfg(tmp_path, "i", iterations=0, extra=["sft.steps=0"]),
                          tmp_path / "i")
-    r = train_mod.Run(_tiny_run_cfg(tmp_path, "f", iterations=0, extra=["sft.freeze=[prefix]"]),
+    # (no grounding pretraining here: it trains the prefix before SFT)
+    r = train_mod.Run(_tiny_run_cfg(tmp_path, "f", iterations=0,
+                                    extra=["sft.freeze=[prefix]", "pretrain.steps=0"]),
                       tmp_path / "f")
     r.policy.text_embed.weight.requires_grad_(False)  # frozen by the model, not by sft.freeze
     flags = {n: p.requires_grad for n, p in r.policy.named_parameters()}
@@ -439,3 +442,10 @@ def test_pretrain_stage_runs_before_sft_and_needs_the_tabletop(tmp_path):
     r.cfg.env.name = "maniskill/PushCube-v1"
     with pytest.raises(ConfigError, match="pretrain.steps"):
         r.pretrain()
+    # on by default: a config for another env or model without pretrain.steps=0 is refused when
+    # it is built (not after its demos); a loaded model.checkpoint skips the stage
+    for ov in (["env.name=maniskill/PushCube-v1"], ["model.name=pi0"]):
+        with pytest.raises(ConfigError, match="pretrain.steps=0"):
+            apply_overrides(TrainConfig(), ov)
+        assert apply_overrides(TrainConfig(), ov + ["pretrain.steps=0"]).pretrain.steps == 0
+        assert apply_overrides(TrainConfig(), ov + ["model.checkpoint=x.pt"]).pretrain.steps > 0

@@ -219,7 +219,8 @@ class Run:
         cfg, pc = self.cfg, self.cfg.pretrain
         if env_key(cfg.env.name) != "tabletop":
             raise ConfigError(f"pretrain.steps: grounding pretraining needs the tabletop env's "
-                              f"scene annotation and scripted expert, not {cfg.env.name!r}")
+                              f"scene annotation and scripted expert, not {cfg.env.name!r}; set "
+                              "pretrain.steps=0")
         from pirl.envs.tabletop import ScriptedExpert, TabletopEnv
 
         # (pretrain_grounding resets the env with pc.seed, which seeds its task draws)
