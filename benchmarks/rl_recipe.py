@@ -7,7 +7,7 @@ which starts from its checkpoint (``model.checkpoint=.../sft.pt``, ``sft.steps=0
 is a normal ``pirl train`` run folder; the table reads their ``results.json`` and
 ``metrics.jsonl``.  Extra ``section.field=value`` arguments apply to every run (e.g. a smaller
 ``rl.iterations`` for a quick look).  The shared start is the default's (since session 17:
-grounding pretraining of the prefix, then 400 SFT steps on 6 demos per task, in the few-shot
+grounding pretraining of the prefix, then 500 SFT steps on 6 demos per task, in the few-shot
 band); ``--config tabletop_pretrained`` shares session 16's start above the band (1000 SFT
 steps) instead.
 """

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pirl.algos.grpo import GRPOConfig
 from pirl.algos.ppo import PPOConfig
+from pirl.envs import env_key
 from pirl.flow import SamplerConfig
 from pirl.runners.placement import PlacementConfig
 
@@ -219,8 +220,6 @@ class TrainConfig:
         _check(self.device in ("cpu", "cuda") or self.device.startswith("cuda:"), "device",
                f"must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
-        from pirl.envs import env_key
-
         if self.pretrain.steps > 0 and not self.model.checkpoint:
             _check(env_key(self.env.name) == "tabletop" and self.model.name == "tiny",
                    "pretrain.steps", f"grounding pretraining (on by default) is the tiny VLA's "
