@@ -449,3 +449,47 @@ def test_pretrain_stage_runs_before_sft_and_needs_the_tabletop(tmp_path):
             apply_overrides(TrainConfig(), ov)
         assert apply_overrides(TrainConfig(), ov + ["pretrain.steps=0"]).pretrain.steps == 0
         assert apply_overrides(TrainConfig(), ov + ["model.checkpoint=x.pt"]).pretrain.steps > 0
+
+
+@pytest.mark.parametrize("kind", ["flow_sde", "flow_noise"])
+def test_noise_schedule_scales_the_rollout_std_and_keeps_ratios_exact(kind):
+    """``rl.noise_schedule``: before each rollout the sampler's ``noise_scale`` is set to the
+    schedule's factor (1 at the first iteration, ``noise_final`` at the end, the lr schedule's
+    shape), every stochastic std of that rollout is the unscaled one times it, and the rollout's
+    log-probs equal the recomputed ones under the same scale (PPO's ratio starts at 1)."""
+    from pirl.algos.ppo import lr_scale
+
+    pol = _policy()
+    scfg = SamplerConfig(kind=kind, num_steps=3, hybrid=False)
+    smp = build_sampler(kind, 3, pol.feature_dim, pol.action_dim, config=scfg)
+    cfg = apply_overrides(RLConfig(), ["iterations=4", "noise_schedule=linear",
+                                       "noise_final=0.2", "ppo.update_epochs=1"])
+    tr = RLTrainer(pol, smp, ReachEnv(16, max_episode_steps=4), cfg, seed=0)
+    scales = []
+    for it in range(3):
+        ro = tr.rollout()
+        want = lr_scale("linear", it, 4, min_ratio=0.2)   # 1.0, 0.8, 0.6
+        assert smp.noise_scale == pytest.approx(want)
+        scales.append(smp.noise_scale)
+        for t, obs in enumerate(ro.obs):
+            prefix = pol.encode_prefix(obs)
+            new = smp.log_prob(pol, prefix, ro.chains[t])
+            torch.testing.assert_close(new.logp, ro.chains[t].logp, atol=1e-5, rtol=0)
+            smp.noise_scale = 1.0
+            unscaled = smp.log_prob(pol, prefix, ro.chains[t])
+            smp.noise_scale = want
+            m = ro.chains[t].stochastic
+            torch.testing.assert_close(ro.chains[t].std[m], unscaled.std[m] * want)
+        m = tr.learn(ro)
+        assert m["rollout/noise_scale"] == pytest.approx(want)
+    assert scales == pytest.approx([1.0, 0.8, 0.6])
+
+
+def test_noise_schedule_is_checked():
+    with pytest.raises(ValueError, match="rl.noise_final"):
+        RLConfig(noise_schedule="cosine", noise_final=0.0)
+    with pytest.raises(ValueError, match="rl.noise_schedule"):
+        RLConfig(noise_schedule="exp")
+    with pytest.raises(ValueError, match="rl.noise_schedule.*placement.mode=local"):
+        apply_overrides(TrainConfig(), ["rl.noise_schedule=cosine", "rl.noise_final=0.3",
+                                        "placement.mode=colocated"])

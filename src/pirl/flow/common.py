@@ -56,7 +56,15 @@ def _index_prefix(policy, prefix: Any, index: torch.Tensor) -> Any:
 
 
 class GaussianChainSampler(Sampler):
-    """Base of the concrete samplers (see module docstring)."""
+    """Base of the concrete samplers (see module docstring).
+
+    ``noise_scale`` (a plain attribute, default 1.0) multiplies every stochastic transition's
+    std: Flow-SDE's ``sigma_t``, Flow-Noise's learned std.  RL's noise schedule
+    (``rl.noise_schedule``) sets it once per iteration, before the rollout, so that the
+    rollout's log-probs and the update's recomputed ones use the same value.
+    """
+
+    noise_scale: float = 1.0
 
     def transition(self, x: torch.Tensor, out, t: torch.Tensor, t_next: torch.Tensor,
                    stochastic: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,10 +76,11 @@ class FlowSDESampler(GaussianChainSampler):
         self.includes_init = not hybrid
 
     def sigma(self, t: torch.Tensor, t_first_next: float | torch.Tensor) -> torch.Tensor:
-        """``sigma_t = a sqrt(t / (1 - t'))`` with ``t' = t`` except ``t' = t_1`` where ``t = 1``."""
+        """``sigma_t = a s sqrt(t / (1 - t'))`` with ``t' = t`` except ``t' = t_1`` where ``t = 1``
+        (``s = noise_scale``, 1 unless RL's noise schedule lowers it)."""
         denom_t = torch.where(t >= 1.0, torch.as_tensor(t_first_next, dtype=t.dtype,
                                                          device=t.device), t)
-        return self.noise_level * torch.sqrt(t / (1.0 - denom_t))
+        return (self.noise_level * self.noise_scale) * torch.sqrt(t / (1.0 - denom_t))
 
     def transition(self, x, out, t, t_next, stochastic):
         v = out.velocity

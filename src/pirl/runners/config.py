@@ -154,6 +154,12 @@ class RLConfig:
     task_sampling: Literal["uniform", "failure"] = "uniform"
     task_sampling_mix: float = 0.5
     task_sampling_decay: float = 0.8
+    # the sampler's noise over the iterations: its std is multiplied by a factor that goes from
+    # 1 at the first iteration to noise_final at the last ("linear" / "cosine", as the lr
+    # schedules; "constant": always 1).  Set before each rollout, so that the rollout and its
+    # update use the same noise (local placement only)
+    noise_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    noise_final: float = 1.0
 
     def __post_init__(self):
         _check(self.iterations >= 0, "rl.iterations", "must be >= 0")
@@ -163,6 +169,9 @@ class RLConfig:
                f"must be in [0, 1], got {self.task_sampling_mix}")
         _check(0.0 < self.task_sampling_decay <= 1.0, "rl.task_sampling_decay",
                f"must be in (0, 1], got {self.task_sampling_decay}")
+        _check(self.noise_schedule in ("constant", "cosine", "linear"), "rl.noise_schedule",
+               f"must be 'constant', 'cosine' or 'linear', got {self.noise_schedule!r}")
+        _check(self.noise_final > 0, "rl.noise_final", f"must be > 0, got {self.noise_final}")
         _check(self.action_chunk is None or self.action_chunk >= 1, "rl.action_chunk",
                "must be >= 1")
         _check(self.eval_every >= 1, "rl.eval_every", "must be >= 1")
@@ -220,6 +229,9 @@ class TrainConfig:
         _check(self.device in ("cpu", "cuda") or self.device.startswith("cuda:"), "device",
                f"must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        _check(self.rl.noise_schedule == "constant" or self.placement.mode == "local",
+               "rl.noise_schedule", f"a noise schedule needs placement.mode=local (the rollout "
+               f"workers of {self.placement.mode!r} keep their own sampler copies)")
         if self.pretrain.steps > 0 and not self.model.checkpoint:
             _check(env_key(self.env.name) == "tabletop" and self.model.name == "tiny",
                    "pretrain.steps", f"grounding pretraining (on by default) is the tiny VLA's "

@@ -124,8 +124,16 @@ class RLTrainer:
         return {"seed": base, "task_ids": task_ids,
                 "episode_seeds": base + torch.arange(n)}
 
+    def noise_scale(self) -> float:
+        """The sampler's noise multiplier at the current iteration (``rl.noise_schedule``)."""
+        cfg = self.cfg
+        return lr_scale(cfg.noise_schedule, self.iter, self.total_updates,
+                        min_ratio=cfg.noise_final)
+
     def rollout(self) -> Rollout:
         self.policy.eval()
+        if hasattr(self.sampler, "noise_scale"):
+            self.sampler.noise_scale = self.noise_scale()
         return collect(self.policy, self.sampler, self.env, num_chunks=self.num_chunks,
                        reset_kwargs=self._reset_kwargs(), action_chunk=self.action_chunk,
                        generator=self.sample_gen, with_values=self.algo == "ppo",
@@ -208,6 +216,7 @@ class RLTrainer:
             "rollout/return": float(ro.episode_return.mean()),
             "rollout/episode_chunks": float(valid.sum(0).float().mean()),
             "rollout/noise_std": float(chain.std[chain.stochastic].mean()) if bool(chain.stochastic.any()) else 0.0,
+            "rollout/noise_scale": float(getattr(self.sampler, "noise_scale", 1.0)),
             "perf/env_steps_per_s": ro.env_steps / max(t_roll, 1e-9),
             "perf/learner_samples_per_s": idx.numel() * self.hp.update_epochs / max(t_upd, 1e-9),
             "perf/rollout_s": t_roll, "perf/update_s": t_upd,
