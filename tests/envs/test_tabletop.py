@@ -265,6 +265,34 @@ def test_dense_reward_is_potential_based():
     assert torch.allclose(total, expect, atol=1e-4)
 
 
+def test_progress_reward_shapes_the_goal_distance_only():
+    """``reward="progress"``: per step, success + dense_scale * (decrease of the object's goal
+    distance), from the raw state in float64; pushing the object away from its goal costs."""
+    env = TabletopEnv(64, reward="progress", dense_scale=0.5, num_cameras=0, auto_reset=False,
+                      task_families=("pick_place", "push", "stack"), split="all")
+    expert = ScriptedExpert(env, noise=0.3, generator=torch.Generator().manual_seed(1))
+    env.reset(seed=1)
+
+    def goal_distance():
+        o = env.obj_pos[:, 0].double()
+        plate = (o - env.plate_pos[:, 0].double()).norm(dim=-1)
+        edge = (S.EDGE_ZONE - (o * env.goal_dir.double()).sum(-1)).clamp_min(0)
+        stack = (o - env.obj_pos[:, 1].double()).norm(dim=-1)
+        return torch.where(env.family == 1, edge, torch.where(env.family == 2, stack, plate))
+
+    moved_away = 0
+    for _ in range(48):
+        d0 = goal_distance()
+        active = ~(env.terminated | env.truncated)
+        st = env.step(expert.act())
+        expect = (st.info["success"].double() + 0.5 * (d0 - goal_distance())) * active
+        torch.testing.assert_close(st.reward.double(), expect, atol=1e-5, rtol=0)
+        moved_away += int(((goal_distance() > d0 + 1e-3) & active).sum())
+    assert moved_away > 0  # the noisy expert sometimes moves an object away: a negative reward
+    with pytest.raises(ValueError, match="progress"):
+        TabletopEnv(4, reward="shaped")
+
+
 def test_chunked_env_accounting_matches_single_steps():
     n, h = 24, 8
     ref = TabletopEnv(n, num_cameras=0)

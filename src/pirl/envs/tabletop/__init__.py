@@ -22,7 +22,8 @@ holds out one target per (family, shape), so train and OOD share no (object, tar
 **Dynamics** (:mod:`~pirl.envs.tabletop.sim`): the gripper moves ``0.1 * (dx, dy)`` per step and
 is closed while ``grip > 0``; closing next to an object grasps it (it is carried), opening drops
 it; an empty gripper pushes objects it moves into.  Sparse reward 1 on success, which ends the
-episode; ``reward="dense"`` adds potential-based shaping.
+episode; ``reward="dense"`` adds potential-based shaping (``"progress"``: of the object's goal
+distance only).
 
 **Expert** (:class:`ScriptedExpert`): a reactive controller on privileged state; 100 % success on
 every family without noise, >= 97 % with action noise std 0.3; it needs ~18 steps for
@@ -30,7 +31,7 @@ pick_place / stack and ~26 for push (limit 48), a uniformly random policy ~0 %.
 
 **Difficulty knobs**: ``num_distractors`` (2 default; 1 or 0 are easier), ``task_families``,
 ``max_episode_steps`` (48 = six chunks of 8), ``num_cameras=2`` (adds a gripper-centred view),
-``reward="dense"``.
+``reward="dense"`` / ``"progress"``.
 
 **Rendering** (:mod:`~pirl.envs.tabletop.render`): precomputed sprites composited with one
 ``scatter_`` per layer into uint8 frames; a gripper-centred wrist view with ``num_cameras=2``.

@@ -28,7 +28,9 @@ centre on the named plate; *push*: the object rests (not held) in the named edge
 (``coordinate beyond EDGE_ZONE``); *stack*: the object is released within :data:`STACK_TOLERANCE`
 of the named cube's centre.  Episodes are truncated after ``max_episode_steps`` (default 48 = six
 chunks of 8).  ``reward="dense"`` adds potential-based shaping ``dense_scale * (phi' - phi)`` with
-``phi = -(gripper-to-object distance while not held + object-to-goal distance)``.
+``phi = -(gripper-to-object distance while not held + object-to-goal distance)``;
+``reward="progress"`` the same with ``phi = -(object-to-goal distance)`` only (no pull towards
+the object: a push must go around it first).
 
 **Randomness.**  The initial state of an episode is a pure function of ``(task, episode seed)``
 computed with a counter-based integer hash (vectorised, identical on every device and for any
@@ -111,11 +113,12 @@ class TabletopEnv(BatchedEnv):
         num_cameras: 1 (top view) or 2 (top view + gripper-centred wrist view); 0 for
             state-only observations (no ``images`` key).
         max_episode_steps: time limit (truncation).
-        reward: ``"sparse"`` (1 on success) or ``"dense"`` (plus potential shaping).
+        reward: ``"sparse"`` (1 on success), ``"dense"`` (plus potential shaping) or
+            ``"progress"`` (plus the shaping of the object-to-goal distance alone).
         auto_reset: reset finished envs inside :meth:`step` (else freeze them until reset).
         resample_tasks: on auto-reset draw a new task uniformly (else keep each env's task).
         max_speed: gripper displacement per step at ``|action| = 1``.
-        dense_scale: weight of the shaping term with ``reward="dense"``.
+        dense_scale: weight of the shaping term with ``reward="dense"`` / ``"progress"``.
         num_distractors: distractor objects per scene (2: one sharing the object's colour and
             one its shape; 1: only the same-shape one, told apart by colour; 0: none -- easier
             variants; absent objects are parked off the table and take no part in the
@@ -136,8 +139,8 @@ class TabletopEnv(BatchedEnv):
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         if num_cameras not in (0, 1, 2):
             raise ValueError(f"num_cameras must be 0, 1 or 2, got {num_cameras}")
-        if reward not in ("sparse", "dense"):
-            raise ValueError(f"reward must be 'sparse' or 'dense', got {reward!r}")
+        if reward not in ("sparse", "dense", "progress"):
+            raise ValueError(f"reward must be 'sparse', 'dense' or 'progress', got {reward!r}")
         if num_distractors not in (0, 1, 2):
             raise ValueError(f"num_distractors must be 0, 1 or 2, got {num_distractors}")
         if image_size < 16:
@@ -380,6 +383,8 @@ class TabletopEnv(BatchedEnv):
         return torch.stack([self.obj_pos[:, 0], goal, self.gripper], 1)
 
     def _potential(self) -> torch.Tensor:
+        if self.reward_type == "progress":
+            return -self._goal_distance()
         reach = (self.gripper - self.obj_pos[:, 0]).norm(dim=-1) * (self.held != 0)
         return -(reach + self._goal_distance())
 
@@ -445,7 +450,7 @@ class TabletopEnv(BatchedEnv):
                              f"got {list(action.shape)}")
         action = torch.nan_to_num(action).clamp(-1.0, 1.0)
         frozen = self.terminated | self.truncated  # only possible without auto-reset
-        dense = self.reward_type == "dense"
+        dense = self.reward_type in ("dense", "progress")
         phi_old = self._potential() if dense else None
         saved = None
         if bool(frozen.any()):
