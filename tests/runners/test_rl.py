@@ -493,3 +493,22 @@ def test_noise_schedule_is_checked():
     with pytest.raises(ValueError, match="rl.noise_schedule.*placement.mode=local"):
         apply_overrides(TrainConfig(), ["rl.noise_schedule=cosine", "rl.noise_final=0.3",
                                         "placement.mode=colocated"])
+
+
+def test_noise_schedule_also_scales_grpo_kl_reference():
+    """With GRPO's KL penalty the frozen reference sampler follows the schedule too, so that
+    right after the first rollout (policy == reference) the reference's log-probs of the
+    rollout's chains equal the rollout's own."""
+    pol = _policy()
+    smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
+                        config=SamplerConfig(kind="flow_sde", num_steps=3, hybrid=False))
+    cfg = apply_overrides(RLConfig(algo="grpo"), [
+        "iterations=4", "noise_schedule=linear", "noise_final=0.2", "grpo.group_size=4",
+        "grpo.kl_coef=0.1", "train_mode=full"])
+    tr = RLTrainer(pol, smp, ReachEnv(16, max_episode_steps=4), cfg, seed=0)
+    tr.iter = 2  # scale 0.6
+    ro = tr.rollout()
+    ref_pol, ref_smp = tr.ref
+    assert ref_smp.noise_scale == pytest.approx(0.6)
+    new = ref_smp.log_prob(ref_pol, ref_pol.encode_prefix(ro.obs[0]), ro.chains[0])
+    torch.testing.assert_close(new.logp, ro.chains[0].logp, atol=1e-5, rtol=0)
