@@ -155,8 +155,8 @@ class RLConfig:
     task_sampling_mix: float = 0.5
     task_sampling_decay: float = 0.8
     # the sampler's noise over the iterations: its std is multiplied by a factor that goes from
-    # 1 at the first iteration to noise_final at the last ("linear" / "cosine", as the lr
-    # schedules; "constant": always 1).  Set before each rollout, so that the rollout and its
+    # 1 at the first iteration towards noise_final at the end ("linear" / "cosine", the lr
+    # schedules' shapes; "constant": always 1).  Set before each rollout, so that the rollout and its
     # update use the same noise (local placement only).  Measured from the default's start
     # (cosine to 0.25): 82.1% / 84.9% train at iterations 20 / 40 against the constant noise's
     # 80.7% / 85.9% (OOD 69.8% against 78.6% at 40; README, session 18), so it is off by default
