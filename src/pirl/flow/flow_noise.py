@@ -83,8 +83,7 @@ class FlowNoiseSampler(GaussianChainSampler):
     def transition(self, x, out, t, t_next, stochastic):
         dt = (t - t_next).view(-1, 1, 1)
         mean = x - out.velocity * dt
-        std = self.noise_net(out.features, x, t)
-        return mean, std if self.noise_scale == 1.0 else std * self.noise_scale
+        return mean, self.noise_net(out.features, x, t) * self.noise_scale
 
     def stochastic_mask(self, batch, device, generator=None):
         return torch.ones(batch, self.num_steps, dtype=torch.bool, device=device)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pirl.algos.grpo import GRPOConfig
-from pirl.algos.ppo import PPOConfig
+from pirl.algos.ppo import LRSchedule, PPOConfig
 from pirl.envs import env_key
 from pirl.flow import SamplerConfig
 from pirl.runners.placement import PlacementConfig
@@ -156,11 +156,12 @@ class RLConfig:
     task_sampling_decay: float = 0.8
     # the sampler's noise over the iterations: its std is multiplied by a factor that goes from
     # 1 at the first iteration towards noise_final at the end ("linear" / "cosine", the lr
-    # schedules' shapes; "constant": always 1).  Set before each rollout, so that the rollout and its
-    # update use the same noise (local placement only).  Measured from the default's start
+    # schedules' shapes, pirl.algos.ppo.lr_scale; "constant": always 1).  Set before each
+    # rollout, so that the rollout and its update use the same noise (local placement only).
+    # Measured from the default's start
     # (cosine to 0.25): 82.1% / 84.9% train at iterations 20 / 40 against the constant noise's
     # 80.7% / 85.9% (OOD 69.8% against 78.6% at 40; README, session 18), so it is off by default
-    noise_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    noise_schedule: LRSchedule = "constant"
     noise_final: float = 1.0
 
     def __post_init__(self):

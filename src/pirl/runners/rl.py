@@ -133,11 +133,12 @@ class RLTrainer:
     def rollout(self) -> Rollout:
         self.policy.eval()
         if hasattr(self.sampler, "noise_scale"):
-            # (GRPO's KL reference too: its chain log-probs then differ from the policy's by
-            # the policy's drift only, not by the schedule)
-            for smp in (self.sampler, self.ref[1] if self.ref is not None else None):
-                if smp is not None:
-                    smp.noise_scale = self.noise_scale()
+            scale = self.noise_scale()
+            self.sampler.noise_scale = scale
+            if self.ref is not None:
+                # GRPO's KL reference too: its chain log-probs then differ from the policy's by
+                # the policy's drift only, not by the schedule
+                self.ref[1].noise_scale = scale
         return collect(self.policy, self.sampler, self.env, num_chunks=self.num_chunks,
                        reset_kwargs=self._reset_kwargs(), action_chunk=self.action_chunk,
                        generator=self.sample_gen, with_values=self.algo == "ppo",
