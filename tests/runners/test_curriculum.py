@@ -1,5 +1,6 @@
 """Failure-weighted task sampling: the estimate and probabilities against hand-computed values,
-the draws against the probabilities (Monte Carlo), and the trainer's use of them."""
+the draws against the probabilities (Monte Carlo), and the trainer's use of them; the replay
+of failed initial states: its buffer by hand, and the trainer's resets from it."""
 
 import math
 
@@ -11,7 +12,7 @@ from pirl.configs import apply_overrides
 from pirl.flow import SamplerConfig, build_sampler
 from pirl.models import build_policy
 from pirl.runners.config import RLConfig
-from pirl.runners.curriculum import FailureCurriculum
+from pirl.runners.curriculum import FailureCurriculum, FailureReplay
 from pirl.runners.rl import RLTrainer
 from tests.runners.reach_env import ReachEnv
 
@@ -104,3 +105,73 @@ def test_trainer_draws_tasks_from_the_curriculum_and_updates_it(algo):
     added = torch.bincount(tr._task_ids, minlength=2).double()
     torch.testing.assert_close(tr.curriculum.counts, counts_before + added)
     assert "curriculum/task_success" in m
+
+
+def test_replay_keeps_the_newest_failures_and_draws_without_replacement():
+    rep = FailureReplay(capacity=4)
+    assert len(rep) == 0 and rep.draw(3)[0].numel() == 0
+    rep.update(torch.tensor([0, 1, 2, 3]), torch.tensor([10, 11, 12, 13]),
+               torch.tensor([False, True, False, False]))
+    assert rep.tasks.tolist() == [0, 2, 3] and rep.seeds.tolist() == [10, 12, 13]
+    rep.update(torch.tensor([4, 5]), torch.tensor([14, 15]), torch.tensor([False, False]))
+    # capacity 4: the oldest failure (task 0, seed 10) dropped out
+    assert rep.tasks.tolist() == [2, 3, 4, 5] and rep.seeds.tolist() == [12, 13, 14, 15]
+    tasks, seeds = rep.draw(3, torch.Generator().manual_seed(0))
+    assert tasks.numel() == 3 and len(rep) == 1
+    # a drawn pair keeps its task and seed together, and the draws are distinct
+    assert sorted(zip(tasks.tolist(), seeds.tolist())) == sorted(
+        set(zip(tasks.tolist(), seeds.tolist())))
+    assert all(s == t + 10 for t, s in zip(tasks.tolist(), seeds.tolist()))
+    left = set(zip([2, 3, 4, 5], [12, 13, 14, 15])) - set(zip(tasks.tolist(), seeds.tolist()))
+    assert set(zip(rep.tasks.tolist(), rep.seeds.tolist())) == left
+    # asking for more than the buffer holds gives what it has
+    assert rep.draw(10)[0].numel() == 1 and len(rep) == 0
+    state = FailureReplay(4)
+    state.update(torch.tensor([1, 2]), torch.tensor([5, 6]), torch.tensor([False, False]))
+    rep.load_state_dict(state.state_dict())
+    assert rep.tasks.tolist() == [1, 2] and rep.seeds.tolist() == [5, 6]
+    with pytest.raises(ValueError, match="capacity"):
+        FailureReplay(1).load_state_dict(state.state_dict())
+    with pytest.raises(ValueError, match="differ"):
+        rep.update(torch.tensor([1]), torch.tensor([1, 2]), torch.tensor([True]))
+    with pytest.raises(ValueError, match="replay_failures"):
+        RLConfig(replay_failures=1.0)
+    with pytest.raises(ValueError, match="replay_failures"):
+        RLConfig(algo="grpo", replay_failures=0.5)
+
+
+def test_trainer_replays_failed_initial_states():
+    torch.manual_seed(0)
+    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
+                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"])
+    smp = build_sampler("flow_sde", 2, pol.feature_dim, pol.action_dim,
+                        config=SamplerConfig(kind="flow_sde", num_steps=2))
+    cfg = apply_overrides(RLConfig(), ["task_sampling=failure", "replay_failures=0.5",
+                                       "replay_capacity=1000", "ppo.update_epochs=1"])
+    env = TwoTaskReach(64, max_episode_steps=2, radius=0.4)
+    tr = RLTrainer(pol, smp, env, cfg, seed=0)
+    ro = tr.rollout()
+    assert tr._num_replayed == 0  # nothing failed yet
+    first = {"tasks": tr._task_ids.clone(), "seeds": tr._ep_seeds.clone(),
+             "targets": ro.obs[0]["state"].clone(), "ok": ro.episode_success.clone()}
+    m = tr.learn(ro)
+    fails = int((~first["ok"]).sum())
+    assert 0 < fails < 64 and m["replay/size"] == fails
+    counts = tr.curriculum.counts.clone()
+    ro = tr.rollout()
+    k = tr._num_replayed
+    assert k == min(32, fails) and len(tr.replay) == fails - k
+    # the replayed envs restart from the failed episodes' initial states: same task, same seed,
+    # same observation as in the first rollout
+    for i in range(k):
+        j = int((first["seeds"] == tr._ep_seeds[i]).nonzero())
+        assert not bool(first["ok"][j])
+        assert int(tr._task_ids[i]) == int(first["tasks"][j])
+        torch.testing.assert_close(ro.obs[0]["state"][i], first["targets"][j])
+    # the fresh envs get new seeds; the curriculum counts only the fresh episodes
+    assert not set(tr._ep_seeds[k:].tolist()) & set(first["seeds"].tolist())
+    m = tr.learn(ro)
+    added = torch.bincount(tr._task_ids[k:], minlength=2).double()
+    torch.testing.assert_close(tr.curriculum.counts, counts * cfg.task_sampling_decay + added)
+    assert m["replay/envs"] == k and "replay/success" in m and "rollout/success_fresh" in m
+    assert m["replay/size"] == fails - k + int((~ro.episode_success).sum())

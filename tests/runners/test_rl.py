@@ -86,12 +86,16 @@ def _tiny_run_cfg(tmp_path, name, iterations=2, extra=()):
         "env.kwargs={max_episode_steps: 16}", *extra])
 
 
-@pytest.mark.parametrize("task_sampling", ["uniform", "failure"])
+@pytest.mark.parametrize("task_sampling", ["uniform", "failure", "failure+replay"])
 def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, task_sampling):
     from pirl.runners import train as train_mod
     from pirl.runners.checkpoint import load_checkpoint
 
+    replay = task_sampling.endswith("+replay")
+    task_sampling = task_sampling.removesuffix("+replay")
     extra = [f"rl.task_sampling={task_sampling}"]
+    if replay:  # the resumed iteration replays the failures stored with the checkpoint
+        extra += ["rl.replay_failures=0.5"]
     train_mod.run(_tiny_run_cfg(tmp_path, "a", extra=extra))
     # the same run, killed during its second RL iteration, then resumed from the checkpoint
     calls = {"n": 0}
@@ -121,6 +125,10 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, task_sampling):
         assert float(ca["counts"].sum()) > 0
         assert torch.equal(ca["counts"], cb["counts"])
         assert torch.equal(ca["successes"], cb["successes"])
+    if replay:  # and so does the replay buffer
+        ra, rb = a["trainer"]["replay"], b["trainer"]["replay"]
+        assert ra["tasks"].numel() > 0
+        assert torch.equal(ra["tasks"], rb["tasks"]) and torch.equal(ra["seeds"], rb["seeds"])
     ma = [l for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if "rollout/" in l]
     mb = [l for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if "rollout/" in l]
     strip = lambda rows: [{k: v for k, v in __import__("json").loads(r).items()

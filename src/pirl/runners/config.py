@@ -163,6 +163,12 @@ class RLConfig:
     # 80.7% / 85.9% (OOD 69.8% against 78.6% at 40; README, session 18), so it is off by default
     noise_schedule: LRSchedule = "constant"
     noise_final: float = 1.0
+    # failure replay (PPO, local placement): a share replay_failures of the envs restarts from
+    # the initial states (task id + episode seed) of recently failed rollout episodes, kept in a
+    # buffer of the newest replay_capacity failures (pirl.runners.curriculum.FailureReplay); the
+    # task curriculum counts only the fresh episodes.  0: off
+    replay_failures: float = 0.0
+    replay_capacity: int = 512
 
     def __post_init__(self):
         _check(self.iterations >= 0, "rl.iterations", "must be >= 0")
@@ -175,6 +181,12 @@ class RLConfig:
         _check(self.noise_schedule in ("constant", "cosine", "linear"), "rl.noise_schedule",
                f"must be 'constant', 'cosine' or 'linear', got {self.noise_schedule!r}")
         _check(self.noise_final > 0, "rl.noise_final", f"must be > 0, got {self.noise_final}")
+        _check(0.0 <= self.replay_failures < 1.0, "rl.replay_failures",
+               f"must be in [0, 1), got {self.replay_failures}")
+        _check(self.replay_capacity >= 1, "rl.replay_capacity",
+               f"must be >= 1, got {self.replay_capacity}")
+        _check(self.replay_failures == 0 or self.algo == "ppo", "rl.replay_failures",
+               "replaying failed states needs rl.algo=ppo (GRPO draws its own groups of seeds)")
         _check(self.action_chunk is None or self.action_chunk >= 1, "rl.action_chunk",
                "must be >= 1")
         _check(self.eval_every >= 1, "rl.eval_every", "must be >= 1")
@@ -235,6 +247,9 @@ class TrainConfig:
         _check(self.rl.noise_schedule == "constant" or self.placement.mode == "local",
                "rl.noise_schedule", f"a noise schedule needs placement.mode=local (the rollout "
                f"workers of {self.placement.mode!r} keep their own sampler copies)")
+        _check(self.rl.replay_failures == 0 or self.placement.mode == "local",
+               "rl.replay_failures", f"failure replay needs placement.mode=local (the rollout "
+               f"workers of {self.placement.mode!r} draw their own resets)")
         if self.pretrain.steps > 0 and not self.model.checkpoint:
             _check(env_key(self.env.name) == "tabletop" and self.model.name == "tiny",
                    "pretrain.steps", f"grounding pretraining (on by default) is the tiny VLA's "

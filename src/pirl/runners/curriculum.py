@@ -78,3 +78,69 @@ class FailureCurriculum:
                              f"not {self.num_tasks}")
         self.successes = sd["successes"].clone().to(torch.float64)
         self.counts = sd["counts"].clone().to(torch.float64)
+
+
+class FailureReplay:
+    """Replay of recently failed initial states (prioritised level replay at the state level).
+
+    Failure-weighted task draws (:class:`FailureCurriculum`) move rollouts towards hard *tasks*;
+    on the tabletop the failures of a ~85% policy are spread over many tasks and sit in
+    particular layouts (a push whose object lies between the gripper and the pushing side).
+    This buffer keeps the ``(task id, episode seed)`` pairs of the latest failed episodes; an env
+    reset with the same pair starts from the same initial state.  Each iteration a share of the
+    envs restarts from states drawn from it (uniformly, without replacement); drawn states leave
+    the buffer, and every episode of the iteration that fails (replayed or fresh) is added, the
+    oldest entries dropping out past ``capacity``.  So a replayed state stays while the policy
+    keeps failing it and leaves once a rollout of it succeeds.
+
+    The draws change which initial states PPO's objective weighs (towards those the policy
+    fails), as the task curriculum does; the estimator per episode is unchanged.
+
+    Args:
+        capacity: the most entries kept (the newest).
+    """
+
+    def __init__(self, capacity: int = 512):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.tasks = torch.zeros(0, dtype=torch.long)
+        self.seeds = torch.zeros(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return int(self.tasks.numel())
+
+    def draw(self, n: int, generator: torch.Generator | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Remove and return ``min(n, len(self))`` entries drawn uniformly without replacement:
+        ``(task_ids [k], episode_seeds [k])`` int64."""
+        k = min(max(n, 0), len(self))
+        perm = torch.randperm(len(self), generator=generator)
+        take, rest = perm[:k], perm[k:].sort().values  # the rest keep their age order
+        out = (self.tasks[take].clone(), self.seeds[take].clone())
+        self.tasks, self.seeds = self.tasks[rest], self.seeds[rest]
+        return out
+
+    def update(self, task_ids: torch.Tensor, episode_seeds: torch.Tensor,
+               success: torch.Tensor) -> None:
+        """Add the failed episodes among ``task_ids [N]``, ``episode_seeds [N]``,
+        ``success [N]`` as the newest entries; keep the newest ``capacity``."""
+        ids = task_ids.long().reshape(-1).cpu()
+        seeds = episode_seeds.long().reshape(-1).cpu()
+        ok = success.reshape(-1).cpu().bool()
+        if not ids.shape == seeds.shape == ok.shape:
+            raise ValueError(f"task_ids {tuple(ids.shape)}, episode_seeds {tuple(seeds.shape)} "
+                             f"and success {tuple(ok.shape)} differ")
+        fail = ~ok
+        self.tasks = torch.cat([self.tasks, ids[fail]])[-self.capacity:]
+        self.seeds = torch.cat([self.seeds, seeds[fail]])[-self.capacity:]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tasks": self.tasks.clone(), "seeds": self.seeds.clone()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if sd["tasks"].shape != sd["seeds"].shape or sd["tasks"].numel() > self.capacity:
+            raise ValueError(f"replay state of {sd['tasks'].numel()} entries does not fit "
+                             f"capacity {self.capacity}")
+        self.tasks = sd["tasks"].clone().long()
+        self.seeds = sd["seeds"].clone().long()

@@ -25,7 +25,7 @@ from pirl.flow.base import Sampler
 from pirl.models.base import (FlowPolicy, cat_batch, flow_matching_loss, index_batch,
                               sample_flow_time, to_device)
 from pirl.runners.config import RLConfig
-from pirl.runners.curriculum import FailureCurriculum
+from pirl.runners.curriculum import FailureCurriculum, FailureReplay
 from pirl.runners.rollout import Rollout, cat_chains, collect, stack_obs
 
 
@@ -62,6 +62,10 @@ class RLTrainer:
                                              cfg.task_sampling_decay)
                            if cfg.task_sampling == "failure" else None)
         self._task_ids: torch.Tensor | None = None
+        # failed initial states replayed in a share of the envs (None: off); part of state_dict
+        self.replay = (FailureReplay(cfg.replay_capacity) if cfg.replay_failures > 0 else None)
+        self._ep_seeds: torch.Tensor | None = None
+        self._num_replayed = 0
         self.ref = None
         if self.algo == "grpo" and cfg.grpo.kl_coef > 0:
             # frozen reference (the policy RL starts from) for GRPO's KL penalty
@@ -116,13 +120,20 @@ class RLTrainer:
             self._task_ids = task_ids
             return {"seed": base, "task_ids": task_ids, "episode_seeds": ep_seeds + base}
         g = torch.Generator().manual_seed(base)
+        # the first k envs restart from replayed failed states, the others draw fresh ones
+        k = 0
+        if self.replay is not None:
+            r_tasks, r_seeds = self.replay.draw(round(self.cfg.replay_failures * n), g)
+            k = int(r_tasks.numel())
         if self.curriculum is not None:
-            task_ids = self.curriculum.sample(n, g)
+            task_ids = self.curriculum.sample(n - k, g)
         else:
-            task_ids = torch.randint(0, len(self.env.task_names), (n,), generator=g)
-        self._task_ids = task_ids
-        return {"seed": base, "task_ids": task_ids,
-                "episode_seeds": base + torch.arange(n)}
+            task_ids = torch.randint(0, len(self.env.task_names), (n - k,), generator=g)
+        ep_seeds = base + torch.arange(k, n)
+        if k:
+            task_ids, ep_seeds = torch.cat([r_tasks, task_ids]), torch.cat([r_seeds, ep_seeds])
+        self._task_ids, self._ep_seeds, self._num_replayed = task_ids, ep_seeds, k
+        return {"seed": base, "task_ids": task_ids, "episode_seeds": ep_seeds}
 
     def noise_scale(self) -> float:
         """The sampler's noise multiplier at the current iteration (``rl.noise_schedule``)."""
@@ -167,11 +178,17 @@ class RLTrainer:
         distributed placements run it on the learner ranks, see
         :mod:`pirl.runners.distributed`).  ``t_roll``: the rollout's wall time, for metrics."""
         self.env_steps += ro.env_steps
-        if self.curriculum is not None:
+        k = self._num_replayed
+        if self.curriculum is not None or self.replay is not None:
             if self._task_ids is None or self._task_ids.numel() != ro.valid.shape[1]:
-                raise RuntimeError("rl.task_sampling=failure needs the rollout's task ids from "
-                                   "this trainer's _reset_kwargs (placement.mode=local)")
-            self.curriculum.update(self._task_ids, ro.episode_success)
+                raise RuntimeError("rl.task_sampling=failure and rl.replay_failures need the "
+                                   "rollout's task ids from this trainer's _reset_kwargs "
+                                   "(placement.mode=local)")
+        if self.curriculum is not None:
+            # fresh episodes only: the replayed ones are a biased draw of their tasks' states
+            self.curriculum.update(self._task_ids[k:], ro.episode_success[k:])
+        if self.replay is not None:
+            self.replay.update(self._task_ids, self._ep_seeds, ro.episode_success)
         valid = ro.valid
         flat_valid = valid.reshape(-1)
         idx = flat_valid.nonzero().squeeze(1)
@@ -216,6 +233,14 @@ class RLTrainer:
             metrics["curriculum/task_success"] = float(self.curriculum.success_rate().mean())
             metrics["curriculum/max_prob_ratio"] = float(self.curriculum.probs().max()
                                                          * self.curriculum.num_tasks)
+        if self.replay is not None:
+            ok = ro.episode_success.float()
+            metrics["replay/envs"] = float(k)
+            metrics["replay/size"] = float(len(self.replay))
+            if k:
+                metrics["replay/success"] = float(ok[:k].mean())
+            if k < ok.numel():
+                metrics["rollout/success_fresh"] = float(ok[k:].mean())
         metrics.update({
             "rollout/success": float(ro.episode_success.float().mean()),
             "rollout/return": float(ro.episode_return.mean()),
@@ -355,7 +380,8 @@ class RLTrainer:
                 "update_gen": self.update_gen.get_state(),
                 "group_gen": self.group_gen.get_state(),
                 "curriculum": (self.curriculum.state_dict() if self.curriculum is not None
-                               else None)}
+                               else None),
+                "replay": self.replay.state_dict() if self.replay is not None else None}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.iter, self.env_steps = sd["iter"], sd["env_steps"]
@@ -368,3 +394,9 @@ class RLTrainer:
             raise ValueError("the checkpoint's rl.task_sampling differs from the config's")
         if cur is not None:
             self.curriculum.load_state_dict(cur)
+        rep = sd.get("replay")
+        if (rep is None) != (self.replay is None):
+            raise ValueError("the checkpoint's rl.replay_failures (on / off) differs from the "
+                             "config's")
+        if rep is not None:
+            self.replay.load_state_dict(rep)
