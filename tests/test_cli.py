@@ -22,6 +22,25 @@ def test_resume_passes_only_an_iteration_count_on(monkeypatch):
     assert len(calls) == 2
 
 
+def test_eval_takes_only_eval_overrides(monkeypatch, tmp_path):
+    """``pirl eval RUN eval.num_steps=10`` passes the override into the run's config; an override
+    of anything but the evaluation (the model, env, sampler are the run's) is refused first."""
+    for bad in (["sampler.kind=ode"], ["eval.num_steps=10", "seed=3"]):
+        with pytest.raises(SystemExit, match="only eval"):
+            cli.main(["eval", str(tmp_path), *bad])
+    seen = []
+
+    def fake_load_yaml(cls, path, overrides):
+        seen.append(list(overrides))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("pirl.configs.load_yaml", fake_load_yaml)
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(RuntimeError, match="stop here"):
+        cli.main(["eval", str(tmp_path), "--episodes", "4", "eval.num_steps=10", "threads=1"])
+    assert seen == [["eval.episodes_per_task=4", "eval.num_steps=10", "threads=1"]]
+
+
 @pytest.mark.parametrize("preset", sorted(p.stem for p in cli._presets_dir().glob("*.yaml")))
 def test_every_preset_loads_into_a_valid_config(preset):
     """Each shipped preset resolves by name and type-checks into a TrainConfig (a typo in a

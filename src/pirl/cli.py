@@ -75,6 +75,10 @@ def cmd_eval(args) -> int:
     from pirl.runners.config import TrainConfig
     from pirl.runners.train import Run
 
+    for o in args.overrides:
+        # only the evaluation's own settings: the model, env and sampler are the run's
+        if not o.startswith("eval.") and not o.startswith("threads="):
+            raise SystemExit(f"pirl eval: {o!r}: only eval.* and threads= can be overridden")
     target = Path(args.run)
     run_dir = target if target.is_dir() else target.parent.parent
     ckpt = target if target.is_file() else run_dir / "checkpoints" / "last.pt"
@@ -85,6 +89,7 @@ def cmd_eval(args) -> int:
         ov.append(f"eval.episodes_per_task={args.episodes}")
     if args.splits:
         ov.append(f"eval.splits=[{','.join(args.splits)}]")
+    ov += args.overrides
     cfg = load_yaml(TrainConfig, run_dir / "config.yaml", ov)
     out_dir = Path(args.out or run_dir / "eval")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -137,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--episodes", type=int, help="episodes per task")
     e.add_argument("--splits", nargs="+", help="splits to evaluate (default: the run's)")
     e.add_argument("--out", help="output folder (default RUN_DIR/eval)")
+    e.add_argument("overrides", nargs="*",
+                   help="eval.* overrides on the run's config, e.g. eval.num_steps=10")
     e.set_defaults(fn=cmd_eval)
     d = sub.add_parser("demos", help="write scripted-expert (tabletop) or motion-planning "
                                       "(maniskill) demos for SFT")
@@ -157,7 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     from pirl.runners.checkpoint import CheckpointError
     from pirl.runners.distributed import WorkerError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse leaves overrides that follow an option after the first positional unparsed
+    # (``pirl eval RUN --episodes 8 eval.num_steps=10``): they are overrides too
+    if extra:
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x
+                                                 for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return args.fn(args)
     except (ConfigError, CheckpointError, WorkerError) as e:
