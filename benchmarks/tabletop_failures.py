@@ -8,7 +8,11 @@ one row per (family, outcome): pick-and-place episodes that never grasped the ob
 approach inside / outside the grasp radius), still held it at the time limit, or released it
 off the plate; push episodes that left the object in place, moved it with no progress towards
 the named edge, or fell short of the edge zone.  Then the push episodes of the second kind with
-the cosine between the object's displacement and the goal direction.
+the cosine between the object's displacement and the goal direction, and where the gripper
+first touched the object in each push episode (the step the object first moves): its offset
+from the object in the goal frame (``a`` along the goal direction, ``|b|`` sideways, in units of
+the contact distance) and its move in that step along the goal direction, for failed and
+successful pushes alike.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ def main() -> None:
     from pirl.configs import load_yaml
     from pirl.envs.base import ChunkedEnv
     from pirl.envs.tabletop.render import EDGE_ZONE
-    from pirl.envs.tabletop.sim import FAMILY_PICK_PLACE, FAMILY_PUSH, GRASP_RADIUS
+    from pirl.envs.tabletop.sim import (CONTACT_DISTANCE, FAMILY_PICK_PLACE, FAMILY_PUSH,
+                                        GRASP_RADIUS)
     from pirl.runners.checkpoint import load_checkpoint, load_module_state
     from pirl.runners.config import TrainConfig
     from pirl.runners.rollout import collect
@@ -65,7 +70,7 @@ def main() -> None:
     reset = {"seed": 0, "task_ids": torch.arange(n) % len(env.task_names),
              "episode_seeds": 777 + torch.arange(n)}
     env.reset(**reset)  # the initial object positions (collect resets to the same state)
-    o0 = env.obj_pos[:, 0].clone()
+    o0, g0 = env.obj_pos[:, 0].clone(), env.gripper.clone()
     ro = collect(policy, sampler, ChunkedEnv(env), num_chunks=-(-env.max_episode_steps // chunk),
                  reset_kwargs=reset, action_chunk=chunk,
                  generator=torch.Generator().manual_seed(0), with_values=False)
@@ -78,10 +83,29 @@ def main() -> None:
     disp = obj[-1] - o0
     progress = (disp * env.goal_dir).sum(-1)
     gap = EDGE_ZONE - (obj[-1] * env.goal_dir).sum(-1)
+    # first contact: the first step that moved the task object (pushes only; [N] step index)
+    prev_o = torch.cat([o0[None], obj[:-1]])
+    prev_g = torch.cat([g0[None], g[:-1]])
+    moved = (obj - prev_o).norm(dim=-1) > 1e-6                      # [T, N]
+    first = torch.where(moved.any(0), moved.float().argmax(0), torch.full_like(moved[0], -1,
+                                                                                dtype=torch.long))
+    u = env.goal_dir
+    nrm = torch.stack([-u[:, 1], u[:, 0]], 1)
     cats: Counter = Counter()
     wrong: list[str] = []
+    contact: dict[str, list[tuple[float, float, float]]] = {}
     for i in range(n):
         fam = "pick_place" if int(env.family[i]) == FAMILY_PICK_PLACE else "push"
+        if int(env.family[i]) == FAMILY_PUSH and int(first[i]) >= 0:
+            t = int(first[i])
+            rel = prev_g[t, i] - prev_o[t, i]
+            step_move = g[t, i] - prev_g[t, i]
+            key = "success" if success[i] else (
+                "no progress" if disp[i].norm() >= 0.05 and progress[i] < 0.05 else "other failure")
+            contact.setdefault(key, []).append(
+                (float((rel * u[i]).sum() / CONTACT_DISTANCE),
+                 float((rel * nrm[i]).sum().abs() / CONTACT_DISTANCE),
+                 float((step_move * u[i]).sum() / env.max_speed)))
         if success[i]:
             cats[(fam, "success")] += 1
             continue
@@ -114,6 +138,20 @@ def main() -> None:
         print("\n| push task, object moved without progress | displacement "
               "| cos(displacement, goal) |\n|---|---|---|")
         print("\n".join(wrong))
+    if contact:
+        print("\n| push episodes | first contacts | gripper on the goal side (a > 0) "
+              "| moving against the goal direction | both | median a | median abs(b) |"
+              "\n|---|---|---|---|---|---|---|")
+        for key in ("success", "no progress", "other failure"):
+            rows = contact.get(key)
+            if not rows:
+                continue
+            a = torch.tensor([r[0] for r in rows])
+            b = torch.tensor([r[1] for r in rows])
+            back = torch.tensor([r[2] for r in rows]) < 0
+            print(f"| {key} | {len(rows)} | {int((a > 0).sum())} | {int(back.sum())} "
+                  f"| {int(((a > 0) & back).sum())} | {float(a.median()):+.2f} "
+                  f"| {float(b.median()):.2f} |")
 
 
 if __name__ == "__main__":
