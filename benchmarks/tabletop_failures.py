@@ -1,7 +1,7 @@
 """Where a tabletop policy fails: ODE episodes of every task, each failure put in a category.
 
     PYTHONPATH=src .venv/bin/python benchmarks/tabletop_failures.py RUN_DIR [--checkpoint X.pt]
-        [--episodes 4] [--split train] [--action-chunk N]
+        [--episodes 4] [--split train] [--action-chunk N] [--stochastic]
 
 Reads the env's own state after every step (gripper, held object, object position) and prints
 one row per (family, outcome): pick-and-place episodes that never grasped the object (closest
@@ -12,7 +12,8 @@ the cosine between the object's displacement and the goal direction, and where t
 first touched the object in each push episode (the step the object first moves): its offset
 from the object in the goal frame (``a`` along the goal direction, ``|b|`` sideways, in units of
 the contact distance) and its move in that step along the goal direction, for failed and
-successful pushes alike.
+successful pushes alike.  ``--stochastic`` runs the same episodes with the run's own RL
+sampler (Flow-SDE / Flow-Noise, its noise net from the checkpoint) instead of the ODE.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def main() -> None:
     ap.add_argument("--action-chunk", type=int,
                     help="executed steps per chunk (default: the run's)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--stochastic", action="store_true",
+                    help="sample with the run's RL sampler instead of the deterministic ODE")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_yaml(TrainConfig, f"{args.run}/config.yaml")
@@ -53,8 +56,14 @@ def main() -> None:
     env = make_train_env(cfg, split=args.split, num_envs=n)
     policy = make_policy(cfg, env)
     ckpt = args.checkpoint or f"{args.run}/checkpoints/last.pt"
-    load_module_state(policy, load_checkpoint(ckpt)["policy"], "policy")
-    sampler = make_sampler(cfg, policy, kind="ode", num_steps=cfg.eval.num_steps)
+    state = load_checkpoint(ckpt)
+    load_module_state(policy, state["policy"], "policy")
+    if args.stochastic:
+        sampler = make_sampler(cfg, policy)
+        if state.get("sampler"):
+            load_module_state(sampler, state["sampler"], "sampler")
+    else:
+        sampler = make_sampler(cfg, policy, kind="ode", num_steps=cfg.eval.num_steps)
     chunk = args.action_chunk or cfg.rl.action_chunk or policy.action_horizon
 
     trace: list[dict[str, torch.Tensor]] = []
@@ -129,7 +138,8 @@ def main() -> None:
     per_family = Counter()
     for (fam, _), v in cats.items():
         per_family[fam] += v
-    print(f"{ckpt}: {args.split} split, {n} episodes, executing {chunk} steps per chunk, "
+    how = f"{cfg.sampler.kind} sampling" if args.stochastic else "ODE sampling"
+    print(f"{ckpt}: {args.split} split, {n} episodes, {how}, executing {chunk} steps per chunk, "
           f"success {100 * float(success.float().mean()):.1f}%\n")
     print("| family | outcome | episodes | % of family |\n|---|---|---|---|")
     for (fam, c), v in sorted(cats.items()):
