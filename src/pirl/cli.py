@@ -118,7 +118,8 @@ def cmd_demos(args) -> int:
     from pirl.envs.demos import generate_demos
 
     path = generate_demos(env_name=args.env, episodes_per_task=args.episodes, out_dir=args.out,
-                          seed=args.seed, noise=args.noise, env_kwargs=_env_kwargs(args.kwarg))
+                          seed=args.seed, noise=args.noise, env_kwargs=_env_kwargs(args.kwarg),
+                          clearance=args.clearance)
     print(f"wrote demos to {path}")
     return 0
 
@@ -152,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--noise", type=float, default=0.1)
+    d.add_argument("--clearance", type=float,
+                   help="tabletop push: the expert's clearance beside the object (default 0.04)")
     d.add_argument("--kwarg", action="append", default=[], metavar="KEY=VALUE",
                    help="env keyword (YAML value), repeatable: e.g. image_size=32 (tabletop), "
                         "obs_mode=state (maniskill/PushCube-v1: motion-planning demos)")

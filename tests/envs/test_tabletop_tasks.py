@@ -62,6 +62,41 @@ def test_scripted_expert_solves_every_family(family):
     assert rate >= 0.9, f"{family}: noisy expert success {rate:.3f}"
 
 
+def test_push_clearance_keeps_the_expert_further_from_the_object():
+    """A larger ``clearance`` keeps the noiseless expert's gripper further from the object while
+    it goes round it (it only touches the object to push it towards the edge), and it still
+    solves the push tasks."""
+    n = 768
+    env = TabletopEnv(n, split="all", task_families=("push",), num_cameras=0)
+    tasks = torch.arange(n) % len(env.tasks)
+    closest = {}
+    for c in (0.04, 0.12):
+        expert = ScriptedExpert(env, clearance=c)
+        env.reset(seed=3, task_ids=tasks)
+        succ = torch.zeros(n, dtype=torch.bool)
+        near = torch.full((n,), float("inf"))
+        behind = torch.zeros(n, dtype=torch.bool)
+        # the episodes that start with the gripper on the goal side, less than 0.3 off the
+        # object's line: it must go round the object
+        rel0 = env.gripper - env.obj_pos[:, 0]
+        nrm = torch.stack([-env.goal_dir[:, 1], env.goal_dir[:, 0]], 1)
+        ahead = ((rel0 * env.goal_dir).sum(-1) > 0) & ((rel0 * nrm).sum(-1).abs() < 0.3)
+        for _ in range(48):
+            rel = env.gripper - env.obj_pos[:, 0]
+            # before the gripper is behind the object (along the goal direction): going round
+            behind |= (rel * env.goal_dir).sum(-1) < -0.1
+            d = rel.norm(dim=-1)
+            near = torch.where(behind, near, torch.minimum(near, d))
+            succ |= env.step(expert.act()).info["success"]
+        assert float(succ.float().mean()) >= 0.95, c
+        assert int(ahead.sum()) >= 20
+        closest[c] = near[ahead]
+    # the closest approach while going round grows with the clearance
+    assert float(closest[0.12].median()) > float(closest[0.04].median()) + 0.05
+    with pytest.raises(ValueError, match="clearance"):
+        ScriptedExpert(env, clearance=-0.1)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_random_policy_rarely_succeeds(family):
     n = 384

@@ -78,13 +78,14 @@ def generate_demos(env_name: str = "tabletop", episodes_per_task: int = 4,
                    out_dir: str | Path = "demos", seed: int = 0, noise: float = 0.1,
                    split: str = "train", num_envs: int = 128, only_success: bool = True,
                    max_rounds: int = 10, env_kwargs: dict[str, Any] | None = None,
-                   episodes: int | None = None) -> Path:
+                   episodes: int | None = None, clearance: float | None = None) -> Path:
     """Record ``episodes_per_task`` scripted-expert episodes **per task** of ``split`` into
     ``out_dir`` (``episodes`` is an alias).
 
     ``env_kwargs`` go to :class:`~pirl.envs.tabletop.TabletopEnv` (use the training env's:
     ``task_families``, ``num_cameras``, ``image_size``, ``max_episode_steps`` ...).  The expert
-    acts with Gaussian action noise of std ``noise``.  With ``only_success`` failed episodes are
+    acts with Gaussian action noise of std ``noise``; ``clearance`` (None: the expert's default)
+    is its push clearance beside the object.  With ``only_success`` failed episodes are
     dropped and retried with new seeds (up to ``max_rounds`` rounds), so every task gets
     ``episodes_per_task`` successful demos.  Deterministic given ``seed``.  Returns ``out_dir``.
     """
@@ -104,7 +105,8 @@ def generate_demos(env_name: str = "tabletop", episodes_per_task: int = 4,
     kwargs.update(split=split, auto_reset=False)
     env = TabletopEnv(num_envs, **kwargs)
     gen = torch.Generator().manual_seed(seed)
-    expert = ScriptedExpert(env, noise=noise, generator=gen)
+    expert = (ScriptedExpert(env, noise=noise, generator=gen) if clearance is None
+              else ScriptedExpert(env, noise=noise, generator=gen, clearance=clearance))
     num_tasks = len(env.tasks)
     kept: list[dict[str, Any]] = []
     need = torch.full((num_tasks,), episodes, dtype=torch.long)
@@ -131,9 +133,11 @@ def generate_demos(env_name: str = "tabletop", episodes_per_task: int = 4,
                         ep[key] = rec[key][i, :length]
                 kept.append(ep)
     kept.sort(key=lambda e: (e["task_index"], e["episode_seed"]))
-    return _write(Path(out_dir), env, kept, dict(env_name=env_name, env_kwargs=kwargs, seed=seed,
-                                                 noise=noise, split=split,
-                                                 episodes_per_task=episodes_per_task))
+    meta = dict(env_name=env_name, env_kwargs=kwargs, seed=seed, noise=noise, split=split,
+                episodes_per_task=episodes_per_task)
+    if clearance is not None:
+        meta["clearance"] = clearance
+    return _write(Path(out_dir), env, kept, meta)
 
 
 def maniskill_demo_tasks(env_name: str, split: str = "train",

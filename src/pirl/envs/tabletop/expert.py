@@ -22,7 +22,7 @@ from pirl.envs.tabletop.sim import (CONTACT_DISTANCE, FAMILY_PUSH, FAMILY_STACK,
 
 _BEHIND = 0.1  # the gripper is "behind" the object if it is this far back along the goal dir
 _ALIGNED = 0.06  # lateral tolerance for pushing
-_SIDE = CONTACT_DISTANCE + 0.04  # lateral clearance when going around the object
+_CLEARANCE = 0.04  # default lateral clearance beyond contact when going around the object
 _PLACE_TOL = 0.02
 
 
@@ -33,12 +33,17 @@ class ScriptedExpert:
         env: the (unwrapped) :class:`TabletopEnv` to read privileged state from.
         noise: std of the Gaussian action noise.
         generator: ``torch.Generator`` for the noise (a fixed-seed one if None).
+        clearance: push: how far beyond contact (table units) the gripper passes beside the
+            object on its way round it (the contact distance is 0.2).
     """
 
     def __init__(self, env: TabletopEnv, noise: float = 0.0,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, clearance: float = _CLEARANCE):
+        if clearance < 0:
+            raise ValueError(f"clearance must be >= 0, got {clearance}")
         self.env = env
         self.noise = noise
+        self.side = CONTACT_DISTANCE + clearance
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
 
     def _move_to(self, target: torch.Tensor) -> torch.Tensor:
@@ -88,11 +93,12 @@ class ScriptedExpert:
         room_pos, room_neg = 1.0 - on, 1.0 + on
         roomier = torch.where(room_pos >= room_neg, one, -one)
         side = torch.where(b.abs() > 0.02, torch.sign(b), roomier)
-        side = torch.where((side > 0) & (room_pos < _SIDE + 0.05), -one, side)
-        side = torch.where((side < 0) & (room_neg < _SIDE + 0.05), one, side)
-        sideways = self._move_to(o + nrm * side[:, None] * (_SIDE + 0.02) + u * a[:, None])
+        side_d = self.side
+        side = torch.where((side > 0) & (room_pos < side_d + 0.05), -one, side)
+        side = torch.where((side < 0) & (room_neg < side_d + 0.05), one, side)
+        sideways = self._move_to(o + nrm * side[:, None] * (side_d + 0.02) + u * a[:, None])
         backwards = self._move_to(o + nrm * b[:, None] - u * (CONTACT_DISTANCE + 0.04))
-        around = torch.where((b.abs() < _SIDE)[:, None], sideways, backwards)
+        around = torch.where((b.abs() < side_d)[:, None], sideways, backwards)
         push_move = torch.where((behind & aligned)[:, None], push_move,
                                 torch.where(behind[:, None], line_up, around))
         push_grip = -one
