@@ -402,6 +402,8 @@ class PPOConfig(PolicyUpdateConfig):
     noise.
     """
 
+    # per chunk step.  On the tabletop (README, session 19) 0.95 and 0.9 raised OOD success and
+    # the critic's explained variance but not the in-distribution end (one run each)
     gamma: float = 0.99
     gae_lambda: float = 0.95
     value_clip: float | None = 0.2

@@ -166,7 +166,9 @@ class RLConfig:
     # failure replay (PPO, local placement): a share replay_failures of the envs restarts from
     # the initial states (task id + episode seed) of recently failed rollout episodes, kept in a
     # buffer of the newest replay_capacity failures (pirl.runners.curriculum.FailureReplay); the
-    # task curriculum counts only the fresh episodes.  0: off
+    # task curriculum counts only the fresh episodes.  0: off.  Measured at 0.5 from the
+    # default's start: 86.1% / 79.2% at iteration 40 against 85.9% / 78.6% without it (push up,
+    # pick-and-place down; README, session 19), so it is off by default
     replay_failures: float = 0.0
     replay_capacity: int = 512
 
