@@ -100,13 +100,14 @@ def generate_demos(env_name: str = "tabletop", episodes_per_task: int = 4,
         raise ValueError(f"scripted demos exist only for the 'tabletop' and 'maniskill' envs, "
                          f"not {env_name!r}")
     from pirl.envs.tabletop import ScriptedExpert, TabletopEnv
+    from pirl.envs.tabletop.expert import PUSH_CLEARANCE
 
     kwargs = dict(env_kwargs or {})
     kwargs.update(split=split, auto_reset=False)
     env = TabletopEnv(num_envs, **kwargs)
     gen = torch.Generator().manual_seed(seed)
-    expert = (ScriptedExpert(env, noise=noise, generator=gen) if clearance is None
-              else ScriptedExpert(env, noise=noise, generator=gen, clearance=clearance))
+    expert = ScriptedExpert(env, noise=noise, generator=gen,
+                            clearance=PUSH_CLEARANCE if clearance is None else clearance)
     num_tasks = len(env.tasks)
     kept: list[dict[str, Any]] = []
     need = torch.full((num_tasks,), episodes, dtype=torch.long)

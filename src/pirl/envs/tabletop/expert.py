@@ -22,7 +22,7 @@ from pirl.envs.tabletop.sim import (CONTACT_DISTANCE, FAMILY_PUSH, FAMILY_STACK,
 
 _BEHIND = 0.1  # the gripper is "behind" the object if it is this far back along the goal dir
 _ALIGNED = 0.06  # lateral tolerance for pushing
-_CLEARANCE = 0.04  # default lateral clearance beyond contact when going around the object
+PUSH_CLEARANCE = 0.04  # default lateral clearance beyond contact when going around the object
 _PLACE_TOL = 0.02
 
 
@@ -38,7 +38,7 @@ class ScriptedExpert:
     """
 
     def __init__(self, env: TabletopEnv, noise: float = 0.0,
-                 generator: torch.Generator | None = None, clearance: float = _CLEARANCE):
+                 generator: torch.Generator | None = None, clearance: float = PUSH_CLEARANCE):
         if clearance < 0:
             raise ValueError(f"clearance must be >= 0, got {clearance}")
         self.env = env
