@@ -96,8 +96,7 @@ def main() -> None:
     prev_o = torch.cat([o0[None], obj[:-1]])
     prev_g = torch.cat([g0[None], g[:-1]])
     moved = (obj - prev_o).norm(dim=-1) > 1e-6                      # [T, N]
-    first = torch.where(moved.any(0), moved.float().argmax(0), torch.full_like(moved[0], -1,
-                                                                                dtype=torch.long))
+    first = torch.where(moved.any(0), moved.long().argmax(0), -1)
     u = env.goal_dir
     nrm = torch.stack([-u[:, 1], u[:, 0]], 1)
     cats: Counter = Counter()
@@ -105,20 +104,9 @@ def main() -> None:
     contact: dict[str, list[tuple[float, float, float]]] = {}
     for i in range(n):
         fam = "pick_place" if int(env.family[i]) == FAMILY_PICK_PLACE else "push"
-        if int(env.family[i]) == FAMILY_PUSH and int(first[i]) >= 0:
-            t = int(first[i])
-            rel = prev_g[t, i] - prev_o[t, i]
-            step_move = g[t, i] - prev_g[t, i]
-            key = "success" if success[i] else (
-                "no progress" if disp[i].norm() >= 0.05 and progress[i] < 0.05 else "other failure")
-            contact.setdefault(key, []).append(
-                (float((rel * u[i]).sum() / CONTACT_DISTANCE),
-                 float((rel * nrm[i]).sum().abs() / CONTACT_DISTANCE),
-                 float((step_move * u[i]).sum() / env.max_speed)))
         if success[i]:
-            cats[(fam, "success")] += 1
-            continue
-        if int(env.family[i]) == FAMILY_PUSH:
+            c = "success"
+        elif int(env.family[i]) == FAMILY_PUSH:
             if disp[i].norm() < 0.05:
                 c = "object left in place"
             elif progress[i] < 0.05:
@@ -135,6 +123,16 @@ def main() -> None:
         else:
             c = "holding at the time limit" if held_end[i] else "released off the plate"
         cats[(fam, c)] += 1
+        if int(env.family[i]) == FAMILY_PUSH and int(first[i]) >= 0:
+            t = int(first[i])
+            rel = prev_g[t, i] - prev_o[t, i]
+            step_move = g[t, i] - prev_g[t, i]
+            key = {"success": "success",
+                   "object moved, no progress to the edge": "no progress"}.get(c, "other failure")
+            contact.setdefault(key, []).append(
+                (float((rel * u[i]).sum() / CONTACT_DISTANCE),
+                 float((rel * nrm[i]).sum().abs() / CONTACT_DISTANCE),
+                 float((step_move * u[i]).sum() / env.max_speed)))
     per_family = Counter()
     for (fam, _), v in cats.items():
         per_family[fam] += v
