@@ -86,16 +86,19 @@ def _tiny_run_cfg(tmp_path, name, iterations=2, extra=()):
         "env.kwargs={max_episode_steps: 16}", *extra])
 
 
-@pytest.mark.parametrize("task_sampling", ["uniform", "failure", "failure+replay"])
+@pytest.mark.parametrize("task_sampling", ["uniform", "failure", "failure+replay", "uniform+bc"])
 def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, task_sampling):
     from pirl.runners import train as train_mod
     from pirl.runners.checkpoint import load_checkpoint
 
     replay = task_sampling.endswith("+replay")
-    task_sampling = task_sampling.removesuffix("+replay")
+    bc = task_sampling.endswith("+bc")
+    task_sampling = task_sampling.removesuffix("+replay").removesuffix("+bc")
     extra = [f"rl.task_sampling={task_sampling}"]
     if replay:  # the resumed iteration replays the failures stored with the checkpoint
         extra += ["rl.replay_failures=0.5"]
+    if bc:  # the demo loss's draws continue from the checkpointed update generator
+        extra += ["rl.bc_coef=0.5", "rl.bc_batch_size=4"]
     train_mod.run(_tiny_run_cfg(tmp_path, "a", extra=extra))
     # the same run, killed during its second RL iteration, then resumed from the checkpoint
     calls = {"n": 0}
@@ -134,6 +137,8 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, task_sampling):
     strip = lambda rows: [{k: v for k, v in __import__("json").loads(r).items()
                            if not k.startswith("perf/")} for r in rows]
     assert strip(ma) == strip(mb)
+    if bc:
+        assert all("bc/loss" in __import__("json").loads(r) for r in ma)
 
 
 def test_resume_extends_a_finished_run(tmp_path):
@@ -520,3 +525,107 @@ def test_noise_schedule_also_scales_grpo_kl_reference():
     assert ref_smp.noise_scale == pytest.approx(0.6)
     new = ref_smp.log_prob(ref_pol, ref_pol.encode_prefix(ro.obs[0]), ro.chains[0])
     torch.testing.assert_close(new.logp, ro.chains[0].logp, atol=1e-5, rtol=0)
+
+
+def _reach_demos(m=24, seed=0):
+    """Demo rows for the tiny reach policy: obs dict, action chunks ``[m, 2, 2]`` and a mask
+    ``[m, 2]`` whose second step is padding in a third of the rows."""
+    from pirl.algos.sft import SFTData
+
+    g = torch.Generator().manual_seed(seed)
+    state = torch.rand(m, 2, generator=g) * 2 - 1
+    actions = state[:, None, :].expand(m, 2, 2).clone() * 0.5
+    mask = torch.ones(m, 2)
+    mask[::3, 1] = 0.0
+    return SFTData(obs={"state": state, "instruction": ["reach the point"] * m},
+                   actions=actions, mask=mask)
+
+
+def test_demo_loss_term_is_the_flow_matching_loss_on_demo_rows():
+    """With ``rl.bc_coef`` the minibatch loss gains ``bc_coef * FM`` where FM is the
+    flow-matching loss of the policy on the drawn demo rows' valid steps (computed here directly
+    from the policy's velocity)."""
+    from pirl.runners.rollout import cat_chains, stack_obs
+    from pirl.models.base import index_batch
+
+    pol = _policy()
+    smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
+                        config=SamplerConfig(kind="flow_sde", num_steps=3))
+    cfg = apply_overrides(RLConfig(algo="ppo"), ["bc_coef=0.3", "bc_batch_size=16"])
+    demos = _reach_demos()
+    tr = RLTrainer(pol, smp, ReachEnv(16, max_episode_steps=2, radius=0.45), cfg, seed=0,
+                   demos=demos)
+    ro = tr.rollout()
+    idx = ro.valid.reshape(-1).nonzero().squeeze(1)
+    obs = index_batch(stack_obs(ro.obs), idx)
+    chain = cat_chains(ro.chains).index(idx)
+    old = tr._aggregate(chain)
+    zeros = torch.zeros(idx.numel())
+    g0 = tr.update_gen.get_state()
+    bc = tr._bc_inputs("cpu")
+    assert bc["actions"].shape == (16, 2, 2)
+    # the rows are drawn from the update generator: the same state gives the same rows
+    tr.update_gen.set_state(g0)
+    torch.testing.assert_close(tr._bc_inputs("cpu")["noise"], bc["noise"])
+    with_bc, s = tr.minibatch_loss(obs, chain, old, zeros, zeros, zeros, None, None, bc)
+    without, _ = tr.minibatch_loss(obs, chain, old, zeros, zeros, zeros, None, None, None)
+    a, eps, t, mask = bc["actions"], bc["noise"], bc["time"], bc["mask"]
+    x_t = t[:, None, None] * eps + (1 - t[:, None, None]) * a
+    err = (pol.velocity(pol.encode_prefix(bc["obs"]), x_t, t).velocity - (eps - a)).pow(2)
+    ref = err[mask.bool()].mean()  # [valid steps, A] -> mean over valid elements
+    assert 0 < float(mask.sum()) < mask.numel()  # padded steps are present
+    torch.testing.assert_close(with_bc - without, 0.3 * ref, atol=1e-6, rtol=1e-5)
+    assert s["bc/loss"] == pytest.approx(float(ref.detach()), rel=1e-5)
+    # (a padded step's error is left out, as in SFT; its noisy input x_t still reaches the
+    # expert, which attends over the whole chunk)
+
+
+def test_demo_loss_alone_fits_the_demos():
+    """With the policy term off (a critic warm-up over the whole run) the demo loss alone still
+    trains the policy towards the demos: the flow-matching loss on fixed demo draws falls, and
+    without ``bc_coef`` the same run leaves the policy where it was."""
+    from pirl.models.base import flow_matching_loss
+
+    demos = _reach_demos(48)
+    g = torch.Generator().manual_seed(5)
+    noise, time_ = torch.randn(48, 2, 2, generator=g), torch.rand(48, generator=g)
+
+    def demo_fm(pol):
+        with torch.no_grad():
+            return float(flow_matching_loss(pol, pol.encode_prefix(demos.obs), demos.actions,
+                                            noise=noise, time=time_, mask=demos.mask))
+
+    out = {}
+    for coef in (0.0, 1.0):
+        pol = _policy()
+        smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
+                            config=SamplerConfig(kind="flow_sde", num_steps=3))
+        cfg = apply_overrides(RLConfig(algo="ppo"), [
+            f"bc_coef={coef}", "ppo.critic_warmup_iters=100", "ppo.lr_policy=0.003",
+            "ppo.lr_schedule=constant"])
+        tr = RLTrainer(pol, smp, ReachEnv(16, max_episode_steps=2), cfg, seed=0,
+                       demos=demos if coef else None)
+        before = demo_fm(pol)
+        for _ in range(4):
+            m = tr.iteration()
+        out[coef] = (before, demo_fm(pol), m)
+    b0, a0, m0 = out[0.0]
+    b1, a1, m1 = out[1.0]
+    assert b0 == b1 and a0 == b0 and "bc/loss" not in m0
+    assert a1 < 0.7 * b1, (b1, a1)
+    assert m1["bc/loss"] > 0
+
+
+def test_demo_loss_is_checked():
+    pol = _policy()
+    smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
+                        config=SamplerConfig(kind="flow_sde", num_steps=3))
+    cfg = apply_overrides(RLConfig(algo="grpo"), ["bc_coef=0.5"])
+    with pytest.raises(ValueError, match="bc_coef"):
+        RLTrainer(pol, smp, ReachEnv(16, max_episode_steps=2), cfg, seed=0)
+    with pytest.raises(ValueError, match="rl.bc_coef"):
+        apply_overrides(RLConfig(), ["bc_coef=-0.1"])
+    with pytest.raises(ValueError, match="rl.bc_batch_size"):
+        apply_overrides(RLConfig(), ["bc_batch_size=0"])
+    with pytest.raises(ValueError, match="rl.bc_coef"):
+        apply_overrides(TrainConfig(), ["rl.bc_coef=0.5", "placement.mode=disaggregated"])

@@ -171,6 +171,11 @@ class RLConfig:
     # pick-and-place down; README, session 19), so it is off by default
     replay_failures: float = 0.0
     replay_capacity: int = 512
+    # demo-augmented RL (PPO-ptx / DAPG style): bc_coef weights a flow-matching loss on a
+    # minibatch of bc_batch_size (observation, action chunk) pairs of the run's few-shot SFT
+    # demos, added to every PPO / GRPO minibatch loss (local placement).  0: off, plain RL
+    bc_coef: float = 0.0
+    bc_batch_size: int = 64
 
     def __post_init__(self):
         _check(self.iterations >= 0, "rl.iterations", "must be >= 0")
@@ -189,6 +194,9 @@ class RLConfig:
                f"must be >= 1, got {self.replay_capacity}")
         _check(self.replay_failures == 0 or self.algo == "ppo", "rl.replay_failures",
                "replaying failed states needs rl.algo=ppo (GRPO draws its own groups of seeds)")
+        _check(self.bc_coef >= 0, "rl.bc_coef", f"must be >= 0, got {self.bc_coef}")
+        _check(self.bc_batch_size >= 1, "rl.bc_batch_size",
+               f"must be >= 1, got {self.bc_batch_size}")
         _check(self.action_chunk is None or self.action_chunk >= 1, "rl.action_chunk",
                "must be >= 1")
         _check(self.eval_every >= 1, "rl.eval_every", "must be >= 1")
@@ -252,6 +260,9 @@ class TrainConfig:
         _check(self.rl.replay_failures == 0 or self.placement.mode == "local",
                "rl.replay_failures", f"failure replay needs placement.mode=local (the rollout "
                f"workers of {self.placement.mode!r} draw their own resets)")
+        _check(self.rl.bc_coef == 0 or self.placement.mode == "local", "rl.bc_coef",
+               f"the demo loss needs placement.mode=local (the learner ranks of "
+               f"{self.placement.mode!r} do not hold the demos)")
         if self.pretrain.steps > 0 and not self.model.checkpoint:
             _check(env_key(self.env.name) == "tabletop" and self.model.name == "tiny",
                    "pretrain.steps", f"grounding pretraining (on by default) is the tiny VLA's "

@@ -620,7 +620,7 @@ class _LossModule(nn.Module):
         self._trainer = [trainer]  # a list: not registered as a submodule
 
     def forward(self, o, c, old_logp, adv, ret, old_values, *rest):
-        # rest: (frozen_prefix, sil, scale)
+        # rest: (frozen_prefix, sil, bc, scale)
         scale, extra = rest[-1], rest[:-1]
         loss, stats = self._trainer[0].minibatch_loss(o, c, old_logp, adv, ret, old_values,
                                                       *extra)
@@ -1057,13 +1057,16 @@ def _cpu_module(m: nn.Module) -> nn.Module:
     return copy.deepcopy(m).cpu()
 
 
-def trainer_from_config(cfg: Any, policy: FlowPolicy, sampler: Sampler, env: BatchedEnv):
+def trainer_from_config(cfg: Any, policy: FlowPolicy, sampler: Sampler, env: BatchedEnv,
+                        demos: Any = None):
     """The trainer of a :class:`~pirl.runners.config.TrainConfig`: :class:`RLTrainer` for
-    ``placement.mode == "local"``, else a :class:`DistributedTrainer` whose env workers build
-    the config's training env."""
+    ``placement.mode == "local"`` (``demos``: the SFT samples of ``rl.bc_coef``'s loss), else a
+    :class:`DistributedTrainer` whose env workers build the config's training env."""
     placement = getattr(cfg, "placement", None)
     if placement is None or placement.mode == "local":
-        return _rl_trainer_cls()(policy, sampler, env, cfg.rl, cfg.seed)
+        return _rl_trainer_cls()(policy, sampler, env, cfg.rl, cfg.seed, demos=demos)
+    if cfg.rl.bc_coef > 0:
+        raise ValueError(f"rl.bc_coef > 0 needs placement.mode=local (got {placement.mode!r})")
     if cfg.rl.task_sampling != "uniform":
         # the workers draw the tasks, the learner sees the outcomes: not synced (yet)
         raise ValueError(f"rl.task_sampling={cfg.rl.task_sampling!r} needs "

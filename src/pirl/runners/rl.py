@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from pirl.algos.advantages import gae
+from pirl.algos.sft import SFTData
 from pirl.algos.grpo import broadcast_over_time, group_advantages, make_groups
 from pirl.algos.ppo import (aggregate_logp, approx_kl, explained_variance, level_mask, lr_scale,
                             policy_loss, value_loss)
@@ -33,8 +34,13 @@ class RLTrainer:
     """PPO / GRPO on a policy + sampler + batched env (see module docstring)."""
 
     def __init__(self, policy: FlowPolicy, sampler: Sampler, env: BatchedEnv, cfg: RLConfig,
-                 seed: int):
+                 seed: int, demos: SFTData | None = None):
+        """``demos``: the few-shot SFT samples of the demo loss (needed when ``cfg.bc_coef`` >
+        0; see :meth:`_bc_inputs`)."""
         self.policy, self.sampler, self.cfg = policy, sampler, cfg
+        if cfg.bc_coef > 0 and (demos is None or len(demos) == 0):
+            raise ValueError("rl.bc_coef > 0 needs the SFT demos (RLTrainer(..., demos=...))")
+        self.demos = demos if cfg.bc_coef > 0 else None
         self.env = ChunkedEnv(env)
         self.algo = cfg.algo
         self.hp = cfg.ppo if cfg.algo == "ppo" else cfg.grpo
@@ -278,7 +284,8 @@ class RLTrainer:
                         (to_device(index_batch(frozen_prefix, i), device)
                          if frozen_prefix is not None else None),
                         self._sil_inputs(c, sil_weight[i], device)
-                        if sil_weight is not None else None)
+                        if sil_weight is not None else None,
+                        self._bc_inputs(device) if self.demos is not None else None)
                 loss, s = self._loss(*args)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -306,12 +313,28 @@ class RLTrainer:
         mask = self.action_mask.to(device, actions.dtype)[None] * weight.to(device)[:, None, None]
         return {"actions": actions, "mask": mask, "noise": noise, "time": time_}
 
+    def _bc_inputs(self, device) -> dict[str, Any]:
+        """A minibatch of the demo loss: ``bc_batch_size`` demo rows drawn uniformly with
+        replacement (obs, actions ``[B, H, A]``, mask ``[B, H]``) and the flow-matching noise
+        and times, all drawn from the trainer's update generator."""
+        d = self.demos
+        b = self.cfg.bc_batch_size
+        i = torch.randint(0, len(d), (b,), generator=self.update_gen)
+        actions = d.actions.index_select(0, i)
+        noise = torch.randn(actions.shape, generator=self.update_gen, dtype=actions.dtype)
+        time_ = sample_flow_time(b, generator=self.update_gen).to(actions.dtype)
+        mask = d.mask.index_select(0, i) if d.mask is not None else None
+        return to_device({"obs": index_batch(d.obs, i), "actions": actions, "mask": mask,
+                          "noise": noise, "time": time_}, device)
+
     def minibatch_loss(self, o, c, old_logp, adv, ret, old_values,
-                       frozen_prefix=None, sil=None) -> tuple[torch.Tensor, dict[str, float]]:
+                       frozen_prefix=None, sil=None,
+                       bc=None) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss and stats of one minibatch (already on the device): obs ``o``, chains ``c``,
         rollout log-probs, advantages, returns and values ``[M]``; ``frozen_prefix``: the
         rollout's frozen prefix caches of these rows (else ``o`` is re-encoded); ``sil``: the
-        self-imitation inputs (:meth:`_sil_inputs`) or None."""
+        self-imitation inputs (:meth:`_sil_inputs`) or None; ``bc``: the demo-loss inputs
+        (:meth:`_bc_inputs`) or None."""
         hp = self.hp
         device = old_logp.device
         if frozen_prefix is not None:
@@ -354,6 +377,14 @@ class RLTrainer:
                                     time=sil["time"], mask=sil["mask"])
             loss = loss + hp.sil_coef * fm
             s["sil/loss"] = float(fm.detach())
+        if bc is not None:
+            # demo-augmented RL: the SFT flow-matching loss on few-shot demo rows (weighted
+            # also during a critic warm-up: the demos are not the fresh critic's guess)
+            fm = flow_matching_loss(self.policy, self.policy.encode_prefix(bc["obs"]),
+                                    bc["actions"], noise=bc["noise"],
+                                    time=bc["time"], mask=bc["mask"])
+            loss = loss + self.cfg.bc_coef * fm
+            s["bc/loss"] = float(fm.detach())
         ent = hp.entropy_coef
         if ent and not warm and bool(new.stochastic.any()):
             # Gaussian entropy per element = log std + const: a bonus on the noise level

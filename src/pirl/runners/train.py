@@ -167,7 +167,11 @@ class Run:
         from pirl.runners.distributed import trainer_from_config
 
         # RLTrainer for placement.mode=local, else a Ray DistributedTrainer (same interface)
-        self.trainer = trainer_from_config(self.cfg, self.policy, self.sampler, self.env)
+        demos = None
+        if self.cfg.rl.bc_coef > 0:  # the few-shot SFT demos, for the demo loss
+            demos = load_sft_data(self.cfg, self.demos(), self.policy.action_horizon)
+        self.trainer = trainer_from_config(self.cfg, self.policy, self.sampler, self.env,
+                                           demos=demos)
 
     def extend(self) -> None:
         """Reopen the RL stage of a loaded run for ``cfg.rl.iterations`` (raised by the caller):
