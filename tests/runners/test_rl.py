@@ -179,10 +179,13 @@ def test_resume_rejects_other_model(tmp_path):
         r.load(tmp_path / "c" / "checkpoints" / "last.pt")
 
 
-@pytest.mark.parametrize("algo,kind", [("ppo", "flow_noise"), ("grpo", "flow_sde")])
-def test_reused_frozen_prefix_equals_reencoding(algo, kind, monkeypatch):
+@pytest.mark.parametrize("algo,kind,critic_time", [("ppo", "flow_noise", False),
+                                                   ("grpo", "flow_sde", False),
+                                                   ("ppo", "flow_sde", True)])
+def test_reused_frozen_prefix_equals_reencoding(algo, kind, critic_time, monkeypatch):
     """expert_only: the update on the rollout's frozen prefix caches gives the parameters and
-    metrics of re-encoding every observation, and never runs the prefix encoder."""
+    metrics of re-encoding every observation, and never runs the prefix encoder (also with a
+    critic that reads the time left, which the frozen caches carry)."""
     from pirl.envs.tabletop import TabletopEnv
 
     def run(reuse: bool):
@@ -190,7 +193,7 @@ def test_reused_frozen_prefix_equals_reencoding(algo, kind, monkeypatch):
         env = TabletopEnv(8, max_episode_steps=16, num_distractors=0)
         pol = build_policy("tiny", action_dim=3, state_dim=4, action_horizon=4, width=32,
                            depth=1, heads=2, conv_channels=[8, 16], value_hidden=32,
-                           vocab=list(env.vocabulary()))
+                           vocab=list(env.vocabulary()), critic_time=critic_time)
         smp = build_sampler(kind, 3, pol.feature_dim, pol.action_dim, config=SamplerConfig())
         cfg = apply_overrides(RLConfig(algo=algo), [
             "train_mode=expert_only", f"reuse_prefix={str(reuse).lower()}",
@@ -216,7 +219,8 @@ def test_reused_frozen_prefix_equals_reencoding(algo, kind, monkeypatch):
     assert n_a == 0 and n_b > 0
     for k in sd_a:
         torch.testing.assert_close(sd_a[k], sd_b[k], rtol=1e-4, atol=1e-5, msg=k)
-    for k in ("policy/loss", "policy/approx_kl", "policy/clip_fraction"):
+    for k in ("policy/loss", "policy/approx_kl", "policy/clip_fraction") + (
+            ("value/loss",) if algo == "ppo" else ()):
         assert m_a[k] == pytest.approx(m_b[k], rel=1e-3, abs=1e-5), k
 
 
@@ -629,3 +633,89 @@ def test_demo_loss_is_checked():
         apply_overrides(RLConfig(), ["bc_batch_size=0"])
     with pytest.raises(ValueError, match="rl.bc_coef"):
         apply_overrides(TrainConfig(), ["rl.bc_coef=0.5", "placement.mode=disaggregated"])
+
+
+def test_time_aware_critic_reads_the_time_left_of_each_chunk_step():
+    """With ``critic_time`` the rollout stores ``time_left = 1 - t / T`` with the observations of
+    chunk step t, the rollout's values are the critic's at that time (recomputed here), the
+    bootstrap value after the last step reads time 0, and the critic's output depends on it."""
+    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
+                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"],
+                       critic_time=True)
+    smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
+                        config=SamplerConfig(kind="flow_sde", num_steps=3))
+    env = ChunkedEnv(ReachEnv(8, max_episode_steps=8, radius=0.01))  # (rarely solved)
+    ro = collect(pol, smp, env, num_chunks=4, reset_kwargs={"seed": 0}, action_chunk=2,
+                 generator=torch.Generator().manual_seed(0))
+    assert len(ro.obs) == 4
+    for t, obs in enumerate(ro.obs):
+        torch.testing.assert_close(obs["time_left"], torch.full((8,), 1.0 - t / 4))
+        with torch.no_grad():
+            torch.testing.assert_close(pol.value(pol.encode_prefix(obs)), ro.values[t])
+    with torch.no_grad():
+        prefix = pol.encode_prefix(ro.obs[3])
+        later = pol.encode_prefix(dict(ro.obs[3], time_left=torch.zeros(8)))
+        assert not torch.allclose(pol.value(prefix), pol.value(later))
+        # the frozen cache keeps the time; without one the critic refuses to guess
+        torch.testing.assert_close(pol.value(pol.thaw_prefix(pol.frozen_prefix(prefix))),
+                                   pol.value(prefix))
+        obs = {k: v for k, v in ro.obs[3].items() if k != "time_left"}
+        with pytest.raises(ValueError, match="time_left"):
+            pol.value(pol.encode_prefix(obs))
+    # the actor never reads it
+    x = torch.randn(8, 2, 2)
+    t1 = torch.full((8,), 0.5)
+    torch.testing.assert_close(pol.velocity(prefix, x, t1).velocity,
+                               pol.velocity(later, x, t1).velocity)
+
+
+def test_time_aware_critic_bootstraps_at_time_zero(monkeypatch):
+    """The value after the last chunk step (``next_values[-1]``) is the critic's at the final
+    observation with ``time_left = 0``."""
+    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
+                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"],
+                       critic_time=True)
+    smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
+                        config=SamplerConfig(kind="flow_sde", num_steps=3))
+    seen = []
+    orig = type(pol).encode_prefix
+
+    def spy(self, obs):
+        seen.append(obs.get("time_left"))
+        return orig(self, obs)
+
+    monkeypatch.setattr(type(pol), "encode_prefix", spy)
+    env = ChunkedEnv(ReachEnv(8, max_episode_steps=6, radius=0.01))
+    ro = collect(pol, smp, env, num_chunks=3, reset_kwargs={"seed": 0}, action_chunk=2,
+                 generator=torch.Generator().manual_seed(0))
+    assert len(ro.obs) == 3 and len(seen) == 4
+    torch.testing.assert_close(seen[-1], torch.zeros(8))
+
+
+def test_time_aware_critic_loads_an_sft_checkpoint_without_it(tmp_path):
+    """An SFT checkpoint of a model without ``critic_time`` loads into one with it (the new
+    critic weight keeps its initialisation, and the run says so); any other missing key is
+    still an error."""
+    from pirl.runners import train as train_mod
+    from pirl.runners.checkpoint import CheckpointError, load_checkpoint, load_module_state
+
+    train_mod.run(_tiny_run_cfg(tmp_path, "sft", iterations=0))
+    ckpt = tmp_path / "sft" / "checkpoints" / "sft.pt"
+    kw = "model.kwargs={width: 32, depth: 1, heads: 2, conv_channels: [8, 16], value_hidden: 32, critic_time: true}"
+    cfg = _tiny_run_cfg(tmp_path, "rl", iterations=1,
+                        extra=[kw, f"model.checkpoint={ckpt}", "pretrain.steps=0", "sft.steps=0",
+                               "rl.ppo.truncation=terminal"])
+    res = train_mod.run(cfg)
+    assert "final" in res
+    sd = load_checkpoint(ckpt)["policy"]
+    rl_sd = load_checkpoint(tmp_path / "rl" / "checkpoints" / "last.pt")["policy"]
+    assert "value_time.weight" in rl_sd and "value_time.weight" not in sd
+    # the prefix came from the checkpoint (and stays frozen in RL)
+    prefix = train_mod.make_policy(cfg, train_mod.make_train_env(cfg)).prefix_parameter_names()
+    assert prefix and all(torch.equal(rl_sd[k], sd[k]) for k in prefix)
+    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
+                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"],
+                       critic_time=True)
+    part = {k: v for k, v in pol.state_dict().items() if k != "action_out.weight"}
+    with pytest.raises(CheckpointError, match="action_out.weight"):
+        load_module_state(pol, part, "policy", allow_missing=pol.critic_parameter_names())

@@ -16,7 +16,10 @@ Structure (mirrors pi0 at toy scale):
 - **Value head** (``value_head``): ``"prefix"`` = MLP on the masked mean of the prefix tokens;
   ``"expert"`` = run the expert once at the fixed query ``x = 0, t = 1`` and MLP on its features
   averaged over the chunk (pi0 in RLinf).  ``critic_detach=True`` stops the critic's gradient at
-  its input, so the value loss trains only the value MLP.
+  its input, so the value loss trains only the value MLP.  ``critic_time=True`` also gives the
+  critic the share of the episode's time limit still ahead (``obs["time_left"] [B]``, which the
+  RL rollout adds; Pardo et al. 2018: with a time limit the return depends on the time left,
+  and a critic that cannot see it averages over it).  The actor never reads it.
 
 The image encoder is CoordConv (pixel coordinates as input channels) and FiLM-conditioned on
 the instruction by default: on the tabletop, a few-shot SFT policy without FiLM picked the wrong
@@ -53,6 +56,9 @@ class TinyVLAConfig:
     image_tokens: side of the token grid per camera (4 -> 16 tokens per image).
     value_head: ``"expert"`` or ``"prefix"`` (see module docstring).
     critic_detach: whether the critic's input is detached from the shared trunk.
+    critic_time: whether the critic also reads ``obs["time_left"]`` (see module docstring): a
+        linear map of it is added to the value MLP's first pre-activation (parameter
+        ``value_time``).
     coord_conv: append two pixel-coordinate channels to every image (CoordConv, Liu et al.
         2018), so the conv encoder can report *where* an object is, not only what it is.
     film: condition the image encoder on the instruction (FiLM on every conv block; the
@@ -83,6 +89,7 @@ class TinyVLAConfig:
     conv_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
     value_head: str = "expert"
     critic_detach: bool = True
+    critic_time: bool = False
     value_hidden: int = 128
     coord_conv: bool = True
     film: bool = True
@@ -120,11 +127,14 @@ class TinyPrefix:
     kv: ``[B, L, 2, nh, P, dh]`` every expert layer's cross-attention keys (0) and values (1);
         None in a frozen prefix (:meth:`TinyVLA.frozen_prefix`), whose K/V projections belong to
         the trainable expert.
+    time_left: ``[B]`` the observation's ``time_left`` (read by a ``critic_time`` critic only),
+        or None when the observation has none.
     """
 
     tokens: torch.Tensor
     mask: torch.Tensor
     kv: torch.Tensor | None
+    time_left: torch.Tensor | None = None
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, min_period: float = 4e-3,
@@ -332,6 +342,9 @@ class TinyVLA(FlowPolicy):
         self.value_mlp = nn.Sequential(nn.Linear(d, cfg.value_hidden), nn.GELU(),
                                        nn.Linear(cfg.value_hidden, cfg.value_hidden), nn.GELU(),
                                        nn.Linear(cfg.value_hidden, 1))
+        # (created after everything else, so that the other parameters' init is unchanged)
+        self.value_time = (nn.Linear(1, cfg.value_hidden, bias=False) if cfg.critic_time
+                           else None)
 
         # ---- normaliser (buffers: saved with the weights, never trained) ----
         # (pirl's shared Normalizer, stats sized here so a fitted checkpoint loads into a fresh
@@ -408,17 +421,22 @@ class TinyVLA(FlowPolicy):
         for blk in self.prefix_blocks:
             x = blk(x, mask)
         x = self.prefix_norm(x)
-        return self.thaw_prefix(TinyPrefix(tokens=x, mask=mask, kv=None))
+        time_left = obs.get("time_left")
+        if time_left is not None:
+            time_left = torch.as_tensor(time_left, device=x.device, dtype=x.dtype)
+        return self.thaw_prefix(TinyPrefix(tokens=x, mask=mask, kv=None, time_left=time_left))
 
     def frozen_prefix(self, prefix: TinyPrefix) -> TinyPrefix:
-        """Tokens and mask (the prefix encoder's output); the expert's K/V are left out."""
-        return TinyPrefix(tokens=prefix.tokens, mask=prefix.mask, kv=None)
+        """Tokens and mask (the prefix encoder's output) and the time left; the expert's K/V
+        are left out."""
+        return TinyPrefix(tokens=prefix.tokens, mask=prefix.mask, kv=None,
+                          time_left=prefix.time_left)
 
     def thaw_prefix(self, frozen: TinyPrefix) -> TinyPrefix:
         """Add every expert layer's cross-attention K/V (current expert weights) to the tokens."""
         x = frozen.tokens
         kv = torch.stack([blk.cross_attn.project_kv(x) for blk in self.expert_blocks], dim=1)
-        return TinyPrefix(tokens=x, mask=frozen.mask, kv=kv)
+        return TinyPrefix(tokens=x, mask=frozen.mask, kv=kv, time_left=frozen.time_left)
 
     # ------------------------------------------------------------------ expert
     def velocity(self, prefix: TinyPrefix, x_t: torch.Tensor, t: torch.Tensor) -> VelocityOut:
@@ -449,12 +467,26 @@ class TinyVLA(FlowPolicy):
                 return self.velocity(prefix, x0, t1).features.mean(1)
         return self.velocity(prefix, x0, t1).features.mean(1)
 
+    @property
+    def critic_takes_time(self) -> bool:
+        """Whether :meth:`value` reads the observation's ``time_left`` (``critic_time``)."""
+        return self.cfg.critic_time
+
     def value(self, prefix: TinyPrefix) -> torch.Tensor:
         """Critic ``[B]``; with ``critic_detach`` its gradient reaches only the value MLP."""
         feat = self.value_features(prefix)
         if self.cfg.critic_detach:
             feat = feat.detach()
-        return self.value_mlp(feat).squeeze(-1)
+        if self.value_time is None:
+            return self.value_mlp(feat).squeeze(-1)
+        if prefix.time_left is None:
+            raise ValueError("critic_time=True: the critic needs obs['time_left'] (the share of "
+                             "the episode's time limit still ahead, [B]), which the RL rollout "
+                             "adds")
+        h = self.value_mlp[0](feat) + self.value_time(prefix.time_left.to(feat.dtype)[:, None])
+        for layer in self.value_mlp[1:]:
+            h = layer(h)
+        return h.squeeze(-1)
 
     # ------------------------------------------------------------------ normaliser
     @staticmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -65,11 +66,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str,
+                      allow_missing: Collection[str] = ()) -> list[str]:
     """``module.load_state_dict(state, strict=True)`` with an error naming the offending keys and
-    shapes instead of a silent partial load."""
+    shapes instead of a silent partial load.  Keys named in ``allow_missing`` may be absent from
+    the checkpoint (they keep the module's values); returns those that were."""
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
+    kept = sorted((set(own) - set(state)) & set(allow_missing))
+    missing = sorted(set(own) - set(state) - set(kept))
     unexpected = sorted(set(state) - set(own))
     shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -82,4 +86,5 @@ def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], w
         if shape:
             parts.append("shape mismatch " + "; ".join(shape[:8]))
         raise CheckpointError(f"{what} does not match the checkpoint: " + ", ".join(parts))
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=not kept)
+    return kept

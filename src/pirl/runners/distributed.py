@@ -1067,6 +1067,10 @@ def trainer_from_config(cfg: Any, policy: FlowPolicy, sampler: Sampler, env: Bat
         return _rl_trainer_cls()(policy, sampler, env, cfg.rl, cfg.seed, demos=demos)
     if cfg.rl.bc_coef > 0:
         raise ValueError(f"rl.bc_coef > 0 needs placement.mode=local (got {placement.mode!r})")
+    if getattr(policy, "critic_takes_time", False):
+        # the rollout workers' observations carry no time_left for the learner's critic
+        raise ValueError(f"a critic that reads the time left (critic_time) needs "
+                         f"placement.mode=local (got {placement.mode!r})")
     if cfg.rl.task_sampling != "uniform":
         # the workers draw the tasks, the learner sees the outcomes: not synced (yet)
         raise ValueError(f"rl.task_sampling={cfg.rl.task_sampling!r} needs "

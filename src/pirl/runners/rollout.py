@@ -33,8 +33,10 @@ def stack_obs(obs_list: list[Obs]) -> Obs:
 
 
 def policy_obs(obs: Obs) -> Obs:
-    """The part of an env observation the policy reads (drops privileged / info entries)."""
-    return {k: v for k, v in obs.items() if k in ("images", "state", "instruction", "task_id")}
+    """The part of an env observation the policy reads (drops privileged / info entries;
+    ``time_left`` is the rollout's own entry for a critic that reads it)."""
+    return {k: v for k, v in obs.items()
+            if k in ("images", "state", "instruction", "task_id", "time_left")}
 
 
 def cat_chains(chains: list[Chain]) -> Chain:
@@ -95,6 +97,9 @@ def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks
 
     Envs whose episode ended are frozen by the env; rollout stops early when all are done.
     ``keep_prefix``: also return each step's frozen prefix cache (when the policy has one).
+    A critic that reads the time left (``policy.critic_takes_time``) gets ``obs["time_left"]
+    [N]`` = ``1 - t / num_chunks`` at chunk step ``t`` (every env starts its episode at the
+    reset), 0 at the final bootstrap observation; it is stored with the observations.
     """
     obs = env.reset(**reset_kwargs)
     n = env.num_envs
@@ -105,8 +110,11 @@ def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks
     frames = [env.render()] if record else None
     prefixes: list[Any] | None = [] if keep_prefix else None
     steps = 0
-    for _ in range(num_chunks):
+    timed = with_values and getattr(policy, "critic_takes_time", False)
+    for t in range(num_chunks):
         pobs = to_device(policy_obs(obs), device)
+        if timed:
+            pobs["time_left"] = torch.full((n,), 1.0 - t / num_chunks, device=device)
         prefix = policy.encode_prefix(pobs)
         chain = sampler.sample(policy, prefix, generator=generator)
         v = policy.value(prefix).float().cpu() if with_values else torch.zeros(n)
@@ -136,7 +144,10 @@ def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks
             break
     vals = torch.stack(values)
     if with_values:
-        last = policy.value(policy.encode_prefix(to_device(policy_obs(obs), device))).float().cpu()
+        pobs = to_device(policy_obs(obs), device)
+        if timed:  # (after the last chunk step or, if all envs ended early, their final obs)
+            pobs["time_left"] = torch.full((n,), 1.0 - len(obs_l) / num_chunks, device=device)
+        last = policy.value(policy.encode_prefix(pobs)).float().cpu()
         nxt = torch.cat([vals[1:], last[None]], dim=0)
     else:
         nxt = torch.zeros_like(vals)

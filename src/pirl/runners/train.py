@@ -249,8 +249,13 @@ class Run:
 
         cfg = self.cfg
         if cfg.model.checkpoint:
-            load_module_state(self.policy, load_checkpoint(cfg.model.checkpoint)["policy"],
-                              "policy")
+            # an SFT checkpoint's critic is untrained: a critic with inputs the checkpoint's
+            # model lacked (critic_time) starts from its own initialisation
+            kept = load_module_state(self.policy, load_checkpoint(cfg.model.checkpoint)["policy"],
+                                     "policy", allow_missing=self.policy.critic_parameter_names())
+            if kept:
+                print(f"critic parameters not in {cfg.model.checkpoint} keep their "
+                      f"initialisation: {kept}")
         elif cfg.pretrain.steps > 0:
             self.pretrain()
         if cfg.sft.steps > 0:
