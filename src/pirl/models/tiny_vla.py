@@ -19,7 +19,9 @@ Structure (mirrors pi0 at toy scale):
   its input, so the value loss trains only the value MLP.  ``critic_time=True`` also gives the
   critic the share of the episode's time limit still ahead (``obs["time_left"] [B]``, which the
   RL rollout adds; Pardo et al. 2018: with a time limit the return depends on the time left,
-  and a critic that cannot see it averages over it).  The actor never reads it.
+  and a critic that cannot see it averages over it).  The actor never reads it.  On the
+  tabletop neither it (with ``rl.ppo.truncation=terminal``) nor the prefix head moved PPO's end
+  from the default's start (README, session 20).
 
 The image encoder is CoordConv (pixel coordinates as input channels) and FiLM-conditioned on
 the instruction by default: on the tabletop, a few-shot SFT policy without FiLM picked the wrong

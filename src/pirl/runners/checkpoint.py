@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 from collections.abc import Collection
+from pathlib import Path
 from typing import Any
 
 import torch

@@ -4,7 +4,8 @@ One :meth:`RLTrainer.iteration` = reset all N envs, run one episode each to the 
 (the outer MDP: one step = one action chunk; the inner MDP: the sampler's denoising chain whose
 log-prob is the chunk's log-prob), compute advantages (chunk-level GAE with the critic for PPO;
 group-relative episode returns for GRPO), then ``update_epochs`` passes of clipped-ratio updates
-over minibatches.  All randomness comes from generators owned by the trainer, whose states are
+over minibatches (with ``rl.bc_coef`` each minibatch loss also gets the few-shot demos'
+flow-matching loss).  All randomness comes from generators owned by the trainer, whose states are
 part of :meth:`state_dict`, so a resumed run continues bit for bit.
 """
 
@@ -17,10 +18,10 @@ from typing import Any
 import torch
 
 from pirl.algos.advantages import gae
-from pirl.algos.sft import SFTData
 from pirl.algos.grpo import broadcast_over_time, group_advantages, make_groups
 from pirl.algos.ppo import (aggregate_logp, approx_kl, explained_variance, level_mask, lr_scale,
                             policy_loss, value_loss)
+from pirl.algos.sft import SFTData
 from pirl.envs.base import BatchedEnv, ChunkedEnv
 from pirl.flow.base import Sampler
 from pirl.models.base import (FlowPolicy, cat_batch, flow_matching_loss, index_batch,
