@@ -1065,8 +1065,6 @@ def trainer_from_config(cfg: Any, policy: FlowPolicy, sampler: Sampler, env: Bat
     placement = getattr(cfg, "placement", None)
     if placement is None or placement.mode == "local":
         return _rl_trainer_cls()(policy, sampler, env, cfg.rl, cfg.seed, demos=demos)
-    if cfg.rl.bc_coef > 0:
-        raise ValueError(f"rl.bc_coef > 0 needs placement.mode=local (got {placement.mode!r})")
     if getattr(policy, "critic_takes_time", False):
         # the rollout workers' observations carry no time_left for the learner's critic
         raise ValueError(f"a critic that reads the time left (critic_time) needs "

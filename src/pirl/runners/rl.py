@@ -318,14 +318,12 @@ class RLTrainer:
         """A minibatch of the demo loss: ``bc_batch_size`` demo rows drawn uniformly with
         replacement (obs, actions ``[B, H, A]``, mask ``[B, H]``) and the flow-matching noise
         and times, all drawn from the trainer's update generator."""
-        d = self.demos
         b = self.cfg.bc_batch_size
-        i = torch.randint(0, len(d), (b,), generator=self.update_gen)
-        actions = d.actions.index_select(0, i)
-        noise = torch.randn(actions.shape, generator=self.update_gen, dtype=actions.dtype)
-        time_ = sample_flow_time(b, generator=self.update_gen).to(actions.dtype)
-        mask = d.mask.index_select(0, i) if d.mask is not None else None
-        return to_device({"obs": index_batch(d.obs, i), "actions": actions, "mask": mask,
+        d = index_batch(self.demos, torch.randint(0, len(self.demos), (b,),
+                                                  generator=self.update_gen))
+        noise = torch.randn(d.actions.shape, generator=self.update_gen, dtype=d.actions.dtype)
+        time_ = sample_flow_time(b, generator=self.update_gen).to(d.actions.dtype)
+        return to_device({"obs": d.obs, "actions": d.actions, "mask": d.mask,
                           "noise": noise, "time": time_}, device)
 
     def minibatch_loss(self, o, c, old_logp, adv, ret, old_values,

@@ -111,10 +111,15 @@ def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks
     prefixes: list[Any] | None = [] if keep_prefix else None
     steps = 0
     timed = with_values and getattr(policy, "critic_takes_time", False)
-    for t in range(num_chunks):
-        pobs = to_device(policy_obs(obs), device)
+
+    def observe(o: Obs, t: int) -> Obs:  # the policy's obs at chunk step t, on its device
+        p = to_device(policy_obs(o), device)
         if timed:
-            pobs["time_left"] = torch.full((n,), 1.0 - t / num_chunks, device=device)
+            p["time_left"] = torch.full((n,), 1.0 - t / num_chunks, device=device)
+        return p
+
+    for t in range(num_chunks):
+        pobs = observe(obs, t)
         prefix = policy.encode_prefix(pobs)
         chain = sampler.sample(policy, prefix, generator=generator)
         v = policy.value(prefix).float().cpu() if with_values else torch.zeros(n)
@@ -144,10 +149,8 @@ def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks
             break
     vals = torch.stack(values)
     if with_values:
-        pobs = to_device(policy_obs(obs), device)
-        if timed:  # (after the last chunk step or, if all envs ended early, their final obs)
-            pobs["time_left"] = torch.full((n,), 1.0 - len(obs_l) / num_chunks, device=device)
-        last = policy.value(policy.encode_prefix(pobs)).float().cpu()
+        # (after the last chunk step or, if all envs ended early, their final obs)
+        last = policy.value(policy.encode_prefix(observe(obs, len(obs_l)))).float().cpu()
         nxt = torch.cat([vals[1:], last[None]], dim=0)
     else:
         nxt = torch.zeros_like(vals)

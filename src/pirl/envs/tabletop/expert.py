@@ -93,12 +93,11 @@ class ScriptedExpert:
         room_pos, room_neg = 1.0 - on, 1.0 + on
         roomier = torch.where(room_pos >= room_neg, one, -one)
         side = torch.where(b.abs() > 0.02, torch.sign(b), roomier)
-        side_d = self.side
-        side = torch.where((side > 0) & (room_pos < side_d + 0.05), -one, side)
-        side = torch.where((side < 0) & (room_neg < side_d + 0.05), one, side)
-        sideways = self._move_to(o + nrm * side[:, None] * (side_d + 0.02) + u * a[:, None])
+        side = torch.where((side > 0) & (room_pos < self.side + 0.05), -one, side)
+        side = torch.where((side < 0) & (room_neg < self.side + 0.05), one, side)
+        sideways = self._move_to(o + nrm * side[:, None] * (self.side + 0.02) + u * a[:, None])
         backwards = self._move_to(o + nrm * b[:, None] - u * (CONTACT_DISTANCE + 0.04))
-        around = torch.where((b.abs() < side_d)[:, None], sideways, backwards)
+        around = torch.where((b.abs() < self.side)[:, None], sideways, backwards)
         push_move = torch.where((behind & aligned)[:, None], push_move,
                                 torch.where(behind[:, None], line_up, around))
         push_grip = -one
