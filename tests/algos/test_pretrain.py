@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from pirl.algos.pretrain import GroundingHead, grounding_loss, pretrain_grounding
+from pirl.algos.pretrain import (GroundingHead, grounding_loss, pretrain_grounding,
+                                 with_relative_offset)
 from pirl.envs.tabletop import ScriptedExpert, TabletopEnv
 from pirl.models import build_policy
 
@@ -83,3 +84,18 @@ def test_pretraining_needs_a_trainable_prefix():
             p.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable prefix"):
         pretrain_grounding(policy, env, expert.act, env.scene_points, steps=1)
+
+
+def test_relative_offset_target_against_the_scene():
+    """``with_relative_offset`` keeps the three scene points and appends tanh(k * (object -
+    gripper)), recomputed here in float64 from the env's own state; bad shapes are refused."""
+    env, _, _ = _setup(num_envs=8)
+    env.reset(seed=5)
+    pts = env.scene_points()
+    out = with_relative_offset(pts, 4.0)
+    assert out.shape == (8, 4, 2)
+    torch.testing.assert_close(out[:, :3], pts)
+    ref = torch.tanh(4.0 * (env.obj_pos[:, 0].double() - env.gripper.double()))
+    torch.testing.assert_close(out[:, 3].double(), ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="points"):
+        with_relative_offset(pts[:, :2], 4.0)

@@ -719,3 +719,28 @@ def test_time_aware_critic_loads_an_sft_checkpoint_without_it(tmp_path):
     part = {k: v for k, v in pol.state_dict().items() if k != "action_out.weight"}
     with pytest.raises(CheckpointError, match="action_out.weight"):
         load_module_state(pol, part, "policy", allow_missing=pol.critic_parameter_names())
+
+
+def test_pretrain_relative_adds_the_offset_target(tmp_path):
+    """pretrain.relative > 0: the run's pretraining regresses a fourth point (the object's
+    offset from the gripper, squashed), whose error is logged as pretrain/error_3; without it
+    there are three; a negative value is an error naming the field."""
+    import json
+
+    from pirl.configs import ConfigError
+    from pirl.runners import train as train_mod
+
+    for rel, want in ((0.0, False), (4.0, True)):
+        name = f"r{int(rel)}"
+        cfg = _tiny_run_cfg(tmp_path, name, iterations=0,
+                            extra=["pretrain.steps=2", "pretrain.num_envs=4",
+                                   "pretrain.warmup_steps=1", f"pretrain.relative={rel}",
+                                   "sft.steps=0"])
+        train_mod.Run(cfg, tmp_path / name).sft()
+        rows = [json.loads(x) for x in
+                (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        pre = [row for row in rows if "pretrain/loss" in row]
+        assert pre and all(("pretrain/error_3" in row) == want for row in pre)
+        assert all("pretrain/error_2" in row for row in pre)
+    with pytest.raises(ConfigError, match="pretrain.relative"):
+        apply_overrides(TrainConfig(), ["pretrain.relative=-1"])

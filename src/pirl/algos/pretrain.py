@@ -44,6 +44,18 @@ class GroundingHead(nn.Module):
         return self.out(self.norm(h + q))
 
 
+def with_relative_offset(points: torch.Tensor, scale: float) -> torch.Tensor:
+    """Append the object's offset from the gripper to scene points ``[B, 3, 2]`` (object, place,
+    gripper) as a fourth point, ``tanh(scale * (object - gripper))`` per coordinate ->
+    ``[B, 4, 2]``: a relational target whose error counts most near contact (where tanh is
+    steepest, slope ``scale``) and saturates far away."""
+    if points.dim() != 3 or points.shape[1] < 3 or points.shape[2] != 2:
+        raise ValueError(f"points must be [B, >=3, 2] (object, place, gripper, ...), "
+                         f"got {tuple(points.shape)}")
+    rel = torch.tanh(scale * (points[:, 0] - points[:, 2]))
+    return torch.cat([points, rel[:, None]], dim=1)
+
+
 def prefix_tokens(policy: FlowPolicy, obs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """The prefix tokens ``[B, P, D]`` and mask ``[B, P]`` of ``policy.encode_prefix(obs)``."""
     prefix = policy.encode_prefix(obs)

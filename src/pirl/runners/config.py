@@ -93,9 +93,14 @@ class PretrainConfig:
     noise: float = 0.5
     split: str = "train"
     seed: int = 777
+    # > 0: a fourth grounding target, the object's offset from the gripper squashed as
+    # tanh(relative * offset) per coordinate (pirl.algos.pretrain.with_relative_offset): the
+    # relation a push needs most precisely near contact, where tanh is steepest.  0: off
+    relative: float = 0.0
 
     def __post_init__(self):
         _check(self.steps >= 0, "pretrain.steps", "must be >= 0")
+        _check(self.relative >= 0, "pretrain.relative", f"must be >= 0, got {self.relative}")
         _check(self.num_envs >= 1, "pretrain.num_envs", "must be >= 1")
         _check(self.lr > 0, "pretrain.lr", f"must be > 0, got {self.lr}")
         _check(self.noise >= 0, "pretrain.noise", "must be >= 0")

@@ -216,7 +216,7 @@ class Run:
 
     def pretrain(self) -> None:
         """Grounding pretraining of the prefix (``cfg.pretrain``; :mod:`pirl.algos.pretrain`)."""
-        from pirl.algos.pretrain import pretrain_grounding
+        from pirl.algos.pretrain import pretrain_grounding, with_relative_offset
 
         from pirl.envs import env_key
 
@@ -234,13 +234,17 @@ class Run:
                                 generator=torch.Generator().manual_seed(pc.seed))
         bar, cb = self._stage_progress(pc.steps, "pretrain (grounding)", "pretrain/")
         t0 = time.perf_counter()
-        out = pretrain_grounding(self.policy, env, expert.act, env.scene_points, steps=pc.steps,
+        points = env.scene_points
+        if pc.relative > 0:
+            def points():
+                return with_relative_offset(env.scene_points(), pc.relative)
+        out = pretrain_grounding(self.policy, env, expert.act, points, steps=pc.steps,
                                  lr=pc.lr, weight_decay=pc.weight_decay,
                                  warmup_steps=pc.warmup_steps, seed=pc.seed, callback=cb)
         if hasattr(bar, "close"):
             bar.close()
         err = ", ".join(f"{name} {e:.3f}" for name, e in
-                        zip(("object", "place", "gripper"), out["error"].tolist()))
+                        zip(("object", "place", "gripper", "relative"), out["error"].tolist()))
         print(f"grounding pretraining: {pc.steps} steps in {time.perf_counter() - t0:.0f}s; "
               f"mean error (table units, last 10%): {err}")
 
