@@ -234,10 +234,10 @@ class Run:
                                 generator=torch.Generator().manual_seed(pc.seed))
         bar, cb = self._stage_progress(pc.steps, "pretrain (grounding)", "pretrain/")
         t0 = time.perf_counter()
-        points = env.scene_points
-        if pc.relative > 0:
-            def points():
-                return with_relative_offset(env.scene_points(), pc.relative)
+        def points() -> torch.Tensor:  # the grounding targets [N, Q, 2] of the current state
+            pts = env.scene_points()
+            return with_relative_offset(pts, pc.relative) if pc.relative > 0 else pts
+
         out = pretrain_grounding(self.policy, env, expert.act, points, steps=pc.steps,
                                  lr=pc.lr, weight_decay=pc.weight_decay,
                                  warmup_steps=pc.warmup_steps, seed=pc.seed, callback=cb)
