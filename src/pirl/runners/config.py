@@ -98,8 +98,9 @@ class PretrainConfig:
     # relation a push needs most precisely near contact, where tanh is steepest.  0: off.
     # 4 (default since session 21): the expert on the frozen prefix of the 500-step SFT start,
     # supervised with 24 demos per task, reached push 92.4% where the prefix pretrained without
-    # it held push at 75.7%, and PPO + Flow-SDE from that in-band start (61.3%) reached 94.8%
-    # train at iteration 40 where the plateau had been 80-89% (README, session 21)
+    # it held push at 75.7%, and PPO + Flow-SDE from that in-band start (61.3%) ended at 94.8%,
+    # 87.3% and 91.0% train over three RL seeds (mean 91.0%, the old start's three: 84.3%;
+    # README, session 21)
     relative: float = 4.0
 
     def __post_init__(self):
