@@ -84,9 +84,10 @@ class PretrainConfig:
     # 2000 (on by default; 0 turns it off): 6-demo few-shot SFT then reaches 92.5% train in
     # 1000 steps where the random-init prefix reached 66.8%, and PPO from the pretrained
     # in-band default start ended at 86.4% where the random-init default's ended at 82.7%
-    # (README, sessions 16-17); 605-654 s on one core, ~390 s on two.  3000 / 4000 steps (with
-    # relative=4) lower every grounding error but PPO from their in-band starts ended at 85.9% /
-    # 88.2%, their frozen prefixes' supervised cap at 91.8% (README, sessions 22-24)
+    # (README, sessions 16-17); 605-654 s on one core, ~390 s on two.  4000 steps (with
+    # relative=4) lower every grounding error; with 400 SFT steps (start 70.1%) the frozen
+    # prefix's supervised cap is 96.4%, but PPO ended at 89.8% / 90.1% over two RL seeds, no
+    # higher than this default's mean (README, sessions 22-24)
     steps: int = 2000
     num_envs: int = 64
     lr: float = 1e-3
