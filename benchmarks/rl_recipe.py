@@ -9,7 +9,13 @@ is a normal ``pirl train`` run folder; the table reads their ``results.json`` an
 ``rl.iterations`` for a quick look).  The shared start is the default's (since session 17:
 grounding pretraining of the prefix, then 500 SFT steps on 6 demos per task, in the few-shot
 band); ``--config tabletop_pretrained`` shares session 16's start above the band (1000 SFT
-steps) instead.
+steps) instead, and ``--config tabletop_headline`` issue #4's headline protocol (session 25:
+4000 pretraining and 400 SFT steps, a 70.1% start, then 512 envs per iteration; all on 1 thread,
+which reproduces the README's start exactly; Flow-Noise's update costs ~4x Flow-SDE's there,
+about 90 of the ~3.5 hours):
+
+    PYTHONPATH=src .venv/bin/python benchmarks/rl_recipe.py --config tabletop_headline \
+        --out runs/headline eval.videos=0
 """
 
 from __future__ import annotations

@@ -64,3 +64,19 @@ def test_flow_noise_preset_changes_only_the_sampler_and_ppo_settings():
     assert got["env"] == base["env"] and got["demos"] == base["demos"]
     assert got["rl"]["action_chunk"] == base["rl"]["action_chunk"] == 4
     assert got["rl"]["ppo"]["lr_schedule"] == "cosine"
+
+
+def test_headline_preset_changes_only_the_start_the_batch_and_the_evaluation():
+    """tabletop_headline: the default recipe with 4000 pretraining / 400 SFT steps and 512 envs;
+    the sampler, the RL algorithm and the env's own settings stay the default's."""
+    from pirl.configs import load_yaml, to_dict
+    from pirl.runners.config import TrainConfig
+
+    cfg = load_yaml(TrainConfig, cli._resolve_preset("tabletop_headline"))
+    assert (cfg.pretrain.steps, cfg.sft.steps, cfg.env.num_envs, cfg.threads) == (4000, 400, 512, 1)
+    base, got = to_dict(TrainConfig()), to_dict(cfg)
+    assert got["env"]["kwargs"] == base["env"]["kwargs"]
+    assert got["sampler"] == base["sampler"] and got["rl"] == base["rl"]
+    assert got["demos"] == base["demos"]
+    assert got["pretrain"] == {**base["pretrain"], "steps": 4000}
+    assert got["eval"] == {**base["eval"], "episodes_per_task": 8}
