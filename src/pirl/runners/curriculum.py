@@ -1,7 +1,7 @@
 """Task sampling for multitask RL: uniform, or weighted towards the tasks the policy still fails.
 
-With 72 tasks and 256 envs each task gets ~3.5 rollout episodes per iteration when tasks are drawn
-uniformly, and once most tasks succeed most of those episodes carry no learning signal (a
+With 72 tasks and 512 envs (the default) each task gets ~7 rollout episodes per iteration when
+tasks are drawn uniformly, and once most tasks succeed most of those episodes carry no learning signal (a
 success among successes has an advantage near 0).  :class:`FailureCurriculum` keeps a decayed
 count of each task's rollout episodes and successes and draws a share ``mix`` of the envs in
 proportion to each task's estimated failure rate, the rest uniformly (so every task keeps being
