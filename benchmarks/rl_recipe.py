@@ -11,7 +11,7 @@ grounding pretraining of the prefix, then 500 SFT steps on 6 demos per task, in 
 band); ``--config tabletop_pretrained`` shares session 16's start above the band (1000 SFT
 steps) instead, and ``--config tabletop_headline`` issue #4's headline protocol (session 25:
 4000 pretraining and 400 SFT steps, a 70.1% start, then 512 envs per iteration; all on 1 thread,
-which reproduces the README's start exactly; Flow-Noise's update costs ~4x Flow-SDE's there,
+which reproduces the README's start exactly; Flow-Noise's update costs ~4.5x Flow-SDE's there,
 about 90 of the ~3.5 hours):
 
     PYTHONPATH=src .venv/bin/python benchmarks/rl_recipe.py --config tabletop_headline \
