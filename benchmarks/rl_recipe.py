@@ -10,7 +10,7 @@ is a normal ``pirl train`` run folder; the table reads their ``results.json`` an
 grounding pretraining of the prefix, then 500 SFT steps on 6 demos per task, in the few-shot
 band); ``--config tabletop_pretrained`` shares session 16's start above the band (1000 SFT
 steps) instead, and ``--config tabletop_headline`` issue #4's headline protocol (session 25:
-4000 pretraining and 400 SFT steps, a 70.1% start, then 512 envs per iteration; all on 1 thread,
+4000 pretraining and 400 SFT steps, a 70.1% start, then 40 iterations at 512 envs; 1 thread,
 which reproduces the README's start exactly; Flow-Noise's update costs ~4.5x Flow-SDE's there,
 about 90 of the ~3.5 hours):
 

@@ -66,7 +66,7 @@ def test_flow_noise_preset_changes_only_the_sampler_and_ppo_settings():
     assert got["rl"]["ppo"]["lr_schedule"] == "cosine"
 
 
-def test_headline_preset_changes_only_the_start_the_batch_and_the_evaluation():
+def test_headline_preset_changes_only_the_start_the_iterations_and_the_evaluation():
     """tabletop_headline: the default recipe with 4000 pretraining / 400 SFT steps and 40 PPO
     iterations at 512 envs; the sampler, the RL settings and the env's own stay the default's."""
     from pirl.configs import load_yaml, to_dict

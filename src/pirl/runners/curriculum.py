@@ -1,11 +1,11 @@
 """Task sampling for multitask RL: uniform, or weighted towards the tasks the policy still fails.
 
 With 72 tasks and 512 envs (the default) each task gets ~7 rollout episodes per iteration when
-tasks are drawn uniformly, and once most tasks succeed most of those episodes carry no learning signal (a
-success among successes has an advantage near 0).  :class:`FailureCurriculum` keeps a decayed
-count of each task's rollout episodes and successes and draws a share ``mix`` of the envs in
-proportion to each task's estimated failure rate, the rest uniformly (so every task keeps being
-visited and its estimate stays current):
+tasks are drawn uniformly, and once most tasks succeed most of those episodes carry no learning
+signal (a success among successes has an advantage near 0).  :class:`FailureCurriculum` keeps a
+decayed count of each task's rollout episodes and successes and draws a share ``mix`` of the envs
+in proportion to each task's estimated failure rate, the rest uniformly (so every task keeps
+being visited and its estimate stays current):
 
     s_t = (S_t + 1) / (N_t + 2)                       (posterior mean under a Beta(1, 1) prior)
     p_t = (1 - mix) / T + mix * (1 - s_t) / sum_u (1 - s_u)
