@@ -9,13 +9,17 @@ is a normal ``pirl train`` run folder; the table reads their ``results.json`` an
 ``rl.iterations`` for a quick look).  The shared start is the default's (since session 17:
 grounding pretraining of the prefix, then 500 SFT steps on 6 demos per task, in the few-shot
 band); ``--config tabletop_pretrained`` shares session 16's start above the band (1000 SFT
-steps) instead, and ``--config tabletop_headline`` issue #4's headline protocol (session 25:
-4000 pretraining and 400 SFT steps, a 70.1% start, then 40 iterations at 512 envs; 1 thread,
-which reproduces the README's start exactly; Flow-Noise's update costs ~4.5x Flow-SDE's there,
-about 90 of the ~3.5 hours):
+steps) instead, and ``--config tabletop_headline`` issue #4's headline protocol (sessions
+25-26: 4000 pretraining and 400 SFT steps, a 70.1% start, then 60 iterations at 512 envs; 1
+thread, which reproduces the README's start exactly).  A Flow-SDE variant takes ~50 min there
+and a Flow-Noise one ~2 h (its update costs ~4.5x; the README's Flow-Noise rows used
+``rl.iterations=40``), so run the variants in parts; a finished variant is skipped, an
+interrupted one resumed, and the shared SFT start made once:
 
     PYTHONPATH=src .venv/bin/python benchmarks/rl_recipe.py --config tabletop_headline \
-        --out runs/headline eval.videos=0
+        --out runs/headline --variants ppo_flow_sde grpo_flow_sde eval.videos=0
+    PYTHONPATH=src .venv/bin/python benchmarks/rl_recipe.py --config tabletop_headline \
+        --out runs/headline --variants ppo_flow_noise eval.videos=0 rl.iterations=40
 """
 
 from __future__ import annotations
