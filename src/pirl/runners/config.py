@@ -91,7 +91,7 @@ class PretrainConfig:
     # relative=4) lower every grounding error; with 400 SFT steps (start 70.1%) the frozen
     # prefix's supervised cap is 96.4%; PPO from it ended at 89.8% / 90.1% with 256 envs x 40
     # iterations (sessions 22-24), at 95.7% / 91.7% with 512 x 40 (session 25, seeds 0 / 1)
-    # and at 94.6% / 95.8% with 512 x 60 (session 26, seeds 1 / 2), the tabletop_headline
+    # and at 96.0% / 94.6% / 95.8% with 512 x 60 (session 26, seeds 0-2), the tabletop_headline
     # preset; 2000 stays the default for the job's time (README)
     steps: int = 2000
     num_envs: int = 64
