@@ -11,7 +11,8 @@ grounding pretraining of the prefix, then 500 SFT steps on 6 demos per task, in 
 band); ``--config tabletop_pretrained`` shares session 16's start above the band (1000 SFT
 steps) instead, and ``--config tabletop_headline`` issue #4's headline protocol (sessions
 25-26: 4000 pretraining and 400 SFT steps, a 70.1% start, then 60 iterations at 512 envs; 1
-thread, which reproduces the README's start exactly).  A Flow-SDE variant takes ~50 min there
+thread, which reproduces a start exactly on one machine, but CPU numerics differ between
+machines: session 27's gave 57.3% with the same commands).  A Flow-SDE variant takes ~50 min there
 and a Flow-Noise one ~2 h (its update costs ~4.5x; the README's Flow-Noise rows used
 ``rl.iterations=40``), so run the variants in parts; a finished variant is skipped, an
 interrupted one resumed, and the shared SFT start made once:
@@ -48,17 +49,36 @@ VARIANTS = {
 }
 
 
-def main() -> None:
-    from pirl.runners.logger import read_metrics
-    from pirl.runners.train import resolve_config, run
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line: ``--variants`` names (overrides may follow them) and a preset name or
+    YAML path for ``--config`` (resolved to a path)."""
+    from pirl.cli import resolve_preset
 
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/recipe")
     ap.add_argument("--config", default=None, help="YAML preset shared by all runs")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                    help=f"some of {', '.join(VARIANTS)}")
+    ap.add_argument("overrides", nargs="*", help="section.field=value, applied to every run")
+    args = ap.parse_args(argv)
+    # "--variants a b x.y=1": argparse hands the overrides after the names to --variants
+    args.overrides += [v for v in args.variants if "=" in v]
+    args.variants = [v for v in args.variants if "=" not in v]
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad:
+        ap.error(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
+    args.config = resolve_preset(args.config)
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[tuple]:
+    """Run (or complete) the recipe; print the table and return its rows
+    ``(variant, final results per split, env steps, wall-clock s)``."""
+    from pirl.runners.logger import read_metrics
+    from pirl.runners.train import resolve_config, run
+
+    args = parse_args(argv)
     out = Path(args.out)
     rows = []
     sft_dir = out / "sft"
@@ -97,6 +117,7 @@ def main() -> None:
         cells = [f"{100 * sft_res[s]['success']:.1f} -> {100 * fin[s]['success']:.1f}"
                  for s in splits]
         print(f"| {name} | " + " | ".join(cells) + f" | {int(steps)} | {wall / 60:.1f} |")
+    return rows
 
 
 if __name__ == "__main__":

@@ -41,14 +41,14 @@ def test_eval_takes_only_eval_overrides(monkeypatch, tmp_path):
     assert seen == [["eval.episodes_per_task=4", "eval.num_steps=10", "threads=1"]]
 
 
-@pytest.mark.parametrize("preset", sorted(p.stem for p in cli._presets_dir().glob("*.yaml")))
+@pytest.mark.parametrize("preset", sorted(p.stem for p in cli.presets_dir().glob("*.yaml")))
 def test_every_preset_loads_into_a_valid_config(preset):
     """Each shipped preset resolves by name and type-checks into a TrainConfig (a typo in a
     field name or a bad value would raise naming the field)."""
     from pirl.configs import load_yaml
     from pirl.runners.config import TrainConfig
 
-    cfg = load_yaml(TrainConfig, cli._resolve_preset(preset))
+    cfg = load_yaml(TrainConfig, cli.resolve_preset(preset))
     assert isinstance(cfg, TrainConfig)
 
 
@@ -56,7 +56,7 @@ def test_flow_noise_preset_changes_only_the_sampler_and_ppo_settings():
     from pirl.configs import load_yaml, to_dict
     from pirl.runners.config import TrainConfig
 
-    cfg = load_yaml(TrainConfig, cli._resolve_preset("tabletop_flow_noise"))
+    cfg = load_yaml(TrainConfig, cli.resolve_preset("tabletop_flow_noise"))
     assert (cfg.sampler.kind, cfg.sampler.min_std, cfg.sampler.max_std) == ("flow_noise", 0.16, 0.32)
     assert (cfg.rl.ppo.logp_mode, cfg.rl.ppo.logp_level, cfg.rl.ppo.lr_policy) == (
         "chain_mean", "chunk", 1e-4)
@@ -72,7 +72,7 @@ def test_headline_preset_changes_only_the_start_the_iterations_and_the_evaluatio
     from pirl.configs import load_yaml, to_dict
     from pirl.runners.config import TrainConfig
 
-    cfg = load_yaml(TrainConfig, cli._resolve_preset("tabletop_headline"))
+    cfg = load_yaml(TrainConfig, cli.resolve_preset("tabletop_headline"))
     assert (cfg.pretrain.steps, cfg.sft.steps, cfg.env.num_envs, cfg.threads) == (4000, 400, 512, 1)
     base, got = to_dict(TrainConfig()), to_dict(cfg)
     assert got["env"]["kwargs"] == base["env"]["kwargs"]

@@ -17,18 +17,20 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
 
 
-def _presets_dir() -> Path:
+def presets_dir() -> Path:
+    """The folder of the named YAML presets (``pirl train --config NAME``)."""
     return Path(__file__).parent / "configs"
 
 
-def _resolve_preset(name: str | None) -> str | None:
+def resolve_preset(name: str | None) -> str | None:
+    """A ``--config`` value as a YAML path: a file as given, else the preset of that name."""
     if name is None or Path(name).exists():
         return name
-    cand = _presets_dir() / f"{name}.yaml"
+    cand = presets_dir() / f"{name}.yaml"
     if cand.exists():
         return str(cand)
     raise SystemExit(f"pirl: config {name!r} is neither a file nor a preset "
-                     f"({', '.join(p.stem for p in _presets_dir().glob('*.yaml'))})")
+                     f"({', '.join(p.stem for p in presets_dir().glob('*.yaml'))})")
 
 
 def cmd_train(args) -> int:
@@ -51,7 +53,7 @@ def cmd_train(args) -> int:
     overrides = list(args.overrides)
     if args.cluster:
         overrides.append(f"placement.cluster={args.cluster}")
-    cfg = resolve_config(_resolve_preset(args.config), overrides)
+    cfg = resolve_config(resolve_preset(args.config), overrides)
     if args.cluster and cfg.placement.mode == "local":
         print("pirl: --cluster given with placement.mode=local: using placement.mode=disaggregated")
         cfg.placement.mode = "disaggregated"
@@ -62,7 +64,7 @@ def cmd_train(args) -> int:
 def cmd_sft(args) -> int:
     from pirl.runners.train import resolve_config, run
 
-    cfg = resolve_config(_resolve_preset(args.config), list(args.overrides) + ["rl.iterations=0"])
+    cfg = resolve_config(resolve_preset(args.config), list(args.overrides) + ["rl.iterations=0"])
     run(cfg)
     return 0
 
