@@ -5,8 +5,10 @@
 One SFT run (demos -> few-shot SFT -> ODE evaluation per split) is shared by every RL variant,
 which starts from its checkpoint (``model.checkpoint=.../sft.pt``, ``sft.steps=0``).  Each variant
 is a normal ``pirl train`` run folder; the table reads their ``results.json`` and
-``metrics.jsonl``.  Extra ``section.field=value`` arguments apply to every run (e.g. a smaller
-``rl.iterations`` for a quick look).  The shared start is the default's (since session 17:
+``metrics.jsonl``, and its wall-clock is the run folder's (``invocations.jsonl``: the sum over
+the calls that ran it, also when the table is printed again later).  Extra
+``section.field=value`` arguments apply to every run (e.g. a smaller ``rl.iterations`` for a
+quick look).  The shared start is the default's (since session 17:
 grounding pretraining of the prefix, then 500 SFT steps on 6 demos per task, in the few-shot
 band); ``--config tabletop_pretrained`` shares session 16's start above the band (1000 SFT
 steps) instead, and ``--config tabletop_headline`` issue #4's headline protocol (sessions
@@ -76,23 +78,29 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     """Run (or complete) the recipe; print the table and return its rows
     ``(variant, final results per split, env steps, wall-clock s)``."""
     from pirl.runners.logger import read_metrics
-    from pirl.runners.train import resolve_config, run
+    from pirl.runners.train import resolve_config, run, run_wall_clock
+
+    def wall_of(d: Path, measured: float) -> float:
+        """The run folder's recorded wall-clock (all its invocations; run folders from before
+        session 27 have no record: the time measured by this call if it ran one, else NaN)."""
+        w = run_wall_clock(d)
+        return w if w is not None else measured
 
     args = parse_args(argv)
     out = Path(args.out)
     rows = []
     sft_dir = out / "sft"
+    sft_wall = float("nan")
     if not (sft_dir / "checkpoints" / "sft.pt").exists():
         t0 = time.perf_counter()
         run(resolve_config(args.config, args.overrides + [f"run_dir={sft_dir}", "rl.iterations=0",
                                                           "progress=false"]))
         sft_wall = time.perf_counter() - t0
-    else:
-        sft_wall = float("nan")
+    sft_wall = wall_of(sft_dir, sft_wall)
     sft_res = json.loads((sft_dir / "results.json").read_text())["sft"]
     for name in args.variants:
         d = out / name
-        t0 = time.perf_counter()
+        t0, ran = time.perf_counter(), False
         if not (d / "results.json").exists() or "final" not in json.loads((d / "results.json").read_text()):
             ov = args.overrides + VARIANTS[name] + [
                 f"run_dir={d}", f"model.checkpoint={sft_dir / 'checkpoints' / 'sft.pt'}",
@@ -101,7 +109,8 @@ def main(argv: list[str] | None = None) -> list[tuple]:
                 run(resume=d)
             else:
                 run(resolve_config(args.config, ov))
-        wall = time.perf_counter() - t0
+            ran = True
+        wall = wall_of(d, time.perf_counter() - t0 if ran else float("nan"))
         res = json.loads((d / "results.json").read_text())
         steps = max((m.get("env_steps", 0) for m in read_metrics(d)), default=0)
         rows.append((name, res["final"], steps, wall))
@@ -116,7 +125,8 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     for name, fin, steps, wall in rows:
         cells = [f"{100 * sft_res[s]['success']:.1f} -> {100 * fin[s]['success']:.1f}"
                  for s in splits]
-        print(f"| {name} | " + " | ".join(cells) + f" | {int(steps)} | {wall / 60:.1f} |")
+        minutes = f"{wall / 60:.1f}" if wall == wall else "-"
+        print(f"| {name} | " + " | ".join(cells) + f" | {int(steps)} | {minutes} |")
     return rows
 
 

@@ -49,7 +49,7 @@ def test_rl_recipe_runs_a_tiny_recipe_with_a_preset(tmp_path, capsys):
             *tiny]
     rows = recipe.main(argv)
     assert [r[0] for r in rows] == ["ppo_flow_sde"]
-    name, final, steps, _ = rows[0]
+    name, final, steps, wall = rows[0]
     sft = json.loads((out / "sft" / "results.json").read_text())["sft"]
     run = json.loads((out / "ppo_flow_sde" / "results.json").read_text())
     assert final == run["final"] and set(final) == set(sft) == {"train"}
@@ -62,5 +62,11 @@ def test_rl_recipe_runs_a_tiny_recipe_with_a_preset(tmp_path, capsys):
     assert cfg["sampler"]["kind"] == "flow_sde" and cfg["threads"] == 1
     table = capsys.readouterr().out
     assert "| ppo_flow_sde | " in table
-    # a second call reuses the start and skips the finished variant
-    assert recipe.main(argv)[0][1] == final
+    # the wall-clock is the run folder's record of its invocations
+    from pirl.runners.train import run_wall_clock
+    inv = [json.loads(x) for x in (out / "ppo_flow_sde" / "invocations.jsonl").read_text()
+           .splitlines()]
+    assert len(inv) == 1 and inv[0]["stage"] == "done" and not inv[0]["resumed"]
+    assert wall == run_wall_clock(out / "ppo_flow_sde") == inv[0]["wall_s"] > 0
+    # a second call reuses the start, skips the finished variant and reports the same row
+    assert recipe.main(argv) == rows

@@ -1,5 +1,7 @@
 """The RL loop: rollout bookkeeping, PPO / GRPO learning on an easy task, exact resume."""
 
+import json
+
 import pytest
 import torch
 
@@ -166,6 +168,13 @@ def test_resume_extends_a_finished_run(tmp_path):
     assert b["results"]["rl_1"] == first_final
     assert b["results"]["final"] == a["results"]["final"]
     assert load_yaml(TrainConfig, tmp_path / "short" / "config.yaml").rl.iterations == 2
+    # each completed invocation is recorded (the refused one is not); the wall-clock sums them
+    inv = [json.loads(x) for x in (tmp_path / "short" / "invocations.jsonl").read_text()
+           .splitlines()]
+    assert [(x["resumed"], x["stage"]) for x in inv] == [(False, "done"), (True, "done")]
+    assert train_mod.run_wall_clock(tmp_path / "short") == pytest.approx(
+        inv[0]["wall_s"] + inv[1]["wall_s"])
+    assert train_mod.run_wall_clock(tmp_path / "nothing") is None
 
 
 def test_resume_rejects_other_model(tmp_path):

@@ -371,6 +371,7 @@ def run(cfg: TrainConfig | None = None, resume: str | Path | None = None,
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, run_dir / "config.yaml")
     t0 = time.perf_counter()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
     r = Run(cfg, run_dir)
     if resume is not None and (run_dir / "checkpoints" / "last.pt").exists():
         r.load(run_dir / "checkpoints" / "last.pt")
@@ -385,5 +386,19 @@ def run(cfg: TrainConfig | None = None, resume: str | Path | None = None,
     if r.stage == "rl_done":
         r.final()
     wall = time.perf_counter() - t0
+    # one line per completed invocation: a resumed run's wall-clock is their sum
+    with open(run_dir / "invocations.jsonl", "a") as f:
+        f.write(json.dumps({"started": started, "wall_s": wall, "stage": r.stage,
+                            "resumed": resume is not None}) + "\n")
     print(f"run folder: {run_dir}  ({wall / 60:.1f} min this invocation)")
     return r.results
+
+
+def run_wall_clock(run_dir: str | Path) -> float | None:
+    """Seconds spent by the run folder's completed invocations (``invocations.jsonl``), or None
+    if it has none recorded."""
+    path = Path(run_dir) / "invocations.jsonl"
+    if not path.exists():
+        return None
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sum(x["wall_s"] for x in lines) if lines else None
