@@ -14,7 +14,8 @@ band); ``--config tabletop_pretrained`` shares session 16's start above the band
 steps) instead, and ``--config tabletop_headline`` issue #4's headline protocol (sessions
 25-26: 4000 pretraining and 400 SFT steps, a 70.1% start, then 60 iterations at 512 envs; 1
 thread, which reproduces a start exactly on one machine, but CPU numerics differ between
-machines: session 27's gave 57.3% with the same commands).  A Flow-SDE variant takes ~50 min there
+machines: session 27's gave 57.3% with the same commands, and this script's runs from it the
+README's session-27 table).  A Flow-SDE variant takes ~50 min there
 and a Flow-Noise one ~2 h (its update costs ~4.5x; the README's Flow-Noise rows used
 ``rl.iterations=40``), so run the variants in parts; a finished variant is skipped, an
 interrupted one resumed, and the shared SFT start made once:
