@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     sft_res = json.loads((sft_dir / "results.json").read_text())["sft"]
     for name in args.variants:
         d = out / name
-        t0, ran = time.perf_counter(), False
+        measured = float("nan")
         if not (d / "results.json").exists() or "final" not in json.loads((d / "results.json").read_text()):
+            t0 = time.perf_counter()
             ov = args.overrides + VARIANTS[name] + [
                 f"run_dir={d}", f"model.checkpoint={sft_dir / 'checkpoints' / 'sft.pt'}",
                 "sft.steps=0", "progress=false"]
@@ -110,8 +111,8 @@ def main(argv: list[str] | None = None) -> list[tuple]:
                 run(resume=d)
             else:
                 run(resolve_config(args.config, ov))
-            ran = True
-        wall = wall_of(d, time.perf_counter() - t0 if ran else float("nan"))
+            measured = time.perf_counter() - t0
+        wall = wall_of(d, measured)
         res = json.loads((d / "results.json").read_text())
         steps = max((m.get("env_steps", 0) for m in read_metrics(d)), default=0)
         rows.append((name, res["final"], steps, wall))

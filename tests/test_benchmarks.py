@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.runners.tiny_run import TINY_RUN_OVERRIDES
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,16 +39,9 @@ def test_rl_recipe_parses_its_docstring_commands():
 
 def test_rl_recipe_runs_a_tiny_recipe_with_a_preset(tmp_path, capsys):
     recipe = _load("rl_recipe")
-    tiny = ["threads=1", "env.num_envs=8", "progress=false",
-            "model.kwargs={width: 32, depth: 1, heads: 2, conv_channels: [8, 16], value_hidden: 32}",
-            "pretrain.steps=2", "pretrain.num_envs=4", "pretrain.warmup_steps=1",
-            "demos.episodes_per_task=1", "sft.steps=3", "sft.batch_size=8", "rl.iterations=1",
-            "rl.ppo.update_epochs=1", "rl.ppo.num_minibatches=2", "eval.num_envs=72",
-            "eval.episodes_per_task=1", "eval.splits=[train]", "eval.videos=0",
-            "env.kwargs={max_episode_steps: 16}"]
     out = tmp_path / "recipe"
     argv = ["--config", "tabletop_headline", "--out", str(out), "--variants", "ppo_flow_sde",
-            *tiny]
+            "threads=1", *TINY_RUN_OVERRIDES, "rl.iterations=1"]
     rows = recipe.main(argv)
     assert [r[0] for r in rows] == ["ppo_flow_sde"]
     name, final, steps, wall = rows[0]

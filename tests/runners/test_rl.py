@@ -13,6 +13,7 @@ from pirl.runners.rl import RLTrainer
 from pirl.runners.rollout import collect
 from pirl.envs.base import ChunkedEnv
 from tests.runners.reach_env import ReachEnv
+from tests.runners.tiny_run import TINY_RUN_OVERRIDES
 
 
 def _policy(seed=0):
@@ -78,14 +79,8 @@ def test_grpo_logs_fraction_of_episodes_with_signal():
 
 def _tiny_run_cfg(tmp_path, name, iterations=2, extra=()):
     return apply_overrides(TrainConfig(), [
-        f"run_dir={tmp_path / name}", "env.num_envs=8", "progress=false",
-        "model.kwargs={width: 32, depth: 1, heads: 2, conv_channels: [8, 16], value_hidden: 32}",
-        "pretrain.steps=2", "pretrain.num_envs=4", "pretrain.warmup_steps=1",
-        "demos.episodes_per_task=1", "sft.steps=3", "sft.batch_size=8",
-        f"rl.iterations={iterations}", "rl.eval_every=100", "checkpoint_every=1",
-        "rl.ppo.update_epochs=1", "rl.ppo.num_minibatches=2",
-        "eval.num_envs=72", "eval.episodes_per_task=1", "eval.splits=[train]", "eval.videos=0",
-        "env.kwargs={max_episode_steps: 16}", *extra])
+        f"run_dir={tmp_path / name}", *TINY_RUN_OVERRIDES, f"rl.iterations={iterations}",
+        "rl.eval_every=100", "checkpoint_every=1", *extra])
 
 
 @pytest.mark.parametrize("task_sampling", ["uniform", "failure", "failure+replay", "uniform+bc"])
