@@ -233,10 +233,17 @@ class EvalConfig:
     splits: list[str] = field(default_factory=lambda: ["train", "ood"])
     num_steps: int | None = None  # denoise steps at eval (None: sampler.num_steps)
     videos: int = 8  # episodes recorded into a video grid at each final eval (0: none)
+    # executed steps of each predicted chunk at evaluation, i.e. how often the policy re-plans
+    # (None: rl.action_chunk, the rollouts' own); an episode gets ceil(max_episode_steps /
+    # action_chunk) chunk steps.  Re-planning more often than in training is a deployment
+    # choice (openpi / LeRobot's n_action_steps); evaluate the start and the end alike
+    action_chunk: int | None = None
 
     def __post_init__(self):
         _check(self.episodes_per_task >= 1, "eval.episodes_per_task", "must be >= 1")
         _check(self.num_envs >= 1, "eval.num_envs", "must be >= 1")
+        _check(self.action_chunk is None or self.action_chunk >= 1, "eval.action_chunk",
+               f"must be >= 1 or null, got {self.action_chunk}")
 
 
 @dataclass

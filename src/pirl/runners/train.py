@@ -101,6 +101,9 @@ class Run:
             torch.set_num_threads(cfg.threads)
         self.env = make_train_env(cfg, split="train")
         self.policy = make_policy(cfg, self.env)
+        if (cfg.eval.action_chunk or 0) > self.policy.action_horizon:  # before any training
+            raise ConfigError(f"eval.action_chunk: {cfg.eval.action_chunk} steps exceed the "
+                              f"policy's action horizon {self.policy.action_horizon}")
         self.sampler = make_sampler(cfg, self.policy)
         self.eval_sampler = make_sampler(cfg, self.policy, kind="ode",
                                          num_steps=cfg.eval.num_steps)
@@ -116,13 +119,15 @@ class Run:
 
         cfg = self.cfg
         out = {}
-        action_chunk = cfg.rl.action_chunk or self.policy.action_horizon
+        action_chunk = cfg.eval.action_chunk or cfg.rl.action_chunk or self.policy.action_horizon
         for split in cfg.eval.splits:
             if split not in self._eval_envs:
                 self._eval_envs[split] = make_train_env(cfg, split=split,
                                                         num_envs=cfg.eval.num_envs)
             env = self._eval_envs[split]
-            num_chunks = cfg.rl.max_chunks or -(-env.max_episode_steps // action_chunk)
+            num_chunks = -(-env.max_episode_steps // action_chunk)
+            if cfg.rl.max_chunks and not cfg.eval.action_chunk:
+                num_chunks = cfg.rl.max_chunks
             vid = None
             if videos and cfg.eval.videos > 0:
                 (self.dir / "videos").mkdir(exist_ok=True)

@@ -1,0 +1,46 @@
+"""Evaluation settings of a run: how often the policy re-plans (``eval.action_chunk``)."""
+
+import pytest
+
+from pirl.configs import ConfigError, apply_overrides
+from pirl.envs.base import ChunkedEnv
+from pirl.runners.config import TrainConfig
+from tests.runners.tiny_run import TINY_RUN_OVERRIDES
+
+
+def _run(tmp_path, *extra):
+    from pirl.runners.train import Run
+
+    cfg = apply_overrides(TrainConfig(), [f"run_dir={tmp_path}", *TINY_RUN_OVERRIDES, *extra])
+    return Run(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("eval_chunk,executed,chunk_steps", [(None, 4, 4), (2, 2, 8), (1, 1, 16)])
+def test_eval_action_chunk_sets_how_often_the_policy_replans(tmp_path, monkeypatch, eval_chunk,
+                                                             executed, chunk_steps):
+    """16-step episodes with rl.action_chunk=4 (the default): evaluation executes 4 steps of each
+    predicted chunk over 4 chunk steps unless ``eval.action_chunk`` says otherwise (2: 8 chunk
+    steps of 2, 1: 16 of 1); rl.max_chunks, counted in the rollouts' chunks, does not cut a
+    finer evaluation short."""
+    extra = ["rl.max_chunks=4"] + ([f"eval.action_chunk={eval_chunk}"] if eval_chunk else [])
+    r = _run(tmp_path, *extra)
+    calls = []
+    real = ChunkedEnv.step_chunk
+
+    def spy(self, actions, **kw):
+        calls.append(actions.shape[1])
+        return real(self, actions, **kw)
+
+    monkeypatch.setattr(ChunkedEnv, "step_chunk", spy)
+    # a policy that never finishes an episode early: every chunk step is taken
+    monkeypatch.setattr(r.policy, "postprocess_actions", lambda a: a * 0)
+    res = r.evaluate("eval")
+    assert res["train"]["episodes"] == 72  # one per train task, in one round of 72 envs
+    assert set(calls) == {executed} and len(calls) == chunk_steps
+
+
+def test_eval_action_chunk_beyond_the_horizon_is_refused_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="eval.action_chunk"):
+        _run(tmp_path, "eval.action_chunk=9")  # TinyVLA predicts 8 steps
+    with pytest.raises(ConfigError, match="eval.action_chunk"):
+        apply_overrides(TrainConfig(), ["eval.action_chunk=0"])
