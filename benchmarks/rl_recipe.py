@@ -77,7 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[tuple]:
     """Run (or complete) the recipe; print the table and return its rows
-    ``(variant, final results per split, env steps, wall-clock s)``."""
+    ``(variant, start results per split, final results per split, env steps, wall-clock s)``.
+    A variant's start is its own evaluation of the shared SFT checkpoint (the same unless the
+    overrides of the call that ran it changed the evaluation, e.g. ``eval.action_chunk``)."""
     from pirl.runners.logger import read_metrics
     from pirl.runners.train import resolve_config, run, run_wall_clock
 
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
         wall = wall_of(d, measured)
         res = json.loads((d / "results.json").read_text())
         steps = max((m.get("env_steps", 0) for m in read_metrics(d)), default=0)
-        rows.append((name, res["final"], steps, wall))
+        rows.append((name, res.get("sft", sft_res), res["final"], steps, wall))
     splits = list(sft_res)
     head = "| variant | " + " | ".join(f"{s} before -> after (%)" for s in splits) + \
         " | env steps | wall-clock (min) |"
@@ -124,8 +126,8 @@ def main(argv: list[str] | None = None) -> list[tuple]:
           + (f", {sft_wall / 60:.1f} min" if sft_wall == sft_wall else ""))
     print(head)
     print("|---|" + "---|" * (len(splits) + 2))
-    for name, fin, steps, wall in rows:
-        cells = [f"{100 * sft_res[s]['success']:.1f} -> {100 * fin[s]['success']:.1f}"
+    for name, start, fin, steps, wall in rows:
+        cells = [f"{100 * start[s]['success']:.1f} -> {100 * fin[s]['success']:.1f}"
                  for s in splits]
         minutes = f"{wall / 60:.1f}" if wall == wall else "-"
         print(f"| {name} | " + " | ".join(cells) + f" | {int(steps)} | {minutes} |")

@@ -44,10 +44,12 @@ def test_rl_recipe_runs_a_tiny_recipe_with_a_preset(tmp_path, capsys):
             "threads=1", *TINY_RUN_OVERRIDES, "rl.iterations=1"]
     rows = recipe.main(argv)
     assert [r[0] for r in rows] == ["ppo_flow_sde"]
-    name, final, steps, wall = rows[0]
+    name, start, final, steps, wall = rows[0]
     sft = json.loads((out / "sft" / "results.json").read_text())["sft"]
     run = json.loads((out / "ppo_flow_sde" / "results.json").read_text())
     assert final == run["final"] and set(final) == set(sft) == {"train"}
+    # the start is the variant's own evaluation of the shared checkpoint: the shared one's here
+    assert start == run["sft"] == sft
     assert steps == 8 * 16  # one iteration: 8 envs x the 16-step time limit
     # the variant started from the shared SFT checkpoint, with the preset's other fields
     import yaml
@@ -65,3 +67,8 @@ def test_rl_recipe_runs_a_tiny_recipe_with_a_preset(tmp_path, capsys):
     assert wall == run_wall_clock(out / "ppo_flow_sde") == inv[0]["wall_s"] > 0
     # a second call reuses the start, skips the finished variant and reports the same row
     assert recipe.main(argv) == rows
+    # a variant run with another evaluation (re-planning every 2 steps) reports its own start
+    rows2 = recipe.main(argv[:5] + ["grpo_flow_sde"] + argv[6:] + ["eval.action_chunk=2"])
+    run2 = json.loads((out / "grpo_flow_sde" / "results.json").read_text())
+    cfg2 = yaml.safe_load((out / "grpo_flow_sde" / "config.yaml").read_text())
+    assert cfg2["eval"]["action_chunk"] == 2 and rows2[0][1] == run2["sft"]
