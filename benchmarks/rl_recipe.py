@@ -11,19 +11,25 @@ the calls that ran it, also when the table is printed again later).  Extra
 quick look).  The shared start is the default's (since session 17:
 grounding pretraining of the prefix, then 500 SFT steps on 6 demos per task, in the few-shot
 band); ``--config tabletop_pretrained`` shares session 16's start above the band (1000 SFT
-steps) instead, and ``--config tabletop_headline`` issue #4's headline protocol (sessions
-25-26: 4000 pretraining and 400 SFT steps, a 70.1% start, then 60 iterations at 512 envs; 1
-thread, which reproduces a start exactly on one machine, but CPU numerics differ between
-machines: session 27's gave 57.3% with the same commands, and this script's runs from it the
-README's session-27 table).  A Flow-SDE variant takes ~50 min there
-and a Flow-Noise one ~2 h (its update costs ~4.5x; the README's Flow-Noise rows used
-``rl.iterations=40``), so run the variants in parts; a finished variant is skipped, an
-interrupted one resumed, and the shared SFT start made once:
+steps) instead, and ``--config tabletop_headline`` issue #4's headline protocol (4000
+pretraining and 400 SFT steps, 60 iterations at 512 envs, re-planning every 2 steps since
+session 28; 1 thread, which reproduces a start exactly on one machine, but CPU numerics differ
+between machines: sessions 25-26's gave a 70.1% start, sessions 27-28's 57.3%, 56.6% re-planning
+every 2).  A variant's "before" is its own evaluation of the shared start, so a variant run with
+another ``rl.action_chunk`` compares like with like.  On 1 thread beside another run a Flow-SDE
+variant takes ~85 min (~1.4x an iteration re-planning every 4) and a Flow-Noise one ~4 h, so
+run the variants in parts; a finished variant is skipped, an interrupted one resumed, and the
+shared SFT start made once.  Session 28's rows (README):
 
     PYTHONPATH=src .venv/bin/python benchmarks/rl_recipe.py --config tabletop_headline \
-        --out runs/headline --variants ppo_flow_sde grpo_flow_sde eval.videos=0
+        --out runs/headline --variants ppo_flow_sde eval.videos=0
+    # re-planning every 4 steps, as sessions 25-27 (the start evaluated the same way), 40
+    # iterations extended to 60 and then 90 (each extension re-opens the cosine lr schedule):
     PYTHONPATH=src .venv/bin/python benchmarks/rl_recipe.py --config tabletop_headline \
-        --out runs/headline --variants ppo_flow_noise eval.videos=0 rl.iterations=40
+        --out runs/headline --variants ppo_flow_noise eval.videos=0 rl.action_chunk=4 \
+        rl.iterations=40
+    pirl train --resume runs/headline/ppo_flow_noise rl.iterations=60
+    pirl train --resume runs/headline/ppo_flow_noise rl.iterations=90
 """
 
 from __future__ import annotations

@@ -68,7 +68,8 @@ def test_flow_noise_preset_changes_only_the_sampler_and_ppo_settings():
 
 def test_headline_preset_changes_only_the_start_the_iterations_and_the_evaluation():
     """tabletop_headline: the default recipe with 4000 pretraining / 400 SFT steps and 60 PPO
-    iterations at 512 envs; the sampler, the RL settings and the env's own stay the default's."""
+    iterations at 512 envs, re-planning every 2 steps; the sampler, the other RL settings and
+    the env's own stay the default's."""
     from pirl.configs import load_yaml, to_dict
     from pirl.runners.config import TrainConfig
 
@@ -77,7 +78,7 @@ def test_headline_preset_changes_only_the_start_the_iterations_and_the_evaluatio
     base, got = to_dict(TrainConfig()), to_dict(cfg)
     assert got["env"]["kwargs"] == base["env"]["kwargs"]
     assert got["sampler"] == base["sampler"]
-    assert got["rl"] == {**base["rl"], "iterations": 60}
+    assert got["rl"] == {**base["rl"], "iterations": 60, "action_chunk": 2}
     assert got["demos"] == base["demos"]
     assert got["pretrain"] == {**base["pretrain"], "steps": 4000}
     assert got["eval"] == {**base["eval"], "episodes_per_task": 8}
