@@ -17,7 +17,7 @@ session 28; 1 thread, which reproduces a start exactly on one machine, but CPU n
 between machines: sessions 25-26's gave a 70.1% start, sessions 27-28's 57.3%, 56.6% re-planning
 every 2).  A variant's "before" is its own evaluation of the shared start, so a variant run with
 another ``rl.action_chunk`` compares like with like.  On 1 thread beside another run a Flow-SDE
-variant takes ~85 min (~1.4x an iteration re-planning every 4) and a Flow-Noise one ~4 h, so
+variant takes ~85 min (~2x an iteration re-planning every 4) and a Flow-Noise one ~4 h, so
 run the variants in parts; a finished variant is skipped, an interrupted one resumed, and the
 shared SFT start made once.  Session 28's rows (README):
 

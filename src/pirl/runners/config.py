@@ -271,7 +271,7 @@ class TrainConfig:
     # 4 and 77.8% executing 2 (train; OOD 63.0 / 74.0 / 67.2%), and PPO from it went further
     # (README); 2 doubled the policy calls for nothing more at that start.  In RL it pays:
     # from session 27's 57.3% start, PPO re-planning every 2 read 96.2% at iteration 20 against
-    # 85.4% re-planning every 4 (push stalled at ~90%), at ~1.4x the iteration's cost, so
+    # 85.4% re-planning every 4 (push stalled at ~90%), at ~2x the iteration's cost, so
     # tabletop_headline re-plans every 2 (session 28); the default job keeps 4 for its time
     # and its start (76.6% re-planning every 2, above the few-shot band; README)
     # task_sampling="failure": 3.8 / 4.6 points above uniform at iteration 40 from the random-init
