@@ -30,6 +30,11 @@ shared SFT start made once.  Session 28's rows (README):
         rl.iterations=40
     pirl train --resume runs/headline/ppo_flow_noise rl.iterations=60
     pirl train --resume runs/headline/ppo_flow_noise rl.iterations=90
+    # PPO against GRPO re-planning every 4 (60 iterations each; GRPO extended to 80):
+    PYTHONPATH=src .venv/bin/python benchmarks/rl_recipe.py --config tabletop_headline \
+        --out runs/headline_replan4 --variants ppo_flow_sde grpo_flow_sde eval.videos=0 \
+        rl.action_chunk=4
+    pirl train --resume runs/headline_replan4/grpo_flow_sde rl.iterations=80
 """
 
 from __future__ import annotations
