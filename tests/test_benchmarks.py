@@ -68,7 +68,8 @@ def test_rl_recipe_runs_a_tiny_recipe_with_a_preset(tmp_path, capsys):
     # a second call reuses the start, skips the finished variant and reports the same row
     assert recipe.main(argv) == rows
     # a variant run with another evaluation (re-planning every 2 steps) reports its own start
-    rows2 = recipe.main(argv[:5] + ["grpo_flow_sde"] + argv[6:] + ["eval.action_chunk=2"])
+    argv2 = ["grpo_flow_sde" if a == "ppo_flow_sde" else a for a in argv]
+    rows2 = recipe.main(argv2 + ["eval.action_chunk=2"])
     run2 = json.loads((out / "grpo_flow_sde" / "results.json").read_text())
     cfg2 = yaml.safe_load((out / "grpo_flow_sde" / "config.yaml").read_text())
     assert cfg2["eval"]["action_chunk"] == 2 and rows2[0][1] == run2["sft"]

@@ -120,14 +120,14 @@ class Run:
         cfg = self.cfg
         out = {}
         action_chunk = cfg.eval.action_chunk or cfg.rl.action_chunk or self.policy.action_horizon
+        # rl.max_chunks counts the rollouts' chunks: it holds when evaluation re-plans as they do
+        max_chunks = None if cfg.eval.action_chunk else cfg.rl.max_chunks
         for split in cfg.eval.splits:
             if split not in self._eval_envs:
                 self._eval_envs[split] = make_train_env(cfg, split=split,
                                                         num_envs=cfg.eval.num_envs)
             env = self._eval_envs[split]
-            num_chunks = -(-env.max_episode_steps // action_chunk)
-            if cfg.rl.max_chunks and not cfg.eval.action_chunk:
-                num_chunks = cfg.rl.max_chunks
+            num_chunks = max_chunks or -(-env.max_episode_steps // action_chunk)
             vid = None
             if videos and cfg.eval.videos > 0:
                 (self.dir / "videos").mkdir(exist_ok=True)
