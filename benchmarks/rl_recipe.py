@@ -66,7 +66,7 @@ VARIANTS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line: ``--variants`` names (overrides may follow them) and a preset name or
     YAML path for ``--config`` (resolved to a path)."""
-    from pirl.cli import resolve_preset
+    from pirl.config import ConfigError, resolve_preset
 
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,7 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad:
         ap.error(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
-    args.config = resolve_preset(args.config)
+    try:
+        args.config = resolve_preset(args.config)
+    except ConfigError as e:
+        ap.error(str(e))
     return args
 
 

@@ -48,7 +48,7 @@ def make_env(num_envs: int, image_size: int = 32, env_ms: float = 0.0):
 def build(num_envs: int, image_size: int, env_ms: float = 0.0, seed: int = 0):
     from pirl.flow import build_sampler
     from pirl.models import build_policy
-    from pirl.runners.config import RLConfig
+    from pirl.config.schema import RLConfig
 
     env = make_env(num_envs, image_size, env_ms)
     torch.manual_seed(seed)

@@ -25,13 +25,13 @@ import torch
 
 
 def main() -> None:
-    from pirl.configs import load_yaml
+    from pirl.config.loading import load_yaml
     from pirl.envs.base import ChunkedEnv
     from pirl.envs.tabletop.render import EDGE_ZONE
     from pirl.envs.tabletop.sim import (CONTACT_DISTANCE, FAMILY_PICK_PLACE, FAMILY_PUSH,
                                         GRASP_RADIUS)
     from pirl.runners.checkpoint import load_checkpoint, load_module_state
-    from pirl.runners.config import TrainConfig
+    from pirl.config.schema import TrainConfig
     from pirl.runners.rollout import collect
     from pirl.runners.train import make_policy, make_sampler, make_train_env
 

@@ -34,7 +34,7 @@ def test_eval_takes_only_eval_overrides(monkeypatch, tmp_path):
         seen.append(list(overrides))
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr("pirl.configs.load_yaml", fake_load_yaml)
+    monkeypatch.setattr("pirl.config.loading.load_yaml", fake_load_yaml)
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     with pytest.raises(RuntimeError, match="stop here"):
         cli.main(["eval", str(tmp_path), "--episodes", "4", "eval.num_steps=10", "threads=1"])
@@ -45,16 +45,16 @@ def test_eval_takes_only_eval_overrides(monkeypatch, tmp_path):
 def test_every_preset_loads_into_a_valid_config(preset):
     """Each shipped preset resolves by name and type-checks into a TrainConfig (a typo in a
     field name or a bad value would raise naming the field)."""
-    from pirl.configs import load_yaml
-    from pirl.runners.config import TrainConfig
+    from pirl.config.loading import load_yaml
+    from pirl.config.schema import TrainConfig
 
     cfg = load_yaml(TrainConfig, cli.resolve_preset(preset))
     assert isinstance(cfg, TrainConfig)
 
 
 def test_flow_noise_preset_changes_only_the_sampler_and_ppo_settings():
-    from pirl.configs import load_yaml, to_dict
-    from pirl.runners.config import TrainConfig
+    from pirl.config.loading import load_yaml, to_dict
+    from pirl.config.schema import TrainConfig
 
     cfg = load_yaml(TrainConfig, cli.resolve_preset("tabletop_flow_noise"))
     assert (cfg.sampler.kind, cfg.sampler.min_std, cfg.sampler.max_std) == ("flow_noise", 0.16, 0.32)
@@ -70,8 +70,8 @@ def test_headline_preset_changes_only_the_start_the_iterations_and_the_evaluatio
     """tabletop_headline: the default recipe with 4000 pretraining / 400 SFT steps and 60 PPO
     iterations at 512 envs, re-planning every 2 steps; the sampler, the other RL settings and
     the env's own stay the default's."""
-    from pirl.configs import load_yaml, to_dict
-    from pirl.runners.config import TrainConfig
+    from pirl.config.loading import load_yaml, to_dict
+    from pirl.config.schema import TrainConfig
 
     cfg = load_yaml(TrainConfig, cli.resolve_preset("tabletop_headline"))
     assert (cfg.pretrain.steps, cfg.sft.steps, cfg.env.num_envs, cfg.threads) == (4000, 400, 512, 1)
@@ -82,3 +82,10 @@ def test_headline_preset_changes_only_the_start_the_iterations_and_the_evaluatio
     assert got["demos"] == base["demos"]
     assert got["pretrain"] == {**base["pretrain"], "steps": 4000}
     assert got["eval"] == {**base["eval"], "episodes_per_task": 8}
+
+
+def test_unknown_preset_suggests_the_closest_names(capsys):
+    assert cli.main(["train", "--config", "tabletop_headlin"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pirl: error: --config: 'tabletop_headlin'")
+    assert "did you mean 'tabletop_headline'" in err

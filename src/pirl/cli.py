@@ -1,6 +1,6 @@
 """Command line: ``pirl train | sft | eval | demos``.
 
-Configs are typed dataclasses (:class:`pirl.runners.config.TrainConfig`); ``--config FILE.yaml``
+Configs are typed dataclasses (:class:`pirl.config.schema.TrainConfig`); ``--config FILE.yaml``
 loads a preset and trailing ``section.field=value`` arguments override single fields, e.g.
 ``pirl train rl.algo=grpo sampler.kind=flow_sde env.num_envs=128``.
 """
@@ -11,26 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from pirl.config import presets_dir, resolve_preset  # noqa: F401  (re-exported for scripts)
+
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML preset (see configs/); fields not given keep defaults")
+    p.add_argument("--config", help="a preset name (pirl/config/presets/) or a YAML file; fields not given keep defaults")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
-
-
-def presets_dir() -> Path:
-    """The folder of the named YAML presets (``pirl train --config NAME``)."""
-    return Path(__file__).parent / "configs"
-
-
-def resolve_preset(name: str | None) -> str | None:
-    """A ``--config`` value as a YAML path: a file as given, else the preset of that name."""
-    if name is None or Path(name).exists():
-        return name
-    cand = presets_dir() / f"{name}.yaml"
-    if cand.exists():
-        return str(cand)
-    raise SystemExit(f"pirl: config {name!r} is neither a file nor a preset "
-                     f"({', '.join(p.stem for p in presets_dir().glob('*.yaml'))})")
 
 
 def cmd_train(args) -> int:
@@ -72,9 +58,9 @@ def cmd_sft(args) -> int:
 def cmd_eval(args) -> int:
     import json
 
-    from pirl.configs import load_yaml
+    from pirl.config.loading import load_yaml
     from pirl.runners.checkpoint import CheckpointError, load_checkpoint, load_module_state
-    from pirl.runners.config import TrainConfig
+    from pirl.config.schema import TrainConfig
     from pirl.runners.train import Run
 
     for o in args.overrides:
@@ -165,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pirl.configs import ConfigError
+    from pirl.config.loading import ConfigError
     from pirl.runners.checkpoint import CheckpointError
     from pirl.runners.distributed import WorkerError
 

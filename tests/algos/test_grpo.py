@@ -136,7 +136,7 @@ def test_grpo_config_defaults_and_validation():
 
 def test_grpo_config_from_yaml_dict():
     """The typed config loader reports the dotted field of a bad GRPO value."""
-    from pirl.configs import ConfigError, from_dict
+    from pirl.config.loading import ConfigError, from_dict
 
     cfg = from_dict(GRPOConfig, {"group_size": 4, "logp_mode": "chain_mean", "dual_clip": None,
                                  "betas": [0.8, 0.99]})

@@ -409,7 +409,7 @@ def test_ppo_config_defaults_and_validation():
 
 
 def test_ppo_config_through_loader():
-    from pirl.configs import ConfigError, from_dict
+    from pirl.config.loading import ConfigError, from_dict
 
     cfg = from_dict(PPOConfig, {"value_clip": None, "lr_schedule": "cosine",
                                 "logp_mode": "chain_mean", "logp_level": "chunk"})

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from pirl.algos.grpo import make_groups
-from pirl.configs import apply_overrides
+from pirl.config.loading import apply_overrides
 from pirl.flow import SamplerConfig, build_sampler
 from pirl.models import build_policy
-from pirl.runners.config import RLConfig
+from pirl.config.schema import RLConfig
 from pirl.runners.curriculum import FailureCurriculum, FailureReplay
 from pirl.runners.rl import RLTrainer
 from tests.runners.reach_env import ReachEnv

@@ -152,7 +152,7 @@ try:
 except ImportError:  # the Ray tests skip without the `dist` extra; the tests above still run
     ray = None
 
-from pirl.runners.config import RLConfig  # noqa: E402
+from pirl.config.schema import RLConfig  # noqa: E402
 from pirl.runners.distributed import DistributedTrainer, WorkerError  # noqa: E402
 from pirl.runners.placement import LearnerPlacement, PlacementConfig, connect  # noqa: E402
 from pirl.runners.rl import RLTrainer  # noqa: E402
@@ -322,7 +322,7 @@ def test_dead_learner_rank_fails_fast(ray_local):
 
 def test_trainer_from_config_local_is_rl_trainer():
     """placement.mode=local (the default) keeps the one-process RLTrainer."""
-    from pirl.runners.config import TrainConfig
+    from pirl.config.schema import TrainConfig
     from pirl.runners.distributed import trainer_from_config
 
     env, policy, sampler, cfg = rl_parts()
@@ -337,7 +337,7 @@ def test_pirl_run_disaggregated_end_to_end(ray_local, tmp_path):
     """The whole recipe (demos -> SFT -> RL -> eval) with placement.mode=disaggregated: the
     run folder, metrics and a final checkpoint whose trainer state has the local layout."""
     from pirl.runners.checkpoint import load_checkpoint
-    from pirl.runners.config import (DemoConfig, EnvConfig, EvalConfig, ModelConfig,
+    from pirl.config.schema import (DemoConfig, EnvConfig, EvalConfig, ModelConfig,
                                      PretrainConfig, SFTConfig, TrainConfig)
     from pirl.runners.train import run
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from pirl.configs import ConfigError, apply_overrides
+from pirl.config.loading import ConfigError, apply_overrides
 from pirl.envs.base import ChunkedEnv
-from pirl.runners.config import TrainConfig
+from pirl.config.schema import TrainConfig
 from tests.runners.tiny_run import TINY_RUN_OVERRIDES
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pirl.configs import ConfigError, apply_overrides
+from pirl.config.loading import ConfigError, apply_overrides
 from pirl.runners.placement import LearnerPlacement, PlacementConfig, shard_rows
 
 

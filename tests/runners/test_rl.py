@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from pirl.configs import apply_overrides
+from pirl.config.loading import apply_overrides
 from pirl.flow import SamplerConfig, build_sampler
 from pirl.models import build_policy
-from pirl.runners.config import RLConfig, TrainConfig
+from pirl.config.schema import RLConfig, TrainConfig
 from pirl.runners.rl import RLTrainer
 from pirl.runners.rollout import collect
 from pirl.envs.base import ChunkedEnv
@@ -142,7 +142,7 @@ def test_resume_extends_a_finished_run(tmp_path):
     """``run(resume=RUN, iterations=N)`` continues a finished 1-iteration run to N = 2, and with
     a constant lr it ends exactly where a run planned for 2 iterations ends; the earlier final
     evaluation is kept as rl_1 and config.yaml says 2.  Shortening is an error."""
-    from pirl.configs import ConfigError, load_yaml
+    from pirl.config.loading import ConfigError, load_yaml
     from pirl.runners import train as train_mod
     from pirl.runners.checkpoint import load_checkpoint
 
@@ -417,7 +417,7 @@ def test_sft_freeze_keeps_the_named_parameters_and_gives_them_back_to_rl(tmp_pat
     expert's have moved; afterwards every parameter's requires_grad is what it was before (a
     parameter the model itself froze stays frozen); an entry that names no parameter is an
     error naming the field."""
-    from pirl.configs import ConfigError
+    from pirl.config.loading import ConfigError
     from pirl.runners import train as train_mod
 
     init = train_mod.Run(_tiny_run_cfg(tmp_path, "i", iterations=0, extra=["sft.steps=0"]),
@@ -449,7 +449,7 @@ def test_pretrain_stage_runs_before_sft_and_needs_the_tabletop(tmp_path):
     the field."""
     import json
 
-    from pirl.configs import ConfigError
+    from pirl.config.loading import ConfigError
     from pirl.runners import train as train_mod
 
     cfg = _tiny_run_cfg(tmp_path, "p", iterations=0,
@@ -731,7 +731,7 @@ def test_pretrain_relative_adds_the_offset_target(tmp_path):
     there are three; a negative value is an error naming the field."""
     import json
 
-    from pirl.configs import ConfigError
+    from pirl.config.loading import ConfigError
     from pirl.runners import train as train_mod
 
     for rel, want in ((0.0, False), (4.0, True)):

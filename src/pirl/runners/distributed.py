@@ -474,7 +474,7 @@ class WorkerSpec:
     env_fn: Callable[..., BatchedEnv]
     modules: Any
     env_spec: EnvSpec
-    rl: Any  # pirl.runners.config.RLConfig
+    rl: Any  # pirl.config.schema.RLConfig
     seed: int
     device: str = "cpu"
     threads: int | None = 1
@@ -1059,7 +1059,7 @@ def _cpu_module(m: nn.Module) -> nn.Module:
 
 def trainer_from_config(cfg: Any, policy: FlowPolicy, sampler: Sampler, env: BatchedEnv,
                         demos: Any = None):
-    """The trainer of a :class:`~pirl.runners.config.TrainConfig`: :class:`RLTrainer` for
+    """The trainer of a :class:`~pirl.config.schema.TrainConfig`: :class:`RLTrainer` for
     ``placement.mode == "local"`` (``demos``: the SFT samples of ``rl.bc_coef``'s loss), else a
     :class:`DistributedTrainer` whose env workers build the config's training env."""
     placement = getattr(cfg, "placement", None)

@@ -26,7 +26,7 @@ from pirl.envs.base import BatchedEnv, ChunkedEnv
 from pirl.flow.base import Sampler
 from pirl.models.base import (FlowPolicy, cat_batch, flow_matching_loss, index_batch,
                               sample_flow_time, to_device)
-from pirl.runners.config import RLConfig
+from pirl.config.schema import RLConfig
 from pirl.runners.curriculum import FailureCurriculum, FailureReplay
 from pirl.runners.rollout import Rollout, cat_chains, collect, stack_obs
 

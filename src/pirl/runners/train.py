@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from pirl.configs import ConfigError, load_yaml, save_yaml, to_dict
+from pirl.config.loading import ConfigError, load_yaml, save_yaml, to_dict
 from pirl.runners.checkpoint import (CheckpointError, load_checkpoint, load_module_state,
                                      save_checkpoint)
-from pirl.runners.config import TrainConfig
+from pirl.config.schema import TrainConfig
 from pirl.runners.logger import RunLogger, plot_success
 
 
@@ -340,7 +340,7 @@ class Run:
 def resolve_config(config: str | None, overrides: list[str]) -> TrainConfig:
     if config:
         return load_yaml(TrainConfig, config, overrides)
-    from pirl.configs import apply_overrides
+    from pirl.config.loading import apply_overrides
 
     return apply_overrides(TrainConfig(), overrides)
 

@@ -5,7 +5,7 @@ from typing import Literal
 
 import pytest
 
-from pirl.configs import ConfigError, apply_overrides, from_dict, load_yaml, save_yaml, to_dict
+from pirl.config.loading import ConfigError, apply_overrides, from_dict, load_yaml, save_yaml, to_dict
 
 
 @dataclass
@@ -67,7 +67,7 @@ def test_yaml_round_trip(tmp_path):
 def test_partial_sections_keep_the_parents_defaults(tmp_path):
     """A preset that gives part of a section keeps the run-level defaults of the rest (TrainConfig
     sets its own sampler kind / PPO lr / env kwargs); free-form kwargs given are taken whole."""
-    from pirl.runners.config import TrainConfig
+    from pirl.config.schema import TrainConfig
 
     base = TrainConfig()
     cfg = from_dict(TrainConfig, {"sampler": {"num_steps": 3}, "rl": {"ppo": {"clip_low": 0.1}},
@@ -83,7 +83,7 @@ def test_partial_sections_keep_the_parents_defaults(tmp_path):
 
 
 def test_train_config_defaults_validate():
-    from pirl.runners.config import TrainConfig
+    from pirl.config.schema import TrainConfig
 
     cfg = TrainConfig()
     assert cfg.env.name == "tabletop" and cfg.model.name == "tiny"

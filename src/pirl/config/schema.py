@@ -5,7 +5,7 @@ kwargs), ``sampler`` (ODE / Flow-Noise / Flow-SDE), ``pretrain`` (grounding pret
 tiny VLA's prefix on the tabletop, on by default; other envs and models set ``pretrain.steps=0``),
 ``demos`` + ``sft`` (few-shot SFT), ``rl`` (PPO or GRPO), ``eval`` and the run-level fields.
 Every section validates itself in ``__post_init__``; errors name the field (see
-:mod:`pirl.configs`).
+:mod:`pirl.config.loading`).
 """
 
 from __future__ import annotations
