@@ -1,6 +1,6 @@
 """Real-simulator throughput: ManiSkill3 and LIBERO behind pirl's batched env API.
 
-Run in the simulator venv (see docs/simulators.md)::
+Run in the simulator venv (see docs/benchmarks/maniskill.md)::
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv-sim/bin/python benchmarks/sim_throughput.py
 
