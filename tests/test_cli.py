@@ -89,3 +89,19 @@ def test_unknown_preset_suggests_the_closest_names(capsys):
     err = capsys.readouterr().err
     assert err.startswith("pirl: error: --config: 'tabletop_headlin'")
     assert "did you mean 'tabletop_headline'" in err
+
+
+def test_eval_of_a_missing_or_foreign_path_names_the_path_given(tmp_path, capsys):
+    """``pirl eval PATH`` on a path that does not exist, a folder without config.yaml or a file
+    outside a run folder exits 2 with an error that names PATH (it used to name PATH's
+    grandparent, e.g. '/ is not a pirl run folder')."""
+    missing = tmp_path / "nonexistent"
+    assert cli.main(["eval", str(missing)]) == 2
+    assert f"pirl: error: {missing} does not exist" in capsys.readouterr().err
+    assert cli.main(["eval", str(tmp_path)]) == 2
+    assert f"pirl: error: {tmp_path} is not a pirl run folder" in capsys.readouterr().err
+    stray = tmp_path / "last.pt"
+    stray.write_bytes(b"")
+    assert cli.main(["eval", str(stray)]) == 2
+    err = capsys.readouterr().err
+    assert str(stray) in err and "is not a pirl run folder" in err

@@ -61,24 +61,28 @@ def cmd_eval(args) -> int:
     from pirl.config.loading import load_yaml
     from pirl.runners.checkpoint import CheckpointError, load_checkpoint, load_module_state
     from pirl.config.schema import TrainConfig
-    from pirl.runners.train import Run
+    from pirl.runners.train import Run, load_run_config
 
     for o in args.overrides:
         # only the evaluation's own settings: the model, env and sampler are the run's
         if not o.startswith("eval.") and not o.startswith("threads="):
             raise SystemExit(f"pirl eval: {o!r}: only eval.* and threads= can be overridden")
     target = Path(args.run)
+    if not target.exists():
+        raise CheckpointError(f"{target} does not exist (give a run folder or a checkpoint file)")
     run_dir = target if target.is_dir() else target.parent.parent
     ckpt = target if target.is_file() else run_dir / "checkpoints" / "last.pt"
     if not (run_dir / "config.yaml").exists():
-        raise CheckpointError(f"{run_dir} is not a pirl run folder (no config.yaml)")
+        # name what was given: for a checkpoint file, also the folder that lacks config.yaml
+        where = target if target.is_dir() else f"{target}'s run folder {run_dir}"
+        raise CheckpointError(f"{where} is not a pirl run folder (no config.yaml)")
     ov = []
     if args.episodes:
         ov.append(f"eval.episodes_per_task={args.episodes}")
     if args.splits:
         ov.append(f"eval.splits=[{','.join(args.splits)}]")
     ov += args.overrides
-    cfg = load_yaml(TrainConfig, run_dir / "config.yaml", ov)
+    cfg = load_run_config(run_dir, ov)
     out_dir = Path(args.out or run_dir / "eval")
     out_dir.mkdir(parents=True, exist_ok=True)
     r = Run(cfg, out_dir)  # logs and videos go to out_dir, not the run folder
@@ -134,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*",
                    help="eval.* overrides on the run's config, e.g. eval.num_steps=10")
     e.set_defaults(fn=cmd_eval)
-    d = sub.add_parser("demos", help="write scripted-expert (tabletop) or motion-planning "
-                                      "(maniskill) demos for SFT")
+    d = sub.add_parser("demos", help="write scripted-expert (tabletop, metaworld) or "
+                                      "motion-planning (maniskill) demos for SFT")
     d.add_argument("--env", default="tabletop")
     d.add_argument("--episodes", type=int, default=10, help="episodes per task")
     d.add_argument("--out", required=True)
@@ -145,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tabletop push: the expert's clearance beside the object (default 0.04)")
     d.add_argument("--kwarg", action="append", default=[], metavar="KEY=VALUE",
                    help="env keyword (YAML value), repeatable: e.g. image_size=32 (tabletop), "
-                        "obs_mode=state (maniskill/PushCube-v1: motion-planning demos)")
+                        "obs_mode=state (maniskill/PushCube-v1: motion-planning demos), "
+                        "tasks=[reach-v3,push-v3] (metaworld: scripted policies)")
     d.set_defaults(fn=cmd_demos)
     return p
 

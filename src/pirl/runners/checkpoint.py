@@ -3,13 +3,15 @@
 A checkpoint is one ``torch.save`` file holding a dict with ``format`` (:data:`FORMAT`), the run's
 config (as a dict), and whatever state the caller stores (model, sampler, optimizers, RNG states,
 counters).  A SHA-256 of the file is written beside it (``.sha256``) and checked on load, so a
-truncated or altered file is reported as corrupt instead of being half-loaded.
+truncated or altered file is reported as corrupt instead of being half-loaded; a file without
+its ``.sha256`` loads with a warning that its integrity cannot be checked.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if want != got:
             raise CheckpointError(f"checkpoint {path} is corrupt: SHA-256 {got[:12]}... does not "
                                   f"match the recorded {want[:12]}...")
+    else:
+        warnings.warn(f"checkpoint {path} has no {sha.name} beside it: its integrity cannot be "
+                      "checked", stacklevel=2)
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # truncated zip, not a torch file, ...
