@@ -12,7 +12,10 @@ def test_resume_passes_only_an_iteration_count_on(monkeypatch):
     monkeypatch.setattr("pirl.runners.train.run", lambda **kw: calls.append(kw) or {})
     assert cli.main(["train", "--resume", "R"]) == 0
     assert cli.main(["train", "--resume", "R", "rl.iterations=80"]) == 0
-    assert calls == [{"resume": "R", "iterations": None}, {"resume": "R", "iterations": 80}]
+    resumed = {"subcommand": "train", "preset": None}  # what the run folder records
+    assert calls == [{"resume": "R", "iterations": None, "command": {**resumed, "overrides": []}},
+                     {"resume": "R", "iterations": 80,
+                      "command": {**resumed, "overrides": ["rl.iterations=80"]}}]
     for bad in (["rl.ppo.lr_policy=1e-4"], ["rl.iterations=80", "seed=1"],
                 ["rl.iterations=80", "rl.iterations=90"], ["rl.iterations=8.5"]):
         with pytest.raises(SystemExit):

@@ -34,7 +34,8 @@ def cmd_train(args) -> int:
             if not value.isdigit():
                 raise SystemExit(f"pirl: rl.iterations must be a whole number, got {value!r}")
             iterations = int(value)
-        run(resume=args.resume, iterations=iterations)
+        run(resume=args.resume, iterations=iterations,
+            command={"subcommand": "train", "preset": None, "overrides": list(args.overrides)})
         return 0
     overrides = list(args.overrides)
     if args.cluster:
@@ -43,7 +44,7 @@ def cmd_train(args) -> int:
     if args.cluster and cfg.placement.mode == "local":
         print("pirl: --cluster given with placement.mode=local: using placement.mode=disaggregated")
         cfg.placement.mode = "disaggregated"
-    run(cfg)
+    run(cfg, command={"subcommand": "train", "preset": args.config, "overrides": overrides})
     return 0
 
 
@@ -51,7 +52,8 @@ def cmd_sft(args) -> int:
     from pirl.runners.train import resolve_config, run
 
     cfg = resolve_config(resolve_preset(args.config), list(args.overrides) + ["rl.iterations=0"])
-    run(cfg)
+    run(cfg, command={"subcommand": "sft", "preset": args.config,
+                      "overrides": list(args.overrides)})
     return 0
 
 

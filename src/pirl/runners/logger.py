@@ -38,6 +38,27 @@ class RunLogger:
             self.tb.close()
 
 
+def hardware_info() -> dict[str, Any]:
+    """What a run ran on, for its record (``invocations.jsonl``): CPU model, logical cores, torch's
+    intra-op threads, the GPU's name (None without CUDA) and the torch version."""
+    import os
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": gpu, "torch": torch.__version__}
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():

@@ -9,6 +9,7 @@ state and the counters; completed stages are skipped.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from pirl.config.loading import ConfigError, load_yaml, save_yaml, to_dict
 from pirl.runners.checkpoint import (CheckpointError, load_checkpoint, load_module_state,
                                      save_checkpoint)
 from pirl.config.schema import TrainConfig
-from pirl.runners.logger import RunLogger, plot_success
+from pirl.runners.logger import RunLogger, hardware_info, plot_success
 
 
 def _progress(iterable, enabled: bool, **kw):
@@ -346,14 +347,19 @@ def resolve_config(config: str | None, overrides: list[str]) -> TrainConfig:
 
 
 def run(cfg: TrainConfig | None = None, resume: str | Path | None = None,
-        iterations: int | None = None) -> dict[str, Any]:
+        iterations: int | None = None, command: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run (or resume) the whole recipe; return the results dict (per tag and split).
 
     ``iterations`` (with ``resume`` only) raises ``rl.iterations`` of the run folder, so that a
     finished (or unfinished) run continues to that many RL iterations; the config file is
     rewritten and the previous final evaluation is kept as ``rl_<iteration>``.  A decaying lr
     schedule then decays over the new total from where it stands (a constant one continues as
-    if the run had been planned that long)."""
+    if the run had been planned that long).
+
+    Each completed invocation appends a line to ``RUN/invocations.jsonl``: its wall-clock, the
+    hardware (:func:`pirl.runners.logger.hardware_info`), the process's command line (``argv``)
+    and ``command`` as the CLI gives it (``preset``: the --config given, ``overrides``), which
+    ``benchmarks/report.py`` puts in the README's results table."""
     if iterations is not None and resume is None:
         raise ConfigError("iterations= extends a resumed run; give rl.iterations in the config")
     if resume is not None:
@@ -394,7 +400,9 @@ def run(cfg: TrainConfig | None = None, resume: str | Path | None = None,
     # one line per completed invocation: a resumed run's wall-clock is their sum
     with open(run_dir / "invocations.jsonl", "a") as f:
         f.write(json.dumps({"started": started, "wall_s": wall, "stage": r.stage,
-                            "resumed": resume is not None}) + "\n")
+                            "resumed": resume is not None, "hardware": hardware_info(),
+                            "argv": [Path(sys.argv[0]).name] + sys.argv[1:],
+                            **(command or {})}) + "\n")
     print(f"run folder: {run_dir}  ({wall / 60:.1f} min this invocation)")
     return r.results
 
