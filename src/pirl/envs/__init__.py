@@ -9,7 +9,9 @@ the factory, which may read a variant from it:
 - ``"maniskill"`` (``"maniskill/PickCube-v1"``, ``"maniskill_multitask"`` ...):
   ``pirl.envs.maniskill:make_env`` (needs the ``maniskill`` extra);
 - ``"libero"`` (``"libero/libero_spatial"`` ...): ``pirl.envs.libero:make_env`` (needs the
-  ``libero`` extra).
+  ``libero`` extra);
+- ``"metaworld"`` (``"metaworld/mt10"``, ``"metaworld/pick-place-v3"`` ...; MT50 by default):
+  ``pirl.envs.metaworld:make_env`` (needs the ``metaworld`` extra).
 
 Entries are ``"module:function"`` strings imported on first use, so a missing simulator package
 only fails when that environment is requested.  Every factory is called as
@@ -30,6 +32,7 @@ ENV_REGISTRY: dict[str, str | Factory] = {
     "maniskill": "pirl.envs.maniskill:make_env",
     "maniskill_multitask": "pirl.envs.maniskill:make_env",
     "libero": "pirl.envs.libero:make_env",
+    "metaworld": "pirl.envs.metaworld:make_env",
 }
 
 

@@ -96,9 +96,12 @@ def generate_demos(env_name: str = "tabletop", episodes_per_task: int = 4,
     if base.startswith("maniskill"):
         return _maniskill_demos(env_name, episodes_per_task, Path(out_dir), seed, split,
                                 dict(env_kwargs or {}))
+    if base == "metaworld":
+        return _metaworld_demos(env_name, episodes_per_task, Path(out_dir), seed, split,
+                                dict(env_kwargs or {}))
     if base != "tabletop":
-        raise ValueError(f"scripted demos exist only for the 'tabletop' and 'maniskill' envs, "
-                         f"not {env_name!r}")
+        raise ValueError(f"scripted demos exist only for the 'tabletop', 'maniskill' and "
+                         f"'metaworld' envs, not {env_name!r}")
     from pirl.envs.tabletop import ScriptedExpert, TabletopEnv
     from pirl.envs.tabletop.expert import PUSH_CLEARANCE
 
@@ -171,6 +174,20 @@ def _maniskill_demos(env_name: str, episodes_per_task: int, out: Path, seed: int
     path, stats = generate_maniskill_demos(tasks, episodes_per_task, out, seed=seed, **kw)
     for t, st in stats.items():
         print(f"maniskill demos {t}: {st}")
+    return Path(path)
+
+
+def _metaworld_demos(env_name: str, episodes_per_task: int, out: Path, seed: int, split: str,
+                     env_kwargs: dict[str, Any]) -> Path:
+    """Meta-World scripted-policy demos (``generate_metaworld_demos``) recorded with the
+    training env's observation settings (``obs_mode``, ``image_size``, ``camera``) and time
+    limit.  Action noise does not apply: the scripted policies act as they are."""
+    from pirl.envs.metaworld import DEFAULT_MAX_STEPS, demo_tasks, generate_metaworld_demos
+
+    tasks = demo_tasks(env_name, env_kwargs, split)
+    kw = {k: env_kwargs[k] for k in ("obs_mode", "image_size", "camera") if k in env_kwargs}
+    kw["max_episode_steps"] = env_kwargs.get("max_episode_steps") or DEFAULT_MAX_STEPS
+    path, _ = generate_metaworld_demos(tasks, episodes_per_task, out, seed=seed, **kw)
     return Path(path)
 
 

@@ -1,0 +1,642 @@
+"""Meta-World (MT50, MT10, ML10 / ML45) behind pirl's batched env API, on MuJoCo on the CPU.
+
+``pip install 'pirl[metaworld]'`` (Meta-World 3.1.1: MuJoCo 3, Gymnasium 1.x; no second torch,
+no downloads; it installs into the core venv).
+
+Tasks and benchmarks (:func:`benchmark_tasks`): ``mt50`` (all 50 v3 tasks), ``mt10``,
+``ml10`` / ``ml45`` (``split="train"``: their training tasks; ``split="test"``: their held-out
+test tasks), or any list of v3 task names (``"pick-place-v3"`` ...).  Every task has a short
+imperative instruction (:data:`TASK_INSTRUCTIONS`).
+
+Slots: one MuJoCo env per slot (one env is ~25 MB and takes ~0.15 s to build, measured).  A
+slot builds a task's env the first time it runs it and keeps the ``max_cached`` most recently
+used ones (:data:`MAX_CACHED_TASKS`).  Env row ``i`` of the batch is served by some slot: at each
+:meth:`MetaWorldEnv.reset` the rows are matched to slots that already hold their task where
+possible (an episode depends only on its task and seed, not on the slot), so RL's random task
+draws rebuild few envs.  ``reset()`` without ``task_ids`` runs ``slot_tasks`` (default
+``i mod T``: ``num_envs`` a multiple of ``T`` spreads the tasks evenly).  Slots run in this
+process (``num_workers=0``) or split over ``num_workers`` worker processes, each stepping its
+slots in a loop (:class:`SlotGroup`).
+
+Observations: ``state [N, 39]`` float32 is Meta-World's own observation with the goal exposed
+(its "goal-observable" mode): hand xyz (3), gripper opening (1), up to two objects' xyz +
+quaternion (14, zero-padded), the same 18 values of the previous step (frame stacking), and the
+goal position xyz (3, the last three entries).  With ``obs_mode="rgb"`` also ``images
+[N, 1, 3, S, S]`` uint8 from one MuJoCo camera (``camera``, default ``corner``; rendered at
+``image_size`` with MuJoCo's offscreen renderer: EGL / OSMesa, see
+:func:`pirl.envs.libero.select_mujoco_gl`).  Actions ``[N, 4]`` in ``[-1, 1]``: end-effector
+delta xyz and gripper effort (``+1`` closes); an action of another shape is a ``ValueError``.
+
+Episodes: the initial state (object and goal positions: Meta-World's ``rand_vec``) is a function
+of (task, episode seed): the slot seeds the env's generator with the episode seed before every
+reset.  ``terminated`` = ``info["success"]`` (Meta-World never terminates by itself);
+``truncated`` = ``max_episode_steps`` (default :data:`DEFAULT_MAX_STEPS`; Meta-World's own limit
+is 500, which pirl lifts and counts itself).  Reward ``"sparse"``: 1 at the success step, else 0;
+``"dense"``: Meta-World's shaped reward divided by 10 (in ``[0, 1]``) per step.
+
+Episode seeds: training draws them from ``[0, HELDOUT_SEED_OFFSET)``; :func:`eval_episode_seeds`
+gives each task fixed evaluation seeds from ``[HELDOUT_SEED_OFFSET, 2 * HELDOUT_SEED_OFFSET)``
+(used by the scripted-policy table); ``split="test"`` of an MT benchmark draws from that
+held-out range.  (``pirl``'s evaluator passes its own fixed seeds, ``>= 10**9``, also disjoint.)
+
+Demos (:func:`generate_metaworld_demos`, or ``pirl demos --env metaworld``): Meta-World's
+bundled scripted policies (``metaworld.policies``), recorded in pirl's demo format
+(:mod:`pirl.envs.demos`), actions clipped to ``[-1, 1]`` as the env clips them.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from pirl.envs.base import Obs, Step
+from pirl.envs.libero import PoolBatchedEnv, SimulatorUnavailable, SubprocEnvPool
+
+METAWORLD_INSTALL = "pip install 'pirl[metaworld]'"
+#: Default time limit.  Meta-World's scripted policies succeed (10 fixed seeds per task,
+#: docs/benchmarks/metaworld.md) in 82.4% of MT50 episodes within 100 steps, 96.2% within 150,
+#: 97.0% within 200 and 97.0% within Meta-World's own 500; RLinf allows 100 policy steps.
+DEFAULT_MAX_STEPS = 200
+HELDOUT_SEED_OFFSET = 1_000_000
+#: Envs kept per slot (each ~25 MB of MuJoCo model and data); older ones are closed.
+MAX_CACHED_TASKS = 2
+ACTION_DIM = 4
+STATE_DIM = 39
+
+#: One short imperative instruction per v3 task (Meta-World's tasks carry no language).
+TASK_INSTRUCTIONS: dict[str, str] = {
+    "assembly-v3": "put the ring onto the peg",
+    "basketball-v3": "pick up the ball and dunk it into the basket",
+    "bin-picking-v3": "move the puck from one bin into the other bin",
+    "box-close-v3": "pick up the lid and close the box",
+    "button-press-topdown-v3": "press the button from the top",
+    "button-press-topdown-wall-v3": "press the button from the top behind the wall",
+    "button-press-v3": "press the button from the front",
+    "button-press-wall-v3": "press the button from the front behind the wall",
+    "coffee-button-v3": "press the button on the coffee machine",
+    "coffee-pull-v3": "pull the mug out from under the coffee machine",
+    "coffee-push-v3": "push the mug under the coffee machine",
+    "dial-turn-v3": "turn the dial",
+    "disassemble-v3": "pick the ring up off the peg",
+    "door-close-v3": "close the door",
+    "door-lock-v3": "turn the lock to lock the door",
+    "door-open-v3": "open the door",
+    "door-unlock-v3": "turn the lock to unlock the door",
+    "hand-insert-v3": "insert the gripper into the hole",
+    "drawer-close-v3": "push the drawer closed",
+    "drawer-open-v3": "pull the drawer open",
+    "faucet-open-v3": "turn the faucet handle to open it",
+    "faucet-close-v3": "turn the faucet handle to close it",
+    "hammer-v3": "hammer the nail into the wall",
+    "handle-press-side-v3": "press the handle down from the side",
+    "handle-press-v3": "press the handle down",
+    "handle-pull-side-v3": "pull the handle up from the side",
+    "handle-pull-v3": "pull the handle up",
+    "lever-pull-v3": "pull the lever up",
+    "pick-place-wall-v3": "pick up the puck and place it at the goal behind the wall",
+    "pick-out-of-hole-v3": "pick the peg out of the hole",
+    "pick-place-v3": "pick up the puck and place it at the goal",
+    "plate-slide-v3": "slide the plate into the goal",
+    "plate-slide-side-v3": "slide the plate sideways into the goal",
+    "plate-slide-back-v3": "slide the plate back out of the goal",
+    "plate-slide-back-side-v3": "slide the plate sideways back out of the goal",
+    "peg-insert-side-v3": "insert the peg into the hole from the side",
+    "peg-unplug-side-v3": "unplug the peg from the side",
+    "soccer-v3": "kick the ball into the goal",
+    "stick-push-v3": "grab the stick and use it to push the bottle",
+    "stick-pull-v3": "grab the stick and use it to pull the bottle",
+    "push-v3": "push the puck to the goal",
+    "push-wall-v3": "push the puck around the wall to the goal",
+    "push-back-v3": "pull the puck back to the goal",
+    "reach-v3": "reach the goal position",
+    "reach-wall-v3": "reach over the wall to the goal position",
+    "shelf-place-v3": "pick up the puck and place it on the shelf",
+    "sweep-into-v3": "sweep the puck into the hole",
+    "sweep-v3": "sweep the puck off the table",
+    "window-open-v3": "slide the window open",
+    "window-close-v3": "slide the window closed",
+}
+#: MT50 in Meta-World's own order.
+MT50_TASKS: tuple[str, ...] = tuple(TASK_INSTRUCTIONS)
+
+
+# --------------------------------------------------------------------------------------------
+# Availability, tasks
+# --------------------------------------------------------------------------------------------
+
+def require_metaworld() -> None:
+    """Raise :class:`SimulatorUnavailable` naming the install command if Meta-World is missing."""
+    missing = [m for m in ("metaworld", "mujoco", "gymnasium")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SimulatorUnavailable(
+            f"Meta-World is not installed (missing Python packages: {', '.join(missing)}). "
+            f"Install it with: {METAWORLD_INSTALL}")
+
+
+def check_tasks(tasks: Sequence[str]) -> list[str]:
+    """``tasks`` as a list; a name that is not a Meta-World v3 task is a ``ValueError`` naming
+    it (and the closest names)."""
+    import difflib
+
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    if not tasks:
+        raise ValueError("tasks: empty task list")
+    for t in tasks:
+        if t not in TASK_INSTRUCTIONS:
+            close = difflib.get_close_matches(t, list(TASK_INSTRUCTIONS), n=3)
+            raise ValueError(f"unknown Meta-World task {t!r}"
+                             + (f" (did you mean {', '.join(close)}?)" if close else "")
+                             + "; tasks are the 50 MT50 v3 names, e.g. 'pick-place-v3'")
+    return tasks
+
+
+def benchmark_tasks(benchmark: str = "mt50", split: str = "train") -> list[str]:
+    """Task names of a Meta-World benchmark: ``mt50``, ``mt10``, ``ml10`` / ``ml45`` (``split``
+    ``train``: their training tasks, ``test``: their held-out tasks), or one v3 task name."""
+    b = benchmark.lower()
+    if b == "mt50":
+        return list(MT50_TASKS)
+    if b in ("mt10", "ml10", "ml45"):
+        require_metaworld()
+        from metaworld import env_dict as D
+
+        if b == "mt10":
+            return list(D.MT10_V3)
+        if split not in ("train", "test"):
+            raise ValueError(f"split: {b} has 'train' and 'test' task sets, not {split!r}")
+        return list((D.ML10_V3 if b == "ml10" else D.ML45_V3)[split])
+    return check_tasks([benchmark])
+
+
+def eval_episode_seeds(task_index: int, n: int) -> list[int]:
+    """``n`` fixed evaluation episode seeds of task ``task_index`` (held-out range: disjoint
+    from training draws and from the other tasks' evaluation seeds)."""
+    return [HELDOUT_SEED_OFFSET + 1000 * int(task_index) + j for j in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# One slot: one MuJoCo env at a time (cached per task)
+# --------------------------------------------------------------------------------------------
+
+def _build_env(task: str, render: bool, camera: str, image_size: int):
+    """Meta-World's env class for ``task`` in goal-observable mode, its generator seeded per
+    episode (``seeded_rand_vec``) and no internal time limit."""
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+    kw: dict[str, Any] = {}
+    if render:
+        kw = dict(render_mode="rgb_array", camera_name=camera, width=image_size,
+                  height=image_size)
+    env = ALL_V3_ENVIRONMENTS[task](**kw)
+    # what Meta-World's own goal-observable classes do, with the goal re-drawn every reset from
+    # the env's generator (which the slot seeds with the episode seed)
+    env._partially_observable = False
+    env._freeze_rand_vec = False
+    env.seeded_rand_vec = True
+    env._set_task_called = True
+    del env.sawyer_observation_space  # cached property: recomputed with the goal visible
+    env.max_path_length = 2**62  # pirl counts the time limit itself
+    return env
+
+
+class MetaWorldSlot:
+    """One env slot (slot protocol of :class:`pirl.envs.libero.PoolBatchedEnv`):
+    ``reset(task_index, init_index, seed) -> obs`` and ``step(action) -> (obs, reward, success)``
+    with numpy values (``state [39]`` float32, ``images [1, 3, S, S]`` uint8 in ``rgb`` mode)."""
+
+    def __init__(self, tasks: Sequence[str], obs_mode: str = "state", image_size: int = 64,
+                 camera: str = "corner", reward_mode: str = "sparse",
+                 max_cached: int = MAX_CACHED_TASKS):
+        self.tasks = list(tasks)
+        self.obs_mode = obs_mode
+        self.image_size = image_size
+        self.camera = camera
+        self.reward_mode = reward_mode
+        self.max_cached = max(1, int(max_cached))
+        self.envs: dict[int, Any] = {}  # insertion order = least recently used first
+        self.current: int | None = None
+
+    def env(self, task_index: int):
+        if task_index in self.envs:
+            self.envs[task_index] = self.envs.pop(task_index)  # most recently used
+        else:
+            while len(self.envs) >= self.max_cached:
+                old = next(iter(self.envs))
+                self.envs.pop(old).close()
+            self.envs[task_index] = _build_env(self.tasks[task_index], self.obs_mode == "rgb",
+                                               self.camera, self.image_size)
+        return self.envs[task_index]
+
+    def _format(self, state: np.ndarray) -> dict[str, np.ndarray]:
+        out = {"state": np.asarray(state, dtype=np.float32)}
+        if self.obs_mode == "rgb":
+            img = self.envs[self.current].render()  # [S, S, 3] uint8
+            out["images"] = np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))[None]
+        return out
+
+    def reset(self, task_index: int, init_index: int, seed: int) -> dict[str, np.ndarray]:
+        del init_index  # the initial state is drawn from the seed
+        env = self.env(int(task_index))
+        self.current = int(task_index)
+        env.seed(int(seed))
+        state, _ = env.reset()
+        return self._format(state)
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool]:
+        a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), -1.0, 1.0)
+        state, reward, _, _, info = self.envs[self.current].step(a)
+        success = bool(info["success"])
+        r = float(success) if self.reward_mode == "sparse" else float(reward) / 10.0
+        return self._format(state), r, success
+
+    def close(self) -> None:
+        for e in self.envs.values():
+            e.close()
+        self.envs.clear()
+
+
+class SlotGroup:
+    """Several :class:`MetaWorldSlot` in one process: ``call(method, items)`` runs
+    ``slot[j].method(*args)`` for each ``(j, args)`` of ``items`` in a loop."""
+
+    def __init__(self, num_slots: int, **slot_kw: Any):
+        self.slots = [MetaWorldSlot(**slot_kw) for _ in range(num_slots)]
+
+    def call(self, method: str, items: Sequence[tuple[int, tuple]]) -> list[Any]:
+        return [getattr(self.slots[j], method)(*a) for j, a in items]
+
+    def close(self) -> None:
+        for s in self.slots:
+            s.close()
+
+
+class GroupedSlotPool:
+    """The ``call`` / ``size`` / ``close`` interface of :class:`SubprocEnvPool` over
+    ``num_slots`` slots held by ``num_workers`` :class:`SlotGroup` s (contiguous blocks).
+    ``num_workers=0``: one group in this process.  A call sends one message per worker (its
+    slots' arguments together), so the workers step their blocks in parallel."""
+
+    def __init__(self, num_slots: int, num_workers: int, env_vars: dict[str, str] | None = None,
+                 **slot_kw: Any):
+        self.size = num_slots
+        parts = max(1, min(num_workers, num_slots))
+        blocks = np.array_split(np.arange(num_slots), parts)
+        self.owner = np.concatenate([np.full(len(b), w) for w, b in enumerate(blocks)])
+        self.local = np.concatenate([np.arange(len(b)) for b in blocks])
+        factories = [functools.partial(SlotGroup, len(b), **slot_kw) for b in blocks]
+        self.pool = SubprocEnvPool(factories, in_process=num_workers == 0, env_vars=env_vars)
+        #: which slot serves each row (``call``'s indices are rows); set by the env at reset
+        self.slot_of_row = np.arange(num_slots)
+
+    def call(self, method: str, args: Sequence[tuple] | None = None,
+             indices: Sequence[int] | None = None) -> list[Any]:
+        rows = range(self.size) if indices is None else indices
+        idx = [int(self.slot_of_row[int(i)]) for i in rows]
+        args = [()] * len(idx) if args is None else list(args)
+        per_worker: dict[int, list[tuple[int, tuple]]] = {}
+        where: dict[int, list[int]] = {}
+        for k, (i, a) in enumerate(zip(idx, args)):
+            w = int(self.owner[i])
+            per_worker.setdefault(w, []).append((int(self.local[i]), tuple(a)))
+            where.setdefault(w, []).append(k)
+        workers = sorted(per_worker)
+        outs = self.pool.call("call", args=[(method, per_worker[w]) for w in workers],
+                              indices=workers)
+        result: list[Any] = [None] * len(idx)
+        for w, out in zip(workers, outs):
+            for k, o in zip(where[w], out):
+                result[k] = o
+        return result
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The batched env
+# --------------------------------------------------------------------------------------------
+
+class MetaWorldEnv(PoolBatchedEnv):
+    """``num_envs`` Meta-World env slots (see module docstring).
+
+    tasks: a benchmark name (``mt50``, ``mt10``, ``ml10``, ``ml45``; with ``split``) or a list of
+    v3 task names; slot_tasks: ``[N]`` task index of each slot (default ``i mod T``);
+    obs_mode: ``"state"`` or ``"rgb"`` (also one camera image ``image_size`` px from ``camera``);
+    reward_mode: ``"sparse"`` or ``"dense"``; max_episode_steps: default
+    :data:`DEFAULT_MAX_STEPS`; num_workers: 0 = slots in this process, else that many worker
+    processes; seed_range: training episode seeds (default by split, see module docstring).
+    """
+
+    def __init__(self, tasks: str | Sequence[str] = "mt50", num_envs: int = 50,
+                 split: str = "train", slot_tasks: Sequence[int] | None = None,
+                 obs_mode: str = "state", image_size: int = 64, camera: str = "corner",
+                 reward_mode: str = "sparse", max_episode_steps: int | None = None,
+                 auto_reset: bool = False, num_workers: int = 0,
+                 seed_range: tuple[int, int] | None = None, mujoco_gl: str | None = None,
+                 max_cached: int = MAX_CACHED_TASKS):
+        require_metaworld()
+        if split not in ("train", "test"):
+            raise ValueError(f"split: must be 'train' or 'test', got {split!r}")
+        if obs_mode not in ("state", "rgb"):
+            raise ValueError(f"obs_mode: must be 'state' or 'rgb', got {obs_mode!r}")
+        if reward_mode not in ("sparse", "dense"):
+            raise ValueError(f"reward_mode: must be 'sparse' or 'dense', got {reward_mode!r}")
+        if num_envs < 1:
+            raise ValueError(f"num_envs: must be >= 1, got {num_envs}")
+        if isinstance(tasks, str):
+            is_bench = tasks.lower() in ("mt50", "mt10", "ml10", "ml45")
+            task_list = benchmark_tasks(tasks, split) if is_bench else check_tasks([tasks])
+            mt_like = not (is_bench and tasks.lower() in ("ml10", "ml45"))
+        else:
+            task_list, mt_like = check_tasks(tasks), True
+        self.tasks = task_list
+        self.split = split
+        self.obs_mode = obs_mode
+        self.image_size = image_size
+        self.camera = camera
+        if seed_range is None:
+            # MT test split: held-out initial states of the training tasks; ML test: new tasks
+            held = split == "test" and mt_like
+            seed_range = ((HELDOUT_SEED_OFFSET, 2 * HELDOUT_SEED_OFFSET) if held
+                          else (0, HELDOUT_SEED_OFFSET))
+        if slot_tasks is None:
+            slot_tasks = [i % len(task_list) for i in range(num_envs)]
+        self.slot_tasks = torch.as_tensor(list(slot_tasks), dtype=torch.long)
+        if self.slot_tasks.shape != (num_envs,) or int(self.slot_tasks.max()) >= len(task_list):
+            raise ValueError(f"slot_tasks: need {num_envs} task indices < {len(task_list)}")
+        env_vars = None
+        if obs_mode == "rgb":
+            from pirl.envs.libero import select_mujoco_gl
+
+            gl = select_mujoco_gl(mujoco_gl)
+            env_vars = {"MUJOCO_GL": gl, "PYOPENGL_PLATFORM": gl}
+            if num_workers == 0:
+                os.environ.setdefault("MUJOCO_GL", gl)
+                os.environ.setdefault("PYOPENGL_PLATFORM", gl)
+        pool = GroupedSlotPool(num_envs, num_workers, env_vars=env_vars, tasks=task_list,
+                               obs_mode=obs_mode, image_size=image_size, camera=camera,
+                               reward_mode=reward_mode, max_cached=max_cached)
+        self.max_cached = max(1, int(max_cached))
+        #: mirror of each slot's env cache (task indices, least recently used first)
+        self._slot_cache: list[list[int]] = [[] for _ in range(num_envs)]
+        self.env_builds = 0  # envs built so far (cache misses), for diagnostics
+        self.num_workers = num_workers
+        self.num_cameras = 1 if obs_mode == "rgb" else 0
+        super().__init__(pool, task_names=task_list,
+                         instructions=[TASK_INSTRUCTIONS[t] for t in task_list],
+                         action_dim=ACTION_DIM, state_dim=STATE_DIM,
+                         max_episode_steps=int(max_episode_steps or DEFAULT_MAX_STEPS),
+                         auto_reset=auto_reset, seed_space=1, seed_range=seed_range)
+
+    def vocabulary(self) -> list[str]:
+        """Every word of every Meta-World instruction (sorted), so the tiny VLA's tokenizer
+        covers all 50 tasks whichever subset this env runs."""
+        return sorted({w for s in TASK_INSTRUCTIONS.values() for w in s.split()})
+
+    def reset(self, seed: int | None = None, task_ids: torch.Tensor | None = None,
+              episode_seeds: torch.Tensor | None = None) -> Obs:
+        """Reset all slots; defaults: every slot its own task (:attr:`slot_tasks`), episode
+        seeds drawn from ``seed`` in :attr:`seed_range`."""
+        rng = np.random.default_rng(seed)
+        if task_ids is None:
+            task_ids = self.slot_tasks
+        if episode_seeds is None:
+            episode_seeds = torch.from_numpy(rng.integers(*self.seed_range, self.num_envs))
+        task_ids = torch.as_tensor(task_ids, dtype=torch.long)
+        if task_ids.shape == (self.num_envs,):
+            self._assign_slots(task_ids.tolist())
+        obs = super().reset(seed=seed, task_ids=task_ids, episode_seeds=episode_seeds)
+        self._rng = rng
+        return obs
+
+    def _assign_slots(self, tasks: list[int]) -> None:
+        """Match rows to slots: first to a free slot whose current env is the row's task, then
+        to one that caches it, then to any free slot (least useful first); update the cache
+        mirror as the slots will update theirs."""
+        if min(tasks) < 0 or max(tasks) >= len(self.tasks):
+            raise ValueError(f"task_ids: must be in [0, {len(self.tasks)}), got {tasks}")
+        n = self.num_envs
+        slot_of_row = [-1] * n
+        free = set(range(n))
+        cache = self._slot_cache
+        for level in ("current", "cached"):
+            for i, t in enumerate(tasks):
+                if slot_of_row[i] >= 0:
+                    continue
+                hit = next((j for j in sorted(free) if cache[j] and (
+                    cache[j][-1] == t if level == "current" else t in cache[j])), None)
+                if hit is not None:
+                    slot_of_row[i] = hit
+                    free.discard(hit)
+        needed = set(tasks)
+        for i, t in enumerate(tasks):
+            if slot_of_row[i] < 0:  # a slot whose cached tasks this reset needs least
+                j = min(sorted(free), key=lambda j: sum(c in needed for c in cache[j]))
+                slot_of_row[i] = j
+                free.discard(j)
+        for i, t in enumerate(tasks):
+            c = cache[slot_of_row[i]]
+            if t in c:
+                c.remove(t)
+            else:
+                self.env_builds += 1
+                if len(c) >= self.max_cached:
+                    c.pop(0)
+            c.append(t)
+        self.pool.slot_of_row = np.array(slot_of_row)
+
+    def step(self, action: torch.Tensor) -> Step:
+        """``action [N, 4]`` (delta xyz, gripper) in ``[-1, 1]`` (clipped)."""
+        shape = tuple(action.shape)
+        if shape != (self.num_envs, ACTION_DIM):
+            raise ValueError(f"action: Meta-World takes actions of shape [num_envs, 4] = "
+                             f"[{self.num_envs}, 4] (delta xyz, gripper), got {list(shape)}")
+        return super().step(action)
+
+    def render(self) -> torch.Tensor:
+        """Camera frames ``[N, 3, S, S]`` uint8 (``obs_mode="rgb"`` only)."""
+        if self.obs_mode != "rgb":
+            raise RuntimeError("render(): this Meta-World env has obs_mode='state'; build it "
+                               "with obs_mode='rgb' for frames and videos")
+        return super().render()
+
+
+def make_env(name: str = "metaworld", num_envs: int = 50, **kw) -> MetaWorldEnv:
+    """Registry entry.  ``name``: ``"metaworld"`` (MT50 unless ``tasks=`` is given),
+    ``"metaworld/<benchmark>"`` (``mt50``, ``mt10``, ``ml10``, ``ml45``) or
+    ``"metaworld/<task>"`` (``metaworld/pick-place-v3``).  ``device`` (what ``pirl train``
+    passes every env) is accepted and ignored: observations come back on the CPU.  Other
+    keywords go to :class:`MetaWorldEnv`."""
+    kw.pop("device", None)
+    _, _, rest = name.replace(":", "/").partition("/")
+    tasks = kw.pop("tasks", rest or "mt50")
+    return MetaWorldEnv(tasks, num_envs, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Scripted policies: success table and demos
+# --------------------------------------------------------------------------------------------
+
+def scripted_policy(task: str):
+    """Meta-World's bundled scripted policy for ``task`` (class names do not always follow the
+    task names, e.g. ``peg-insert-side-v3`` -> ``SawyerPegInsertionSideV3Policy``)."""
+    require_metaworld()
+    from metaworld.policies import ENV_POLICY_MAP
+
+    if task not in ENV_POLICY_MAP:
+        raise ValueError(f"no scripted policy for Meta-World task {task!r}: demos need one "
+                         f"(metaworld.policies has {len(ENV_POLICY_MAP)}, e.g. "
+                         f"{sorted(ENV_POLICY_MAP)[:3]})")
+    return ENV_POLICY_MAP[task]()
+
+
+def run_scripted(task: str, seeds: Sequence[int], max_episode_steps: int = DEFAULT_MAX_STEPS,
+                 obs_mode: str = "state", image_size: int = 64, camera: str = "corner",
+                 ) -> list[dict[str, Any]]:
+    """Run ``task``'s scripted policy once per episode seed on a :class:`MetaWorldSlot`
+    (the env pirl trains on).  Returns one dict per episode: ``seed``, ``success``, ``length``
+    (steps until success, or the limit), ``state [T, 39]``, ``actions [T, 4]`` (clipped),
+    ``images [T, 1, 3, S, S]`` in ``rgb`` mode.  Frame t is the observation before action t; an
+    episode stops at its first success step."""
+    import warnings
+
+    policy = scripted_policy(check_tasks([task])[0])
+    slot = MetaWorldSlot([task], obs_mode=obs_mode, image_size=image_size, camera=camera)
+    out = []
+    try:
+        for s in seeds:
+            o = slot.reset(0, 0, int(s))
+            states, actions, images = [], [], []
+            ok = False
+            full = o["state"].astype(np.float64)
+            for _ in range(max_episode_steps):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # "Constant(s) may be too high"
+                    a = np.clip(policy.get_action(full), -1.0, 1.0).astype(np.float32)
+                states.append(o["state"])
+                actions.append(a)
+                if "images" in o:
+                    images.append(o["images"])
+                o, _, ok = slot.step(a)
+                full = o["state"].astype(np.float64)
+                if ok:
+                    break
+            ep = {"seed": int(s), "success": bool(ok), "length": len(actions),
+                  "state": np.stack(states), "actions": np.stack(actions)}
+            if images:
+                ep["images"] = np.stack(images)
+            out.append(ep)
+    finally:
+        slot.close()
+    return out
+
+
+def scripted_success_table(tasks: Sequence[str] = MT50_TASKS, episodes: int = 10,
+                           max_episode_steps: int = DEFAULT_MAX_STEPS,
+                           limits: Sequence[int] = ()) -> list[dict[str, Any]]:
+    """Success of every task's scripted policy over ``episodes`` fixed evaluation seeds
+    (:func:`eval_episode_seeds`) with a ``max_episode_steps`` time limit.  Rows: ``task``,
+    ``success`` (rate), ``mean_len`` / ``max_len`` (steps of the successful episodes), and
+    ``success@L`` for each extra limit ``L`` of ``limits`` (<= ``max_episode_steps``)."""
+    rows = []
+    for i, t in enumerate(check_tasks(list(tasks))):
+        eps = run_scripted(t, eval_episode_seeds(MT50_TASKS.index(t), episodes),
+                           max_episode_steps=max_episode_steps)
+        lens = [e["length"] for e in eps if e["success"]]
+        row = {"task": t, "success": float(np.mean([e["success"] for e in eps])),
+               "mean_len": float(np.mean(lens)) if lens else float("nan"),
+               "max_len": int(max(lens)) if lens else 0}
+        for lim in limits:
+            row[f"success@{lim}"] = float(np.mean([e["success"] and e["length"] <= lim
+                                                   for e in eps]))
+        rows.append(row)
+    return rows
+
+
+def demo_tasks(env_name: str = "metaworld", env_kwargs: dict[str, Any] | None = None,
+               split: str = "train") -> list[str]:
+    """The task list a ``metaworld*`` env of :func:`pirl.envs.make_env` runs (demo
+    ``task_index`` values index it), without building the env."""
+    kw = env_kwargs or {}
+    _, _, rest = env_name.replace(":", "/").partition("/")
+    tasks = kw.get("tasks", rest or "mt50")
+    split = kw.get("split", split)
+    if isinstance(tasks, str):
+        if tasks.lower() in ("mt50", "mt10", "ml10", "ml45"):
+            return benchmark_tasks(tasks, split)
+        return check_tasks([tasks])
+    return check_tasks(tasks)
+
+
+def generate_metaworld_demos(tasks: str | Sequence[str] = "mt50", episodes_per_task: int = 5,
+                             out_dir: str | os.PathLike = "demos", seed: int = 0,
+                             max_episode_steps: int = DEFAULT_MAX_STEPS,
+                             obs_mode: str = "state", image_size: int = 64,
+                             camera: str = "corner", max_attempts: int | None = None,
+                             verbose: bool = True) -> tuple[Path, dict[str, dict[str, float]]]:
+    """Scripted-policy demos (successful episodes only) for every task, written in pirl's demo
+    format (:mod:`pirl.envs.demos`).  Episode seeds ``seed * 10_000 + j`` (``j = 0, 1, ...``,
+    training range) until ``episodes_per_task`` succeed or ``max_attempts`` (default
+    ``3 * episodes_per_task``) were tried; a task that gets none is a ``RuntimeError`` naming
+    it.  Returns ``(out_dir, stats per task)``: ``attempts``, ``success`` (rate over the
+    attempts), ``mean_len``, ``seconds``."""
+    from types import SimpleNamespace
+
+    from pirl.envs.demo_writer import write_demo_folder
+
+    if isinstance(tasks, str):
+        tasks = (benchmark_tasks(tasks) if tasks.lower() in ("mt50", "mt10", "ml10", "ml45")
+                 else [tasks])
+    tasks = check_tasks(tasks)
+    for t in tasks:  # fail before recording anything
+        scripted_policy(t)
+    max_attempts = max_attempts or 3 * episodes_per_task
+    rows, stats = [], {}
+    for ti, t in enumerate(tasks):
+        t0 = time.perf_counter()
+        got, attempts, lengths = 0, 0, []
+        base = seed * 10_000
+        while got < episodes_per_task and attempts < max_attempts:
+            batch = list(range(base + attempts,
+                               base + min(max_attempts, attempts + episodes_per_task - got)))
+            attempts += len(batch)
+            for e in run_scripted(t, batch, max_episode_steps, obs_mode, image_size, camera):
+                if not e["success"] or got >= episodes_per_task:
+                    continue
+                got += 1
+                n = e["length"]
+                lengths.append(n)
+                reward = torch.zeros(n)
+                reward[-1] = 1.0
+                ep = {"task_index": ti, "episode_seed": e["seed"], "success": True,
+                      "length": n, "state": torch.from_numpy(e["state"]),
+                      "action": torch.from_numpy(e["actions"]), "reward": reward}
+                if "images" in e:
+                    ep["images"] = torch.from_numpy(e["images"])
+                rows.append(ep)
+        stats[t] = {"attempts": attempts, "success": got / max(attempts, 1),
+                    "mean_len": float(np.mean(lengths)) if lengths else 0.0,
+                    "seconds": time.perf_counter() - t0}
+        if verbose:
+            print(f"metaworld demos {t}: {got}/{attempts} successful, "
+                  f"mean len {stats[t]['mean_len']:.0f}", flush=True)
+        if got == 0:
+            raise RuntimeError(f"Meta-World task {t!r}: its scripted policy succeeded in none of "
+                               f"{attempts} episodes within {max_episode_steps} steps; raise "
+                               "max_episode_steps or leave the task out")
+    env_like = SimpleNamespace(state_dim=STATE_DIM, action_dim=ACTION_DIM, tasks=tasks,
+                               task_names=tasks,
+                               instructions=[TASK_INSTRUCTIONS[t] for t in tasks],
+                               max_episode_steps=max_episode_steps)
+    meta = dict(env_name="metaworld", tasks=tasks, seed=seed,
+                episodes_per_task=episodes_per_task, obs_mode=obs_mode,
+                source="metaworld scripted policies")
+    return write_demo_folder(Path(out_dir), env_like, rows, meta), stats

@@ -1,0 +1,224 @@
+"""Meta-World adapter tests.
+
+They need the ``metaworld`` extra, which CI installs into the core venv (.ci/run), so they run in
+the default suite (skipped, with the reason, where it is missing): reset / step / success flag /
+determinism on real MuJoCo envs, the scripted-policy demos written in pirl's format and replayed
+through the batched env, the process pool, image observations where a headless GL library
+exists, and the bad-input errors.  A few seconds in all.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from pirl.envs import metaworld as M
+from pirl.envs.libero import SimulatorUnavailable
+
+HAVE_MW = importlib.util.find_spec("metaworld") is not None
+needs_mw = pytest.mark.skipif(not HAVE_MW, reason="needs the metaworld extra: "
+                                                  "pip install 'pirl[metaworld]'")
+HAVE_GL = ctypes.util.find_library("EGL") or ctypes.util.find_library("OSMesa")
+
+
+# ----------------------------------------------------------------------------- no simulator
+
+def test_task_table_and_unknown_task():
+    assert len(M.MT50_TASKS) == 50 and len(set(M.TASK_INSTRUCTIONS.values())) == 50
+    with pytest.raises(ValueError, match=r"unknown Meta-World task 'pick-plcae-v3'.*pick-place-v3"):
+        M.check_tasks(["reach-v3", "pick-plcae-v3"])
+    with pytest.raises(ValueError, match="unknown Meta-World task 'reach-v2'"):
+        M.make_env("metaworld/reach-v2", 1)
+    seeds = [M.eval_episode_seeds(i, 10) for i in range(50)]
+    flat = sum(seeds, [])
+    assert len(set(flat)) == 500 and min(flat) >= M.HELDOUT_SEED_OFFSET
+
+
+def test_missing_metaworld_names_install_command(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(SimulatorUnavailable, match=r"pip install 'pirl\[metaworld\]'"):
+        M.MetaWorldEnv(["reach-v3"], 1)
+
+
+# ----------------------------------------------------------------------------- real envs
+
+@needs_mw
+def test_task_names_match_metaworld():
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS, MT10_V3
+    from metaworld.policies import ENV_POLICY_MAP
+
+    assert list(M.MT50_TASKS) == list(ALL_V3_ENVIRONMENTS)
+    assert set(M.MT50_TASKS) == set(ENV_POLICY_MAP)
+    assert M.benchmark_tasks("mt10") == list(MT10_V3)
+    train, test = M.benchmark_tasks("ml10", "train"), M.benchmark_tasks("ml10", "test")
+    assert len(train) == 10 and len(test) == 5 and not set(train) & set(test)
+    assert M.demo_tasks("metaworld/ml45", split="test") == M.benchmark_tasks("ml45", "test")
+
+
+@needs_mw
+def test_reset_step_shapes_determinism_and_goal():
+    from pirl.envs import make_env
+
+    env = make_env("metaworld", 3, tasks=["reach-v3", "push-v3"], device="cpu")
+    assert env.task_names == ["reach-v3", "push-v3"] and env.slot_tasks.tolist() == [0, 1, 0]
+    o1 = env.reset(episode_seeds=torch.tensor([5, 5, 6]))
+    assert o1["state"].shape == (3, 39) and o1["state"].dtype == torch.float32
+    assert "images" not in o1 and o1["task_id"].tolist() == [0, 1, 0]
+    assert o1["instruction"][1] == M.TASK_INSTRUCTIONS["push-v3"]
+    o2 = env.reset(episode_seeds=torch.tensor([5, 7, 7]))
+    # same task + seed => same initial state (goal included); another seed moves the goal
+    assert torch.equal(o1["state"][0], o2["state"][0])
+    assert not torch.allclose(o1["state"][1, 36:], o2["state"][1, 36:])
+    assert not torch.allclose(o1["state"][2, 36:], o2["state"][2, 36:])
+    assert all(w in env.vocabulary() for s in M.TASK_INSTRUCTIONS.values() for w in s.split())
+    step = env.step(torch.zeros(3, 4))
+    assert step.reward.shape == (3,) and not step.done.any()
+    assert step.info["success"].dtype == torch.bool
+    env.close()
+
+
+@needs_mw
+def test_wrong_action_shape_names_the_shape():
+    env = M.MetaWorldEnv(["reach-v3"], 2)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"action: .*\[2, 4\].*got \[2, 7\]"):
+        env.step(torch.zeros(2, 7))
+    with pytest.raises(ValueError, match=r"got \[4\]"):
+        env.step(torch.zeros(4))
+    env.close()
+
+
+@needs_mw
+def test_success_flag_terminates_with_sparse_reward_and_time_limit():
+    seed = 3
+    ep = M.run_scripted("reach-v3", [seed])[0]
+    assert ep["success"] and ep["length"] < M.DEFAULT_MAX_STEPS
+    env = M.MetaWorldEnv(["reach-v3"], 2, max_episode_steps=ep["length"] + 5)
+    env.reset(episode_seeds=torch.tensor([seed, seed]))
+    acts = torch.from_numpy(ep["actions"])
+    for t in range(ep["length"]):
+        # env 0 replays the scripted actions, env 1 holds still
+        out = env.step(torch.stack([acts[t], torch.zeros(4)]))
+        if t < ep["length"] - 1:
+            assert not out.info["success"][0] and out.reward[0] == 0
+    assert out.info["success"][0] and out.terminated[0] and out.reward[0] == 1.0
+    assert not out.done[1]
+    for _ in range(5):
+        out = env.step(torch.zeros(2, 4))
+    assert out.truncated[1] and not out.terminated[1] and out.terminated[0]
+    env.close()
+
+
+@needs_mw
+def test_scripted_demos_written_and_replayed(tmp_path):
+    from pirl.envs.demos import generate_demos, load_demos
+
+    tasks = ["reach-v3", "button-press-v3"]
+    out = generate_demos("metaworld", episodes_per_task=2, out_dir=tmp_path / "d", seed=1,
+                         env_kwargs={"tasks": tasks, "max_episode_steps": 150})
+    ds = load_demos(out)
+    assert ds.task_names == tasks and ds.num_episodes == 4 and bool(ds.ep_success.all())
+    assert ds.episodes_per_task() == {0: 2, 1: 2}
+    assert ds.state.shape[1] == 39 and ds.actions.shape[1] == 4
+    assert float(ds.actions.abs().max()) <= 1.0
+    assert ds.info["max_episode_steps"] == 150
+    # replay every demo's actions through the batched env from its episode seed
+    n = ds.num_episodes
+    env = M.MetaWorldEnv(tasks, n, slot_tasks=ds.ep_task.tolist(), max_episode_steps=150)
+    obs = env.reset(task_ids=ds.ep_task, episode_seeds=ds.ep_seed)
+    succ = torch.zeros(n, dtype=torch.bool)
+    for t in range(int(ds.ep_length.max())):
+        act = torch.zeros(n, 4)
+        for e in range(n):
+            if t < ds.ep_length[e]:
+                f = int(ds.ep_start[e]) + t
+                act[e] = ds.actions[f]
+                assert torch.allclose(obs["state"][e], ds.state[f], atol=1e-5)
+        out = env.step(act)
+        obs = out.obs
+        succ |= out.info["success"]
+        for e in range(n):  # success exactly at the demo's last step
+            assert bool(out.info["success"][e]) == (t == int(ds.ep_length[e]) - 1)
+    assert bool(succ.all())
+    env.close()
+
+
+@needs_mw
+def test_demo_for_task_without_scripted_policy(monkeypatch, tmp_path):
+    from metaworld import policies
+
+    with pytest.raises(ValueError, match="no scripted policy for Meta-World task 'reach-v2'"):
+        M.scripted_policy("reach-v2")
+    monkeypatch.delitem(policies.ENV_POLICY_MAP, "push-v3")
+    with pytest.raises(ValueError, match="no scripted policy for Meta-World task 'push-v3'"):
+        M.generate_metaworld_demos(["reach-v3", "push-v3"], 1, tmp_path)
+    assert not (tmp_path / "meta").exists()  # checked before recording anything
+
+
+@needs_mw
+def test_process_pool_matches_in_process():
+    kw = dict(tasks=["reach-v3", "push-v3", "door-open-v3"], num_envs=3)
+    a = M.MetaWorldEnv(**kw)
+    b = M.MetaWorldEnv(**kw, num_workers=2)
+    try:
+        oa, ob = a.reset(seed=4), b.reset(seed=4)
+        assert torch.equal(oa["state"], ob["state"])
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            act = torch.rand(3, 4, generator=g) * 2 - 1
+            sa, sb = a.step(act), b.step(act)
+        assert torch.equal(sa.obs["state"], sb.obs["state"])
+    finally:
+        a.close()
+        b.close()
+
+
+@needs_mw
+@pytest.mark.skipif(not HAVE_GL, reason="image mode needs libEGL or libOSMesa")
+def test_rgb_observations():
+    env = M.MetaWorldEnv(["reach-v3"], 1, obs_mode="rgb", image_size=32)
+    obs = env.reset(seed=0)
+    assert obs["images"].shape == (1, 1, 3, 32, 32) and obs["images"].dtype == torch.uint8
+    assert obs["images"].float().std() > 0
+    assert env.render().shape == (1, 3, 32, 32) and env.num_cameras == 1
+    env.close()
+    with pytest.raises(RuntimeError, match="obs_mode='state'"):
+        M.MetaWorldEnv(["reach-v3"], 1).render()
+
+
+@needs_mw
+def test_bad_config_values_name_the_field():
+    with pytest.raises(ValueError, match="obs_mode"):
+        M.MetaWorldEnv(["reach-v3"], 1, obs_mode="depth")
+    with pytest.raises(ValueError, match="reward_mode"):
+        M.MetaWorldEnv(["reach-v3"], 1, reward_mode="shaped")
+    with pytest.raises(ValueError, match="split"):
+        M.MetaWorldEnv("ml10", 1, split="val")
+
+
+@needs_mw
+def test_rows_reuse_slots_that_hold_their_task():
+    tasks = ["reach-v3", "push-v3", "door-open-v3"]
+    env = M.MetaWorldEnv(tasks, 3, max_cached=1)
+    first = env.reset(episode_seeds=torch.tensor([1, 2, 3]))
+    assert env.env_builds == 3
+    # the same episodes in another row order: served by the slots that hold the tasks
+    obs = env.reset(task_ids=torch.tensor([2, 0, 1]), episode_seeds=torch.tensor([3, 1, 2]))
+    assert env.env_builds == 3 and env.pool.slot_of_row.tolist() == [2, 0, 1]
+    assert torch.equal(obs["state"], first["state"][[2, 0, 1]])
+    assert obs["task_id"].tolist() == [2, 0, 1]
+    # two rows of one task: one slot must switch (one build), and the episodes do not depend
+    # on which slot runs them
+    obs = env.reset(task_ids=torch.tensor([0, 0, 1]), episode_seeds=torch.tensor([1, 1, 2]))
+    assert env.env_builds == 4
+    assert torch.equal(obs["state"][0], obs["state"][1])
+    assert torch.equal(obs["state"][0], first["state"][0])
+    out = env.step(torch.zeros(3, 4))
+    assert torch.equal(out.obs["state"][0], out.obs["state"][1])
+    with pytest.raises(ValueError, match="task_ids"):
+        env.reset(task_ids=torch.tensor([0, 3, 1]))
+    env.close()
