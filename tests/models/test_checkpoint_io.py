@@ -94,7 +94,10 @@ def lerobot_folder(tmp, sd, meta, stats, norm_keys=("mean", "std")):
 def test_lerobot_pi0_layout(tmp_path, pi05):
     pol = make_pi0(pi05, seed=1)
     if not pi05:
-        pol.normalizer.mode = "mean_std"
+        pol.normalizer.mode = pol.normalizer.action_mode = "mean_std"
+    # what a LeRobot folder means: its processors' eps convention and prompt format
+    pol.normalizer.convention, pol.normalizer.eps = "lerobot", 1e-8
+    pol.cfg.prompt_format = "lerobot"
     meta = {"type": "pi05" if pi05 else "pi0", "chunk_size": 6, "n_action_steps": 6,
             "max_action_dim": 8, "max_state_dim": 8, "tokenizer_max_length": pol.cfg.max_token_len,
             "paligemma_variant": "gemma_2b", "action_expert_variant": "gemma_300m",

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from pirl.models.vla_common import TrainConfig
+from pirl.models.vla_common import _MODE_STATS, TrainConfig
 from pirl.models.vla_layers import DecoderConfig, VisionConfig
 from pirl.models.vla_tokenizer import load_tokenizer
 
@@ -92,35 +92,98 @@ def load_openpi_norm_stats(folder: Path, asset_id: str | None = None) -> dict | 
                 if s in ("mean", "std", "q01", "q99")} for k in ("state", "actions") if k in data}
 
 
+def lerobot_normalizer_steps(folder: Path) -> list[tuple[Path, dict]]:
+    """``(processor json, step)`` of every (un)normaliser step the folder's
+    ``policy_*processor*.json`` files name."""
+    out = []
+    for js in sorted(folder.glob("policy_*processor*.json")):
+        try:
+            data = json.loads(js.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{js}: not valid JSON ({e})") from e
+        for step in data.get("steps", []):
+            if "normalizer" in step.get("registry_name", ""):
+                out.append((js, step))
+    return out
+
+
 def load_lerobot_norm_stats(folder: Path, state_key: str = "observation.state",
-                            action_key: str = "action") -> dict | None:
-    """Stats from LeRobot's normaliser / unnormaliser processor state files."""
+                            action_key: str = "action",
+                            dims: dict[str, int] | None = None) -> dict | None:
+    """Stats from LeRobot's normaliser / unnormaliser processor state files.
+
+    A state file that a processor json names but that is missing raises CheckpointError naming
+    both; ``dims`` (``{"state": 5, "actions": 4}``, the config's feature shapes) checks every
+    stat's length, naming the file and field on a mismatch."""
     from safetensors.torch import load_file
 
     files = []
-    for js in sorted(folder.glob("policy_*processor*.json")):
-        for step in json.loads(js.read_text()).get("steps", []):
-            if "normalizer" in step.get("registry_name", "") and step.get("state_file"):
-                files.append(folder / step["state_file"])
+    for js, step in lerobot_normalizer_steps(folder):
+        if step.get("state_file"):
+            f = folder / step["state_file"]
+            if not f.is_file():
+                raise CheckpointError(f"{js.name} names the stats file {step['state_file']!r}, "
+                                      f"which is missing from {folder}")
+            files.append(f)
     files += [f for f in sorted(folder.glob("*normalizer_processor*.safetensors"))
               if f not in files]
-    raw: dict[str, torch.Tensor] = {}
+    raw: dict[str, tuple[torch.Tensor, Path]] = {}
     for f in files:
-        if f.is_file():
-            raw.update(load_file(str(f)))
+        raw.update({k: (v, f) for k, v in load_file(str(f)).items()})
     if not raw:
         return None
     out: dict[str, dict[str, torch.Tensor]] = {}
     for ours, theirs in (("state", state_key), ("actions", action_key)):
-        stats = {s: raw[f"{theirs}.{s}"].float() for s in ("mean", "std", "q01", "q99")
-                 if f"{theirs}.{s}" in raw}
+        stats = {}
+        for s in ("mean", "std", "q01", "q99", "q10", "q90", "min", "max"):
+            if f"{theirs}.{s}" not in raw:
+                continue
+            v, f = raw[f"{theirs}.{s}"]
+            want = (dims or {}).get(ours)
+            if want is not None and v.numel() != want:
+                raise CheckpointError(f"{f.name}: {theirs}.{s} has {v.numel()} values but "
+                                      f"config.json's {theirs} feature has {want} dims")
+            stats[s] = v.float().reshape(-1)
         if stats:
             out[ours] = stats
     return out or None
 
 
+def _lerobot_norm_setup(folder: Path, meta: dict, cfg) -> dict | None:
+    """Set ``cfg``'s normalisation (modes, LeRobot's eps convention) from ``config.json`` and the
+    processor files; return the stats, checked against the config's feature dims."""
+    mapping = meta.get("normalization_mapping", {})
+    modes = {}
+    for ours, theirs in (("state", "STATE"), ("actions", "ACTION")):
+        mode = mapping.get(theirs)
+        if mode is not None and mode not in _LEROBOT_NORM:
+            raise CheckpointError(f"{folder / 'config.json'}: normalization_mapping.{theirs} "
+                                  f"{mode!r} is not supported (one of {sorted(_LEROBOT_NORM)})")
+        modes[ours] = _LEROBOT_NORM[mode] if mode else cfg.normalization
+    cfg.normalization, cfg.action_normalization = modes["state"], modes["actions"]
+    cfg.norm_convention = "lerobot"
+    for _, step in lerobot_normalizer_steps(folder):
+        if "eps" in step.get("config", {}):
+            cfg.norm_eps = float(step["config"]["eps"])
+    feats = {**meta.get("input_features", {}), **meta.get("output_features", {})}
+    dims = {ours: int(feats[k]["shape"][0]) for ours, k in
+            (("state", "observation.state"), ("actions", "action")) if k in feats}
+    stats = load_lerobot_norm_stats(folder, dims=dims)
+    for key, mode in modes.items():
+        if mode == "identity":
+            continue
+        need = _MODE_STATS[mode]
+        have = (stats or {}).get(key, {})
+        if not all(n in have for n in need):
+            raise CheckpointError(
+                f"{folder}: {key} normalisation {mode!r} needs {' / '.join(need)} statistics, "
+                f"but the processor files (policy_*processor*.json and their "
+                f"*normalizer_processor.safetensors) have {sorted(have) or 'none'}")
+    return stats
+
+
 _LEROBOT_NORM = {"MEAN_STD": "mean_std", "QUANTILES": "quantile", "IDENTITY": "identity",
-                 "QUANTILE10": "quantile"}
+                 "QUANTILE10": "quantile10", "MIN_MAX": "min_max"}
 
 
 # ---------------------------------------------------------------------------------- state dicts
@@ -192,9 +255,21 @@ def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], 
     return missing_opt
 
 
+def _check_tokenizer(tok, cfg) -> None:
+    """A tokenizer that can emit ids past the model's embedding table would index out of range
+    (or, padded tables aside, read the wrong rows): refuse it, naming its file."""
+    n = getattr(tok, "vocab_size", None)
+    if n is not None and n > cfg.vocab_size:
+        where = getattr(tok, "path", None) or type(tok).__name__
+        raise CheckpointError(f"tokenizer {where} has {n} tokens but the model's embedding "
+                              f"table has {cfg.vocab_size} rows (wrong tokenizer for this "
+                              "checkpoint? pass tokenizer=<file or folder>)")
+
+
 def _build_checked(cls, cfg, tok, stats, sd, canon, ignore, pi05=False):
     """Check ``sd`` against a model built on the meta device (cheap even at 3B parameters),
     then build the real model and copy the weights in."""
+    _check_tokenizer(tok, cfg)
     with torch.device("meta"):
         probe = cls(cfg, tok, norm_stats=stats)
     load_state_dict_strict(probe, sd, canon, ignore=ignore, pi05=pi05, copy=False)
@@ -239,7 +314,7 @@ def _pirl_stats(sd: dict[str, torch.Tensor]) -> dict | None:
     """Normaliser stats stored in a pirl state dict (``normalizer.state_mean`` ...)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key in ("state", "actions"):
-        for stat in ("mean", "std", "q01", "q99"):
+        for stat in ("mean", "std", "q01", "q99", "q10", "q90", "min", "max"):
             v = sd.get(f"normalizer.{key}_{stat}")
             if v is not None and v.numel() > 0:
                 out.setdefault(key, {})[stat] = v
@@ -288,12 +363,9 @@ def load_pi0(path: str | Path, arch=None, tokenizer=None, asset_id: str | None =
             act = meta.get("output_features", {}).get("action", {}).get("shape")
             if act:
                 cfg.env_action_dim = int(act[0])
-            mode = meta.get("normalization_mapping", {}).get("STATE")
-            if mode:
-                cfg.normalization = _LEROBOT_NORM[mode]
-            else:
-                cfg.normalization = "quantile" if pi05 else "mean_std"
-            stats = load_lerobot_norm_stats(folder)
+            cfg.normalization = "quantile" if pi05 else "mean_std"
+            cfg.prompt_format = "lerobot"
+            stats = _lerobot_norm_setup(folder, meta, cfg)
         else:
             cfg.action_horizon = meta.get("action_horizon", cfg.action_horizon)
             cfg.action_dim = meta.get("action_dim", cfg.action_dim)
@@ -351,9 +423,8 @@ def load_smolvla(path: str | Path, arch=None, tokenizer=None, ignore: str | None
         act = meta.get("output_features", {}).get("action", {}).get("shape")
         if act:
             cfg.env_action_dim = int(act[0])
-        mode = meta.get("normalization_mapping", {}).get("STATE", "MEAN_STD")
-        cfg.normalization = _LEROBOT_NORM[mode]
-        stats = load_lerobot_norm_stats(folder)
+        cfg.normalization = "mean_std"
+        stats = _lerobot_norm_setup(folder, meta, cfg)
         cfg.__post_init__()
     else:
         raise CheckpointError(f"{folder}: SmolVLA checkpoints come in LeRobot or pirl folders")
@@ -389,6 +460,8 @@ def save_pirl(policy, path: str | Path) -> Path:
     save_file(sd, str(folder / "model.safetensors"))
     cfg = _config_to_dict(policy.cfg)
     cfg["normalization"] = policy.normalizer.mode
+    if "action_normalization" in cfg:
+        cfg["action_normalization"] = policy.normalizer.action_mode
     cfg["train"] = dict(cfg["train"], mode="full" if cfg["train"]["mode"] == "lora"
                         else cfg["train"]["mode"])
     model = "smolvla" if type(policy).__name__ == "SmolVLAPolicy" else (

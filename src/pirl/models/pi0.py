@@ -104,6 +104,13 @@ class Pi0Config:
     value_hidden: int = 256
     value_detach: bool = True
     normalization: str = "mean_std"
+    # how the checkpoint's own code normalised and prompted (the loader sets them):
+    # openpi (eps 1e-6 both ways; prompt cleaned, "\n" tokenized apart) or LeRobot (its
+    # processors' eps, bare std / range when unnormalising; pi0's task + "\n" as one string)
+    norm_convention: str = "openpi"
+    norm_eps: float | None = None
+    action_normalization: str | None = None
+    prompt_format: str = "openpi"
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
@@ -232,7 +239,9 @@ class Pi0Policy(FlowPolicy):
             self.action_time_mlp_out = nn.Linear(we, we)
         vdim = cfg.vlm.width if cfg.value_placement == "prefix" else we
         self.value_head = ValueHead(vdim, cfg.value_hidden)
-        self.normalizer = Normalizer(cfg.normalization if norm_stats else "identity", norm_stats)
+        self.normalizer = Normalizer(cfg.normalization if norm_stats else "identity", norm_stats,
+                                     convention=cfg.norm_convention, eps=cfg.norm_eps,
+                                     action_mode=cfg.action_normalization if norm_stats else None)
         self.lora_names: list[str] = []
 
     # ------------------------------------------------------------------ training switches
@@ -293,6 +302,9 @@ class Pi0Policy(FlowPolicy):
             if self.cfg.pi05:
                 prompt = f"Task: {text}, State: {' '.join(map(str, bins[i]))};\nAction: "
                 seqs.append(self.tokenizer.encode(prompt, add_bos=True))
+            elif self.cfg.prompt_format == "lerobot":  # LeRobot: raw task + "\n", one string
+                raw = instructions[i] if instructions[i].endswith("\n") else instructions[i] + "\n"
+                seqs.append(self.tokenizer.encode(raw, add_bos=True))
             else:
                 seqs.append(self.tokenizer.encode(text, add_bos=True)
                             + self.tokenizer.encode("\n"))

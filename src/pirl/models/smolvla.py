@@ -91,6 +91,9 @@ class SmolVLAConfig:
     value_hidden: int = 256
     value_detach: bool = True
     normalization: str = "mean_std"
+    norm_convention: str = "lerobot"  # see Pi0Config (SmolVLA checkpoints are LeRobot's)
+    norm_eps: float | None = None
+    action_normalization: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
@@ -202,7 +205,9 @@ class SmolVLAPolicy(FlowPolicy):
         self.action_time_mlp_out = nn.Linear(e.width, e.width)
         vdim = cfg.vlm.width if cfg.value_placement == "prefix" else e.width
         self.value_head = ValueHead(vdim, cfg.value_hidden)
-        self.normalizer = Normalizer(cfg.normalization if norm_stats else "identity", norm_stats)
+        self.normalizer = Normalizer(cfg.normalization if norm_stats else "identity", norm_stats,
+                                     convention=cfg.norm_convention, eps=cfg.norm_eps,
+                                     action_mode=cfg.action_normalization if norm_stats else None)
         self.lora_names: list[str] = []
         # VLM layer i -> expert layer (or None when the expert is shallower)
         every = cfg.vlm.depth // e.depth
@@ -256,8 +261,10 @@ class SmolVLAPolicy(FlowPolicy):
 
     # ------------------------------------------------------------------ prefix
     def tokenize(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``task + "\\n"`` tokens (no BOS), right-padded: ``[B, T]`` ids and mask."""
-        seqs = [self.tokenizer.encode(text.strip() + "\n") for text in instructions]
+        """``task + "\\n"`` tokens (no BOS, the task not stripped: LeRobot's
+        ``NewLineTaskProcessorStep``), right-padded: ``[B, T]`` ids and mask."""
+        seqs = [self.tokenizer.encode(text if text.endswith("\n") else text + "\n")
+                for text in instructions]
         ids, mask = pad_tokens(seqs, self.cfg.max_token_len, self.tokenizer.pad_id)
         return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
 
@@ -270,7 +277,8 @@ class SmolVLAPolicy(FlowPolicy):
         b, c = images.shape[:2]
         if c > self.cfg.num_cameras:
             raise ValueError(f"{c} cameras but the model takes {self.cfg.num_cameras}")
-        pix = torch.cat(images_to_model(images, self.cfg.vision.image_size), dim=0)
+        # LeRobot's SmolVLA pads at the top / left (pi0 centres)
+        pix = torch.cat(images_to_model(images, self.cfg.vision.image_size, pad="top_left"), dim=0)
         feats = pixel_shuffle(vwe.vision(pix), self.cfg.scale_factor)
         img = vwe.vlm.model.connector.modality_projection.proj(feats)
         n_img, w = img.shape[1], img.shape[2]

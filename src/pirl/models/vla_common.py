@@ -41,44 +41,72 @@ class VLAPrefix:
         return self.pad_mask.long().sum(-1)
 
 
+NORM_MODES = ("identity", "mean_std", "quantile", "quantile10", "min_max")
+_MODE_STATS = {"mean_std": ("mean", "std"), "quantile": ("q01", "q99"),
+               "quantile10": ("q10", "q90"), "min_max": ("min", "max")}
+_STATS = ("mean", "std", "q01", "q99", "q10", "q90", "min", "max")
+
+
 class Normalizer(nn.Module):
     """Per-dimension normalisation of state and actions with stats from a checkpoint.
 
-    mode ``"mean_std"``: ``(x - mean) / (std + 1e-6)``; ``"quantile"`` (pi0.5):
-    ``2 (x - q01) / (q99 - q01 + 1e-6) - 1``; ``"identity"``.  Stats are buffers (saved with the
-    model); dims beyond the stats' length pass through unchanged.
+    mode (``action_mode`` for the actions when they differ, as LeRobot allows):
+    ``"mean_std"`` ``(x - mean) / std``; ``"quantile"`` (pi0.5) ``2 (x - q01) / (q99 - q01) - 1``
+    (``"quantile10"``: q10 / q90; ``"min_max"``: min / max); ``"identity"``.
+    convention: where the epsilon goes, as the checkpoint's code had it:
+
+    - ``"openpi"``: ``std + eps`` / ``q99 - q01 + eps`` both ways (eps 1e-6);
+    - ``"lerobot"``: ``std + eps`` only when normalising (unnormalise: ``x * std + mean``);
+      range modes use the bare range, ``eps`` only where it is 0 (eps 1e-8, or the
+      processor file's).
+
+    Stats are buffers (saved with the model); dims beyond the stats' length pass through unchanged.
     """
 
-    def __init__(self, mode: str = "identity", stats: dict[str, dict[str, torch.Tensor]] | None = None):
+    def __init__(self, mode: str = "identity", stats: dict[str, dict[str, torch.Tensor]] | None = None,
+                 convention: str = "openpi", eps: float | None = None,
+                 action_mode: str | None = None):
         super().__init__()
-        if mode not in ("identity", "mean_std", "quantile"):
-            raise ValueError(f"unknown normalisation mode {mode!r}")
+        for m in (mode, action_mode):
+            if m is not None and m not in NORM_MODES:
+                raise ValueError(f"unknown normalisation mode {m!r} (one of {NORM_MODES})")
+        if convention not in ("openpi", "lerobot"):
+            raise ValueError(f"unknown normalisation convention {convention!r}")
         self.mode = mode
+        self.action_mode = action_mode or mode
+        self.convention = convention
+        self.eps = (1e-6 if convention == "openpi" else 1e-8) if eps is None else float(eps)
         for key in ("state", "actions"):
-            for stat in ("mean", "std", "q01", "q99"):
+            for stat in _STATS:
                 val = (stats or {}).get(key, {}).get(stat)
+                if val is None and stat not in _STATS[:4]:
+                    continue  # the rarer stats are buffers only when given (state-dict keys stay)
                 t = torch.as_tensor(val, dtype=torch.float32) if val is not None else torch.zeros(0)
                 self.register_buffer(f"{key}_{stat}", t)
 
-    def _lohi(self, key: str):
-        if self.mode == "mean_std":
-            return getattr(self, f"{key}_mean"), getattr(self, f"{key}_std") + 1e-6
-        q01, q99 = getattr(self, f"{key}_q01"), getattr(self, f"{key}_q99")
-        return q01, q99 - q01 + 1e-6
-
     def _transform(self, x: torch.Tensor, key: str, inverse: bool) -> torch.Tensor:
-        if self.mode == "identity":
+        mode = self.mode if key == "state" else self.action_mode
+        if mode == "identity":
             return x
-        a, b = self._lohi(key)
-        if a.numel() == 0:
-            raise ValueError(f"normalisation mode {self.mode!r} but no {key} statistics loaded")
-        n = min(a.numel(), x.shape[-1])
-        a, b = a[:n].to(x), b[:n].to(x)
+        lo_name, hi_name = _MODE_STATS[mode]
+        lo = getattr(self, f"{key}_{lo_name}", torch.zeros(0))
+        hi = getattr(self, f"{key}_{hi_name}", torch.zeros(0))
+        if lo.numel() == 0 or hi.numel() == 0:
+            raise ValueError(f"normalisation mode {mode!r} but no {key} {lo_name} / {hi_name} "
+                             "statistics loaded")
+        n = min(lo.numel(), x.shape[-1])
+        lo, hi = lo[:n].to(x), hi[:n].to(x)
         head, tail = x[..., :n], x[..., n:]
-        if self.mode == "mean_std":
-            head = head * b + a if inverse else (head - a) / b
+        if mode == "mean_std":
+            if self.convention == "openpi":
+                head = head * (hi + self.eps) + lo if inverse else (head - lo) / (hi + self.eps)
+            else:
+                head = head * hi + lo if inverse else (head - lo) / (hi + self.eps)
         else:
-            head = (head + 1.0) / 2.0 * b + a if inverse else 2.0 * (head - a) / b - 1.0
+            rng = hi - lo
+            rng = rng + self.eps if self.convention == "openpi" else torch.where(
+                rng == 0, torch.full_like(rng, self.eps), rng)
+            head = (head + 1.0) * rng / 2.0 + lo if inverse else 2.0 * (head - lo) / rng - 1.0
         return torch.cat([head, tail], dim=-1)
 
     def normalize_state(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,14 +134,18 @@ class ValueHead(nn.Module):
         return self.net(x.float()).squeeze(-1)
 
 
-def images_to_model(images: torch.Tensor, size: int) -> list[torch.Tensor]:
+def images_to_model(images: torch.Tensor, size: int, pad: str = "center") -> list[torch.Tensor]:
     """``[B, C, 3, H, W]`` uint8 (or float in [0, 1]) -> C tensors ``[B, 3, size, size]`` in
-    [-1, 1] (SigLIP's input range), aspect kept with padding."""
+    [-1, 1] (SigLIP's input range), aspect kept with padding (``pad``: see
+    :func:`~pirl.models.vla_layers.resize_with_pad`)."""
+    if images.dim() != 5 or images.shape[2] != 3:
+        raise ValueError(f"obs['images'] must be [B, cameras, 3, H, W] (RGB, channels first); "
+                         f"got shape {tuple(images.shape)}")
     x = images.float()
     if images.dtype == torch.uint8:
         x = x / 255.0
     x = x * 2.0 - 1.0
-    return [resize_with_pad(x[:, c], size) for c in range(x.shape[1])]
+    return [resize_with_pad(x[:, c], size, pad) for c in range(x.shape[1])]
 
 
 def clean_instruction(text: str) -> str:

@@ -376,10 +376,11 @@ def sinusoidal_time_embedding(t: torch.Tensor, dim: int, min_period: float = 4e-
     return torch.cat([ang.sin(), ang.cos()], dim=1).to(t.dtype)
 
 
-def resize_with_pad(img: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize ``[B, 3, H, W]`` float to ``[B, 3, size, size]`` keeping the aspect ratio, padding
-    with the image's minimum value (-1 for images in [-1, 1]) at the bottom / right is not what
-    openpi does: it centres; we centre too (pad split evenly)."""
+def resize_with_pad(img: torch.Tensor, size: int, pad: str = "center") -> torch.Tensor:
+    """Resize ``[B, 3, H, W]`` float in [-1, 1] to ``[B, 3, size, size]`` keeping the aspect ratio
+    (bilinear, no antialiasing), padding with -1 (black).  ``pad="center"``: openpi / LeRobot's
+    pi0 (the odd pixel at the bottom / right); ``"top_left"``: LeRobot's SmolVLA (all padding at
+    the top and left)."""
     _, _, h, w = img.shape
     if h == size and w == size:
         return img
@@ -387,6 +388,10 @@ def resize_with_pad(img: torch.Tensor, size: int) -> torch.Tensor:
     nh, nw = int(h / ratio), int(w / ratio)
     img = F.interpolate(img, size=(nh, nw), mode="bilinear", align_corners=False)
     pad_h, pad_w = size - nh, size - nw
+    if pad == "top_left":
+        return F.pad(img, (pad_w, 0, pad_h, 0), value=-1.0)
+    if pad != "center":
+        raise ValueError(f"pad must be 'center' or 'top_left', got {pad!r}")
     return F.pad(img, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2),
                  value=-1.0)
 

@@ -56,6 +56,10 @@ class WordTokenizer:
     def __len__(self) -> int:
         return len(self.vocab)
 
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = [self.vocab.get(w, self.unk_id) for w in _WORD_RE.findall(text)]
         return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
@@ -79,16 +83,35 @@ class WordTokenizer:
 
 class _HFTokenizer:
     """``tokenizers.Tokenizer`` wrapper (no special tokens added by the file's post-processor;
-    BOS added explicitly like openpi)."""
+    BOS added explicitly like openpi).  The pad / BOS tokens are the ones a
+    ``tokenizer_config.json`` next to the file names (as ``transformers`` reads them), else the
+    usual names."""
 
     def __init__(self, path: Path):
         import tokenizers
 
+        self.path = path
         self.tok = tokenizers.Tokenizer.from_file(str(path))
-        self.pad_id = next((self.tok.token_to_id(t) for t in ("<pad>", "<|endoftext|>")
-                            if self.tok.token_to_id(t) is not None), 0)
-        self.bos_id = next((self.tok.token_to_id(t) for t in ("<bos>", "<s>", "<|im_start|>")
-                            if self.tok.token_to_id(t) is not None), None)
+        named = {}
+        conf = path.parent / "tokenizer_config.json"
+        if conf.is_file():
+            data = json.loads(conf.read_text())
+            for key in ("pad_token", "bos_token"):
+                tok = data.get(key)
+                tok = tok.get("content") if isinstance(tok, dict) else tok
+                if tok is not None and self.tok.token_to_id(tok) is not None:
+                    named[key] = self.tok.token_to_id(tok)
+        self.pad_id = named.get("pad_token", next(
+            (self.tok.token_to_id(t) for t in ("<pad>", "<|endoftext|>")
+             if self.tok.token_to_id(t) is not None), 0))
+        self.bos_id = named.get("bos_token", next(
+            (self.tok.token_to_id(t) for t in ("<bos>", "<s>", "<|im_start|>")
+             if self.tok.token_to_id(t) is not None), None))
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids the tokenizer can emit (added tokens included)."""
+        return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = self.tok.encode(text, add_special_tokens=False).ids
@@ -99,9 +122,14 @@ class _SentencePieceTokenizer:
     def __init__(self, path: Path):
         import sentencepiece
 
+        self.path = path
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         self.pad_id = max(self.sp.pad_id(), 0)
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = self.sp.encode(text)
@@ -124,11 +152,12 @@ def load_tokenizer(folder: str | Path) -> TextTokenizer:
             except ImportError as e:
                 raise ImportError(f"{c} is a SentencePiece model: pip install sentencepiece") from e
         data = json.loads(c.read_text())
+        if (data.get("model", {}).get("type") == "WordLevel"
+                and (data.get("pre_tokenizer") or {}).get("type") == "Whitespace"):
+            return WordTokenizer(data["model"]["vocab"])  # what WordTokenizer.save writes
         try:
             return _HFTokenizer(c)
         except ImportError:
-            if data.get("model", {}).get("type") == "WordLevel":
-                return WordTokenizer(data["model"]["vocab"])
             raise ImportError(f"{c} needs the 'tokenizers' package (pip install tokenizers)")
     raise FileNotFoundError(f"no tokenizer found in {p} (looked for {[str(c) for c in candidates]})")
 
