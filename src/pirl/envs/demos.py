@@ -30,16 +30,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pirl.envs import env_key
-
-CAMERA_NAMES = ("top", "wrist")
-FORMAT = "pirl-demos/v1 (LeRobotDataset v3-like)"
-
-
-def _fixed_list(arr: np.ndarray, pa_type: pa.DataType) -> pa.FixedSizeListArray:
-    flat = arr.reshape(arr.shape[0], -1)
-    values = pa.array(flat.reshape(-1), type=pa_type)
-    return pa.FixedSizeListArray.from_arrays(values, flat.shape[1])
-
+from pirl.envs.demo_writer import CAMERA_NAMES, FORMAT, write_demo_folder  # noqa: F401
 
 def _record_batch(env, expert, tasks: torch.Tensor, seeds: torch.Tensor) -> dict[str, Any]:
     """Run the expert on one batch of episodes (fixed horizon); return per-episode arrays."""
@@ -141,7 +132,7 @@ def generate_demos(env_name: str = "tabletop", episodes_per_task: int = 4,
                 episodes_per_task=episodes_per_task)
     if clearance is not None:
         meta["clearance"] = clearance
-    return _write(Path(out_dir), env, kept, meta)
+    return write_demo_folder(Path(out_dir), env, kept, meta)
 
 
 def maniskill_demo_tasks(env_name: str, split: str = "train",
@@ -189,68 +180,6 @@ def _metaworld_demos(env_name: str, episodes_per_task: int, out: Path, seed: int
     kw["max_episode_steps"] = env_kwargs.get("max_episode_steps") or DEFAULT_MAX_STEPS
     path, _ = generate_metaworld_demos(tasks, episodes_per_task, out, seed=seed, **kw)
     return Path(path)
-
-
-def _write(out: Path, env, episodes: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
-    (out / "meta" / "episodes" / "chunk-000").mkdir(parents=True, exist_ok=True)
-    (out / "data" / "chunk-000").mkdir(parents=True, exist_ok=True)
-    fps = 10
-    lengths = [e["length"] for e in episodes]
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if episodes else \
-        np.zeros(0, np.int64)
-    total = int(sum(lengths))
-    cat = lambda key: torch.cat([e[key] for e in episodes]).numpy() if episodes else None  # noqa
-    ep_index = np.repeat(np.arange(len(episodes)), lengths).astype(np.int64)
-    frame_index = np.concatenate([np.arange(n) for n in lengths]).astype(np.int64) \
-        if episodes else np.zeros(0, np.int64)
-    task_index = np.repeat([e["task_index"] for e in episodes], lengths).astype(np.int64)
-    done = frame_index == np.repeat(np.array(lengths) - 1, lengths)
-    succ = done & np.repeat([e["success"] for e in episodes], lengths).astype(bool)
-    columns: dict[str, pa.Array] = {
-        "index": pa.array(np.arange(total, dtype=np.int64)),
-        "episode_index": pa.array(ep_index), "frame_index": pa.array(frame_index),
-        "timestamp": pa.array((frame_index / fps).astype(np.float32)),
-        "task_index": pa.array(task_index),
-        "observation.state": _fixed_list(cat("state").astype(np.float32), pa.float32()),
-        "action": _fixed_list(cat("action").astype(np.float32), pa.float32()),
-        "next.reward": pa.array(cat("reward").astype(np.float32)),
-        "next.done": pa.array(done), "next.success": pa.array(succ),
-    }
-    features: dict[str, Any] = {
-        "observation.state": {"dtype": "float32", "shape": [env.state_dim]},
-        "action": {"dtype": "float32", "shape": [env.action_dim]},
-    }
-    image_keys = []
-    if episodes and "images" in episodes[0]:
-        images = cat("images")  # [F, C, 3, S, S]
-        for c in range(images.shape[1]):
-            key = f"observation.images.{CAMERA_NAMES[c]}"
-            image_keys.append(key)
-            columns[key] = _fixed_list(images[:, c], pa.uint8())
-            features[key] = {"dtype": "uint8", "shape": list(images.shape[2:]),
-                             "names": ["channel", "height", "width"]}
-    pq.write_table(pa.table(columns), out / "data" / "chunk-000" / "file-000.parquet",
-                   compression="zstd")
-    pq.write_table(pa.table({
-        "episode_index": pa.array(np.arange(len(episodes), dtype=np.int64)),
-        "task_index": pa.array(np.array([e["task_index"] for e in episodes], dtype=np.int64)),
-        "length": pa.array(np.array(lengths, dtype=np.int64)),
-        "success": pa.array(np.array([e["success"] for e in episodes], dtype=bool)),
-        "episode_seed": pa.array(np.array([e["episode_seed"] for e in episodes], dtype=np.int64)),
-        "dataset_from_index": pa.array(starts),
-        "dataset_to_index": pa.array(starts + np.array(lengths, dtype=np.int64)),
-    }), out / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
-    pq.write_table(pa.table({
-        "task_index": pa.array(np.arange(len(env.tasks), dtype=np.int64)),
-        "task": pa.array(env.instructions), "task_name": pa.array(env.task_names),
-    }), out / "meta" / "tasks.parquet")
-    info = {"format": FORMAT, "fps": fps, "total_episodes": len(episodes), "total_frames": total,
-            "total_tasks": len(env.tasks), "image_keys": image_keys, "features": features,
-            "data_path": "data/chunk-000/file-000.parquet",
-            "episodes_path": "meta/episodes/chunk-000/file-000.parquet",
-            "max_episode_steps": env.max_episode_steps, **meta}
-    (out / "meta" / "info.json").write_text(json.dumps(info, indent=2))
-    return out
 
 
 @dataclass

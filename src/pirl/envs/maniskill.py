@@ -664,7 +664,7 @@ def write_pirl_demos(out_dir: str | os.PathLike, episodes: Sequence[DemoEpisode]
     from pathlib import Path
     from types import SimpleNamespace
 
-    from pirl.envs.demos import _write
+    from pirl.envs.demo_writer import write_demo_folder
 
     if not episodes:
         raise ValueError("no episodes to write")
@@ -685,7 +685,8 @@ def write_pirl_demos(out_dir: str | os.PathLike, episodes: Sequence[DemoEpisode]
         tasks=tasks, task_names=tasks,
         instructions=[TASK_INSTRUCTIONS.get(t, t) for t in tasks],
         max_episode_steps=max_episode_steps)
-    return _write(Path(out_dir), env_like, rows, dict(meta or {}, source="maniskill motionplanning"))
+    return write_demo_folder(Path(out_dir), env_like, rows,
+                             dict(meta or {}, source="maniskill motionplanning"))
 
 
 def generate_maniskill_demos(tasks: str | Sequence[str] = "PickCube-v1",

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -438,22 +437,6 @@ class Pi0Policy(FlowPolicy):
             dims = dims * (mask.unsqueeze(-1) if mask.dim() == 2 else mask).to(dims)
         return flow_matching_loss(self, self.encode_prefix(obs), a, mask=dims,
                                   generator=generator)
-
-    # ------------------------------------------------------------------ checkpoints
-    @classmethod
-    def from_pretrained(cls, path, **overrides: Any) -> "Pi0Policy":
-        """Load an openpi / LeRobot / pirl checkpoint folder (see
-        :func:`pirl.models.checkpoint_io.load_pi0`)."""
-        from pirl.models.checkpoint_io import load_pi0
-
-        return load_pi0(path, **overrides)
-
-    def save_pretrained(self, path) -> None:
-        """Write a pirl folder (``config.json``, ``model.safetensors``, ``tokenizer.json`` when the
-        tokenizer can save itself); loads back with :meth:`from_pretrained`."""
-        from pirl.models.checkpoint_io import save_pirl
-
-        save_pirl(self, path)
 
 
 def _prefix_layer(layer, x, cos, sin, allowed, scale):

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -392,18 +391,6 @@ class SmolVLAPolicy(FlowPolicy):
             dims = dims * (mask.unsqueeze(-1) if mask.dim() == 2 else mask).to(dims)
         return flow_matching_loss(self, self.encode_prefix(obs), a, mask=dims,
                                   generator=generator)
-
-    @classmethod
-    def from_pretrained(cls, path, **overrides: Any) -> "SmolVLAPolicy":
-        """Load a LeRobot / pirl SmolVLA folder (:func:`pirl.models.checkpoint_io.load_smolvla`)."""
-        from pirl.models.checkpoint_io import load_smolvla
-
-        return load_smolvla(path, **overrides)
-
-    def save_pretrained(self, path) -> None:
-        from pirl.models.checkpoint_io import save_pirl
-
-        save_pirl(self, path)
 
 
 def _self_layer(layer, x, pk, pv, cos, sin, allowed, scale):
