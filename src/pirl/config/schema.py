@@ -26,11 +26,9 @@ def _check(cond: bool, name: str, msg: str) -> None:
 
 
 def _default_env_kwargs() -> dict[str, Any]:
-    # The default recipe runs the tabletop without distractor objects (with 1 or 2 the few-shot
-    # tiny VLA starts at ~6%) and with the gripper-centred wrist camera besides the top view, as
-    # pi0 on LIBERO: train / OOD success of the default job went from 46.1% / 45.8% (SFT) and
-    # 60.9% / 55.7% (after RL) with the top camera only to 68.8% / 63.3% and 79.7% / 72.7%
-    # (README; pick-and-place SFT 29% -> 67%)
+    # no distractors (with 1 or 2 the few-shot tiny VLA starts at ~6%) and a wrist camera beside
+    # the top view, as pi0 gets on LIBERO: it lifted the default job's SFT start from 46% to 69%
+    # (docs/experiments.md#2026-11-25--wrist-camera-default-the-95-target-not-reached)
     return {"num_distractors": 0, "num_cameras": 2}
 
 
@@ -39,10 +37,9 @@ class EnvConfig:
     """Training environment: ``pirl.envs.make_env(name, num_envs, **kwargs)``."""
 
     name: str = "tabletop"
-    # 512: with 64-128 envs per iteration PPO did not move the multitask tabletop policy, and
-    # 512 envs x 20 iterations ended 3.6 points above 256 x 40 for the same env steps from one
-    # start (93.4% against 89.8% / 90.1%; the default job 59.9% -> 92.5% against 87.4%; README,
-    # session 25): late in training few rollout episodes fail, and only those carry a gradient
+    # 512: late in training few rollout episodes fail and only those carry a gradient; 512 x 20
+    # iterations ended 3.6 points above 256 x 40 for the same env steps
+    # (docs/experiments.md#2026-12-04--512-envs-per-ppo-iteration-from-the-701-start)
     num_envs: int = 512
     kwargs: dict[str, Any] = field(default_factory=_default_env_kwargs)
 
@@ -63,9 +60,9 @@ class ModelConfig:
 class DemoConfig:
     """Scripted-expert demos for few-shot SFT (generated once per run folder)."""
 
-    # 6 (random-init prefix, 1000 SFT steps, rl.action_chunk=4: 8 demos per task start SFT at
-    # 76.7%, 6 at 66.8%, 4 at 45.0% train).  With the grounding-pretrained prefix 6 demos reach
-    # 92.5% in 1000 steps, 57.0% in the default 500 (README, sessions 16-17)
+    # 6: with the default's 500 SFT steps the start lies in the few-shot 20-70% band (57-64%);
+    # 1000 steps on the same demos reach 92.5%
+    # (docs/experiments.md#2026-12-01--an-in-band-start-by-a-shorter-sft-from-the-pretrained-prefix)
     episodes_per_task: int = 6
     noise: float = 0.1
     seed: int = 12345
@@ -84,15 +81,10 @@ class PretrainConfig:
     action noise ``noise``; the prefix learns to localise the instruction's object and place and
     the gripper.  Needs an env with ``scene_points()`` and a scripted expert (the tabletop)."""
 
-    # 2000 (on by default; 0 turns it off): 6-demo few-shot SFT then reaches 92.5% train in
-    # 1000 steps where the random-init prefix reached 66.8%, and PPO from the pretrained
-    # in-band default start ended at 86.4% where the random-init default's ended at 82.7%
-    # (README, sessions 16-17); 605-654 s on one core, ~390 s on two.  4000 steps (with
-    # relative=4) lower every grounding error; with 400 SFT steps (start 70.1%) the frozen
-    # prefix's supervised cap is 96.4%; PPO from it ended at 89.8% / 90.1% with 256 envs x 40
-    # iterations (sessions 22-24), at 95.7% / 91.7% with 512 x 40 (session 25, seeds 0 / 1)
-    # and at 96.0% / 94.6% / 95.8% with 512 x 60 (session 26, seeds 0-2), the tabletop_headline
-    # preset; 2000 stays the default for the job's time (README)
+    # 2000 (0: off), the stand-in for a pretrained VLM: it lifts what RL from a few-shot start
+    # reaches; ~6 min on 2 cores (docs/experiments.md#2026-12-01--grounding-pretraining-of-the-prefix).
+    # tabletop_headline's 4000 sharpen the prefix further; 2000 keeps the default job short
+    # (docs/experiments.md#2026-12-04--longer-grounding-pretraining-the-prefix-cap-follows-the-sft-length)
     steps: int = 2000
     num_envs: int = 64
     lr: float = 1e-3
@@ -104,11 +96,9 @@ class PretrainConfig:
     # > 0: a fourth grounding target, the object's offset from the gripper squashed as
     # tanh(relative * offset) per coordinate (pirl.algos.pretrain.with_relative_offset): the
     # relation a push needs most precisely near contact, where tanh is steepest.  0: off.
-    # 4 (default since session 21): the expert on the frozen prefix of the 500-step SFT start,
-    # supervised with 24 demos per task, reached push 92.4% where the prefix pretrained without
-    # it held push at 75.7%, and PPO + Flow-SDE from that in-band start (61.3%) ended at 94.8%,
-    # 87.3% and 91.0% train over three RL seeds (mean 91.0%, the old start's three: 84.3%;
-    # README, session 21)
+    # 4: it lifts the frozen prefix's cap on push from 75.7% to 92.4% and the mean end of RL
+    # over three seeds from 84.3% to 91.0%
+    # (docs/experiments.md#2026-12-03--frozen-prefix-cap-and-the-relational-pretraining-target)
     relative: float = 4.0
 
     def __post_init__(self):
@@ -123,9 +113,9 @@ class PretrainConfig:
 class SFTConfig:
     """Few-shot flow-matching SFT (the RL starting point)."""
 
-    # 500 from the grounding-pretrained prefix with 6 demos per task: the default job started at
-    # 57.0% / 58.9% train / OOD and PPO took it to 86.4% / 85.2% (400 steps: 48.4% -> 75.1%;
-    # 1000: 92.5%, above the few-shot 20-70% band; README, session 17)
+    # 500: a start in the few-shot 20-70% band from the pretrained prefix (400 steps start
+    # lower and end lower; 1000 start above the band)
+    # (docs/experiments.md#2026-12-01--an-in-band-start-by-a-shorter-sft-from-the-pretrained-prefix)
     steps: int = 500
     batch_size: int = 64
     lr: float = 1e-3
@@ -135,7 +125,8 @@ class SFTConfig:
     # parameters kept fixed during SFT: "prefix" (every prefix / VLM parameter, as RL's
     # expert_only mode freezes them) or leading parts of parameter names ("image_encoder");
     # [] trains everything.  A diagnostic: with model.checkpoint it asks how far the expert
-    # gets on a given prefix (README, session 15)
+    # gets on a given prefix
+    # (docs/experiments.md#2026-12-01--why-rl-stops-at-85-the-frozen-few-shot-prefix)
     freeze: list[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -149,14 +140,16 @@ class RLConfig:
     """Online RL: PPO (with critic, GAE at chunk level) or GRPO (group-relative, no critic)."""
 
     algo: Literal["ppo", "grpo"] = "ppo"
-    # 20 at 512 envs (env.num_envs): the env steps of 40 at 256 (session 25).  A cosine-decayed
-    # lr: measured better than 80 iterations at a constant lr, which peaked at iteration 20 and
-    # fell back (README: final 62.9% / 57.6% vs 51.1% / 44.0% train / OOD)
+    # 20 at 512 envs: the env steps of 40 at 256
+    # (docs/experiments.md#2026-12-04--512-envs-per-ppo-iteration-from-the-701-start).  The lr
+    # decays (cosine, below): a constant lr peaked at iteration 20 and fell back
+    # (docs/experiments.md#2026-11-25--top-camera-film-default-rl-variants-and-longer-training)
     iterations: int = 20
     action_chunk: int | None = None  # executed steps of each predicted chunk (None: all H)
     max_chunks: int | None = None  # chunk steps per episode (None: ceil(max_episode_steps/chunk))
-    # policy lr 3e-4: the best measured on the tabletop with Flow-SDE (README); Flow-Noise's
-    # chain drifted at that rate (KL up to 0.5 per iteration): use 1e-4 or less with it
+    # policy lr 3e-4: the best measured on the tabletop with Flow-SDE (1e-3 did worse); Flow-Noise
+    # drifts at that rate: use 1e-4 with it
+    # (docs/experiments.md#2026-11-25--top-camera-film-default-rl-variants-and-longer-training)
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(lr_policy=3e-4,
                                                              lr_schedule="cosine"))
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
@@ -178,24 +171,24 @@ class RLConfig:
     # schedules' shapes, pirl.algos.ppo.lr_scale; "constant": always 1).  Set before each
     # rollout, so that the rollout and its update use the same noise (local placement only).
     # Measured from the default's start
-    # (cosine to 0.25): 82.1% / 84.9% train at iterations 20 / 40 against the constant noise's
-    # 80.7% / 85.9% (OOD 69.8% against 78.6% at 40; README, session 18), so it is off by default
+    # (cosine to 0.25): level with the constant noise in-distribution, lower OOD, so it is off
+    # by default (docs/experiments.md#2026-12-01--more-rl-levers-from-the-in-band-default-start)
     noise_schedule: LRSchedule = "constant"
     noise_final: float = 1.0
     # failure replay (PPO, local placement): a share replay_failures of the envs restarts from
     # the initial states (task id + episode seed) of recently failed rollout episodes, kept in a
     # buffer of the newest replay_capacity failures (pirl.runners.curriculum.FailureReplay); the
     # task curriculum counts only the fresh episodes.  0: off.  Measured at 0.5 from the
-    # default's start: 86.1% / 79.2% at iteration 40 against 85.9% / 78.6% without it (push up,
-    # pick-and-place down; README, session 19), so it is off by default
+    # default's start: level with plain PPO (86.1% against 85.9% at iteration 40), so it is off
+    # (docs/experiments.md#2026-12-02--failure-replay-a-shorter-discount-and-the-push-failure-traced)
     replay_failures: float = 0.0
     replay_capacity: int = 512
     # demo-augmented RL (PPO-ptx / DAPG style): bc_coef weights a flow-matching loss on a
     # minibatch of bc_batch_size (observation, action chunk) pairs of the run's few-shot SFT
     # demos, added to every PPO / GRPO minibatch loss (local placement).  0: off, plain RL.
-    # Measured from the default's start (README, session 20): 0.2 ended level with plain PPO
-    # (86.5% / 78.6% against 85.9% / 78.6% at iteration 40), 1.0 lower (79.3% / 74.5%; the
-    # demo term then makes most of the gradient), so it is off by default
+    # From the default's start 0.2 ended level with plain PPO and 1.0 lower (the demo term then
+    # makes most of the gradient), so it is off by default
+    # (docs/experiments.md#2026-12-02--demos-in-the-rl-loss-critic-variants-80-iterations-rl-seeds)
     bc_coef: float = 0.0
     bc_batch_size: int = 64
 
@@ -254,28 +247,31 @@ class TrainConfig:
     run_dir: str | None = None  # None: runs/<timestamp>
     device: str = "cpu"
     threads: int | None = None  # torch intra-op threads (None: torch's default)
+    # compute precision of every policy forward (pretraining, SFT, rollouts, updates,
+    # evaluation): "bf16" = torch.autocast to bfloat16 (weights, gradients, optimiser state,
+    # chains, log-probs and losses stay float32; docs/method.md#precision), "fp32", or "auto" =
+    # bf16 on CUDA or a CPU with AMX / AVX512-BF16, else fp32 (pirl.models.precision).  A run
+    # folder whose config.yaml predates the field resumes in fp32, as it ran
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     env: EnvConfig = field(default_factory=EnvConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     # hybrid Flow-SDE (RLinf's pi0 / LIBERO default): measured to learn on the tabletop, and its
     # update re-evaluates one denoise step (Flow-Noise: all K)
-    # noise level 1.0 (RLinf: 0.5): with rl.action_chunk=4, PPO from two SFT checkpoints ended
-    # 1.2 and 4.3 points higher after 40 iterations (6.4 and 3.6 at iteration 10); with whole
-    # chunks executed it ended 4.5 points lower (README)
+    # noise level 1.0 (RLinf: 0.5): with rl.action_chunk=4 PPO ended 1.2 and 4.3 points higher
+    # from two starts
+    # (docs/experiments.md#2026-12-01--re-planning-after-half-a-chunk-and-a-larger-sde-noise-level)
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(kind="flow_sde",
                                                                          noise_level=1.0))
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     demos: DemoConfig = field(default_factory=DemoConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    # action_chunk=4: the policy re-plans after 4 of its 8 predicted steps.  From one few-shot
-    # SFT checkpoint (8 demos per task) ODE success was 63.5% executing all 8, 76.7% executing
-    # 4 and 77.8% executing 2 (train; OOD 63.0 / 74.0 / 67.2%), and PPO from it went further
-    # (README); 2 doubled the policy calls for nothing more at that start.  In RL it pays:
-    # from session 27's 57.3% start, PPO re-planning every 2 read 96.2% at iteration 20 against
-    # 85.4% re-planning every 4 (push stalled at ~90%), at ~2x the iteration's cost, so
-    # tabletop_headline re-plans every 2 (session 28); the default job keeps 4 for its time
-    # and its start (76.6% re-planning every 2, above the few-shot band; README)
-    # task_sampling="failure": 3.8 / 4.6 points above uniform at iteration 40 from the random-init
-    # 6-demo start (session 14); every pretrained-start run since used it (sessions 16-17)
+    # action_chunk=4: the policy re-plans after 4 of its 8 predicted steps, which lifted one SFT
+    # checkpoint's success from 63.5% (all 8) to 76.7%
+    # (docs/experiments.md#2026-12-01--re-planning-after-half-a-chunk-and-a-larger-sde-noise-level).
+    # Re-planning every 2 pays in RL at ~2x the cost (tabletop_headline,
+    # docs/experiments.md#2026-12-04--re-planning-every-2-steps-in-rl); the default keeps 4 for time
+    # task_sampling="failure": 3.8 / 4.6 points above uniform at iteration 40
+    # (docs/experiments.md#2026-12-01--model-capacity-sft-on-more-demos-against-few-shot-sft--rl)
     rl: RLConfig = field(default_factory=lambda: RLConfig(action_chunk=4,
                                                           task_sampling="failure"))
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -287,6 +283,8 @@ class TrainConfig:
         _check(self.device in ("cpu", "cuda") or self.device.startswith("cuda:"), "device",
                f"must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        _check(self.precision in ("auto", "fp32", "bf16"), "precision",
+               f"must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         _check(self.rl.noise_schedule == "constant" or self.placement.mode == "local",
                "rl.noise_schedule", f"a noise schedule needs placement.mode=local (the rollout "
                f"workers of {self.placement.mode!r} keep their own sampler copies)")
