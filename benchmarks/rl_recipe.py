@@ -8,22 +8,21 @@ is a normal ``pirl train`` run folder; the table reads their ``results.json`` an
 ``metrics.jsonl``, and its wall-clock is the run folder's (``invocations.jsonl``: the sum over
 the calls that ran it, also when the table is printed again later).  Extra
 ``section.field=value`` arguments apply to every run (e.g. a smaller ``rl.iterations`` for a
-quick look).  The shared start is the default's (since session 17:
-grounding pretraining of the prefix, then 500 SFT steps on 6 demos per task, in the few-shot
-band); ``--config tabletop_pretrained`` shares session 16's start above the band (1000 SFT
-steps) instead, and ``--config tabletop_headline`` issue #4's headline protocol (4000
-pretraining and 400 SFT steps, 60 iterations at 512 envs, re-planning every 2 steps since
-session 28; 1 thread, which reproduces a start exactly on one machine, but CPU numerics differ
-between machines: sessions 25-26's gave a 70.1% start, sessions 27-28's 57.3%, 56.6% re-planning
-every 2).  A variant's "before" is its own evaluation of the shared start, so a variant run with
+quick look).  The shared start is the default's (grounding pretraining of the prefix, then
+500 SFT steps on 6 demos per task, in the few-shot band); ``--config tabletop_pretrained``
+shares a start above the band (1000 SFT steps) instead, and ``--config tabletop_headline`` the
+headline protocol (4000 pretraining and 400 SFT steps, 60 iterations at 512 envs, re-planning
+every 2 steps; 1 thread, which reproduces a start exactly on one machine, but CPU numerics
+differ between machines: one gave a 70.1% start, another 57.3%, 56.6% re-planning every 2).  A variant's "before" is its own evaluation of the shared start, so a variant run with
 another ``rl.action_chunk`` compares like with like.  On 1 thread beside another run a Flow-SDE
 variant takes ~85 min (~2x an iteration re-planning every 4) and a Flow-Noise one ~4 h, so
 run the variants in parts; a finished variant is skipped, an interrupted one resumed, and the
-shared SFT start made once.  Session 28's rows (README):
+shared SFT start made once.  The commands of the re-planning-every-2 experiment
+(docs/experiments.md#2026-12-04--re-planning-every-2-steps-in-rl):
 
     PYTHONPATH=src .venv/bin/python benchmarks/rl_recipe.py --config tabletop_headline \
         --out runs/headline --variants ppo_flow_sde eval.videos=0
-    # re-planning every 4 steps, as sessions 25-27 (the start evaluated the same way), 40
+    # re-planning every 4 steps (the start evaluated the same way), 40
     # iterations extended to 60 and then 90 (each extension re-opens the cosine lr schedule):
     PYTHONPATH=src .venv/bin/python benchmarks/rl_recipe.py --config tabletop_headline \
         --out runs/headline --variants ppo_flow_noise eval.videos=0 rl.action_chunk=4 \
@@ -44,7 +43,7 @@ import json
 import time
 from pathlib import Path
 
-# Per-variant settings are the measured ones (README): PPO with Flow-Noise as in the
+# Per-variant settings are the measured ones (docs/experiments.md): PPO with Flow-Noise as in the
 # tabletop_flow_noise preset (per-step std 0.16-0.32, one ratio per chunk whose log-ratio is the
 # chain's average, lr 1e-4, failure-weighted task sampling: +15.3 points in 20 iterations, where
 # the 0.08-0.16 range gained 4.7 and per-element ratios collapsed).  GRPO with Flow-Noise: one
@@ -98,8 +97,8 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     from pirl.runners.train import resolve_config, run, run_wall_clock
 
     def wall_of(d: Path, measured: float) -> float:
-        """The run folder's recorded wall-clock (all its invocations; run folders from before
-        session 27 have no record: the time measured by this call if it ran one, else NaN)."""
+        """The run folder's recorded wall-clock (all its invocations; older run folders have no
+        invocations.jsonl: the time measured by this call if it ran one, else NaN)."""
         w = run_wall_clock(d)
         return w if w is not None else measured
 

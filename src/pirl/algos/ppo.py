@@ -402,8 +402,9 @@ class PPOConfig(PolicyUpdateConfig):
     noise.
     """
 
-    # per chunk step.  On the tabletop (README, session 19) 0.95 and 0.9 raised OOD success and
-    # the critic's explained variance but not the in-distribution end (one run each)
+    # per chunk step.  On the tabletop 0.95 and 0.9 raised OOD success and the critic's
+    # explained variance but not the in-distribution end (one run each;
+    # docs/experiments.md#2026-12-02--failure-replay-a-shorter-discount-and-the-push-failure-traced)
     gamma: float = 0.99
     gae_lambda: float = 0.95
     value_clip: float | None = 0.2

@@ -3,9 +3,10 @@
 pi0's prefix is a pretrained vision-language model (PaliGemma, whose pretraining includes
 localising what a text names); pi_RL keeps it frozen during RL.  A from-scratch tiny VLA has
 no such prefix: few-shot SFT fits its image encoder to a handful of demos, and that prefix then
-caps what RL on the action expert can reach (README, session 15).  This stage gives the tiny
-prefix the analogous, action-free skill: from the images + instruction (+ state) tokens,
-predict *where* the instruction's object and place are, and where the gripper is.
+caps what RL on the action expert can reach (docs/experiments.md, "Why RL stops at ~85%").
+This stage gives the tiny prefix the analogous, action-free skill: from the images +
+instruction (+ state) tokens, predict *where* the instruction's object and place are, and
+where the gripper is.
 
 Data are observations of the env under some behaviour (a noisy scripted controller here, i.e.
 play data; its actions are never a training target) with the env's scene annotation
