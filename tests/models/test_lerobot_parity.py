@@ -204,3 +204,68 @@ def test_wrong_channel_count_is_named():
     with pytest.raises(ValueError, match=r"obs\['images'\] must be \[B, cameras, 3, H, W\].*"
                                          r"got shape \(3, 3, 1, 45, 56\)"):
         pol.encode_prefix(obs)
+
+
+# ------------------------------------------------------------------------------ openpi layout
+
+
+def openpi_folder(src: Path, dst: Path) -> None:
+    """The LeRobot pi0 artifact rewritten in openpi's PyTorch layout: no ``model.`` prefix, the
+    older HF names (``paligemma.language_model.model.*``, ``paligemma.vision_tower.*``), the
+    embedding only as the tied ``lm_head``, ``config.json`` with openpi's fields and the stats in
+    ``assets/<asset_id>/norm_stats.json``."""
+    sd = {}
+    for k, v in load_file(str(src / "model.safetensors")).items():
+        if k.endswith("lm_head.weight"):
+            continue  # LeRobot saves the (unused) head apart; openpi's is the tied embedding
+        k = k[len("model."):]
+        k = k.replace("paligemma.model.language_model.", "paligemma.language_model.model.")
+        k = k.replace("paligemma.model.vision_tower.", "paligemma.vision_tower.")
+        k = k.replace("paligemma.model.multi_modal_projector.", "paligemma.multi_modal_projector.")
+        if k.endswith("language_model.model.embed_tokens.weight"):
+            k = "paligemma_with_expert.paligemma.language_model.lm_head.weight"
+        sd[k] = v
+    dst.mkdir()
+    save_file(sd, str(dst / "model.safetensors"))
+    (dst / "config.json").write_text(json.dumps({
+        "action_dim": 8, "action_horizon": 6, "paligemma_variant": "gemma_2b",
+        "action_expert_variant": "gemma_300m"}))
+    pre = next(src.glob("policy_preprocessor_step_*_normalizer_processor.safetensors"))
+    raw = load_file(str(pre))
+    stats = {ours: {s: raw[f"{theirs}.{s}"].tolist() for s in ("mean", "std", "q01", "q99")}
+             for ours, theirs in (("state", "observation.state"), ("actions", "action"))}
+    (dst / "assets" / "robot").mkdir(parents=True)
+    (dst / "assets" / "robot" / "norm_stats.json").write_text(json.dumps({"norm_stats": stats}))
+    shutil.copy(src / "tokenizer.json", dst / "tokenizer.json")
+    shutil.copy(src / "tokenizer_config.json", dst / "tokenizer_config.json")
+
+
+def test_openpi_layout_keys_and_conventions(tmp_path):
+    """Same weights in openpi's layout load key for key; the folder keeps openpi's conventions:
+    eps 1e-6 on both sides of mean / std, the prompt cleaned with its newline tokenized apart."""
+    lerobot = ART / "pi0"
+    openpi_folder(lerobot, tmp_path / "openpi")
+    a = load(lerobot)
+    arch = arch_for(lerobot)
+    b = load_pi0(tmp_path / "openpi", arch=arch, env_action_dim=4)
+    sa, sb = a.state_dict(), b.state_dict()
+    model_keys = [k for k in sa if not k.startswith(("normalizer.", "value_head."))]
+    assert sorted(model_keys) == sorted(k for k in sb if not k.startswith(("normalizer.", "value_head.")))
+    for k in model_keys:
+        assert torch.equal(sa[k], sb[k]), k
+    assert (b.cfg.norm_convention, b.cfg.prompt_format, b.normalizer.eps) == ("openpi", "openpi", 1e-6)
+    ref, meta = reference(lerobot)
+    x = ref["actions_10"]
+    mean, std = b.normalizer.actions_mean, b.normalizer.actions_std
+    torch.testing.assert_close(b.postprocess_actions(x), x[..., :4] * (std + 1e-6) + mean,
+                               atol=0, rtol=0)
+    s = ref["raw_state"]
+    torch.testing.assert_close(b.normalizer.normalize_state(s),
+                               (s - b.normalizer.state_mean) / (b.normalizer.state_std + 1e-6),
+                               atol=0, rtol=0)
+    ids, _ = b.tokenize(meta["instructions"], None)
+    tok = b.tokenizer
+    for row, text in zip(ids.tolist(), meta["instructions"]):
+        clean = text.strip().replace("_", " ")
+        want = tok.encode(clean, add_bos=True) + tok.encode("\n")
+        assert row[: len(want)] == want
