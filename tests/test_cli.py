@@ -33,11 +33,11 @@ def test_eval_takes_only_eval_overrides(monkeypatch, tmp_path):
             cli.main(["eval", str(tmp_path), *bad])
     seen = []
 
-    def fake_load_yaml(cls, path, overrides):
+    def fake_load_run_config(run_dir, overrides):
         seen.append(list(overrides))
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr("pirl.config.loading.load_yaml", fake_load_yaml)
+    monkeypatch.setattr("pirl.runners.train.load_run_config", fake_load_run_config)
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     with pytest.raises(RuntimeError, match="stop here"):
         cli.main(["eval", str(tmp_path), "--episodes", "4", "eval.num_steps=10", "threads=1"])

@@ -60,9 +60,7 @@ def cmd_sft(args) -> int:
 def cmd_eval(args) -> int:
     import json
 
-    from pirl.config.loading import load_yaml
     from pirl.runners.checkpoint import CheckpointError, load_checkpoint, load_module_state
-    from pirl.config.schema import TrainConfig
     from pirl.runners.train import Run, load_run_config
 
     for o in args.overrides:

@@ -247,6 +247,12 @@ class TrainConfig:
     run_dir: str | None = None  # None: runs/<timestamp>
     device: str = "cpu"
     threads: int | None = None  # torch intra-op threads (None: torch's default)
+    # compute precision of every policy forward (pretraining, SFT, rollouts, updates,
+    # evaluation): "bf16" = torch.autocast to bfloat16 (weights, gradients, optimiser state,
+    # chains, log-probs and losses stay float32; docs/method.md#precision), "fp32", or "auto" =
+    # bf16 on CUDA or a CPU with AMX / AVX512-BF16, else fp32 (pirl.models.precision).  A run
+    # folder whose config.yaml predates the field resumes in fp32, as it ran
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     env: EnvConfig = field(default_factory=EnvConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     # hybrid Flow-SDE (RLinf's pi0 / LIBERO default): measured to learn on the tabletop, and its
@@ -277,6 +283,8 @@ class TrainConfig:
         _check(self.device in ("cpu", "cuda") or self.device.startswith("cuda:"), "device",
                f"must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        _check(self.precision in ("auto", "fp32", "bf16"), "precision",
+               f"must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         _check(self.rl.noise_schedule == "constant" or self.placement.mode == "local",
                "rl.noise_schedule", f"a noise schedule needs placement.mode=local (the rollout "
                f"workers of {self.placement.mode!r} keep their own sampler copies)")

@@ -48,6 +48,16 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
     return x.clone() if x.is_inference() else x
 
 
+def _velocity(policy, prefix: Any, x: torch.Tensor, t: torch.Tensor):
+    """``policy.velocity`` with its velocity in the chain's dtype ``x.dtype``: the precision
+    boundary of the chain (a policy running in bf16 returns float32 already; this makes the
+    float32 chain independent of what a policy returns)."""
+    out = policy.velocity(prefix, x, t)
+    if out.velocity.dtype != x.dtype:
+        out = type(out)(velocity=out.velocity.to(x.dtype), features=out.features)
+    return out
+
+
 def _index_prefix(policy, prefix: Any, index: torch.Tensor) -> Any:
     if hasattr(policy, "prefix_index"):
         return policy.prefix_index(prefix, index)
@@ -104,7 +114,7 @@ class GaussianChainSampler(Sampler):
         for k in range(self.num_steps):
             t = grid[k].expand(b)
             t_next = grid[k + 1].expand(b)
-            out = policy.velocity(prefix, x, t)
+            out = _velocity(policy, prefix, x, t)
             s_k = stoch[:, k]
             mean, std = self.transition(x, out, t, t_next, s_k)
             if all_k[k]:  # fast paths: whole batch stochastic / deterministic at this step
@@ -159,7 +169,7 @@ class GaussianChainSampler(Sampler):
         pre = _index_prefix(policy, prefix, rows)
         x_in = x[rows, steps]
         t, t_next = grid[steps], grid[steps + 1]
-        out = policy.velocity(pre, x_in, t)
+        out = _velocity(policy, pre, x_in, t)
         mean_n, std_n = self.transition(x_in, out, t, t_next, stoch[rows, steps])
         mean = _plain(chain.mean).to(mean_n.dtype).index_put((rows, steps), mean_n)
         std = _plain(chain.std).to(std_n.dtype).index_put((rows, steps), std_n)

@@ -81,7 +81,7 @@ def flow_matching_loss(policy: "FlowPolicy", prefix: Any, actions: torch.Tensor,
     tt = time.view(b, 1, 1)
     x_t = tt * noise + (1.0 - tt) * actions
     target = noise - actions
-    v = policy.velocity(prefix, x_t, time).velocity
+    v = policy.velocity(prefix, x_t, time).velocity.to(target.dtype)
     err = (v - target).pow(2)
     if mask is None:
         return err.mean()
@@ -99,6 +99,25 @@ class FlowPolicy(nn.Module):
     action_horizon: int
     action_dim: int
     feature_dim: int
+    #: the dtype the policy's matmuls / convolutions / attention run in under autocast (None:
+    #: its parameters' own, float32); set with :meth:`set_precision` (the run's ``precision``).
+    #: Whatever it is, the methods below return float32 velocities, features and values: the
+    #: precision boundary is this interface (docs/method.md, "Precision")
+    autocast_dtype: torch.dtype | None = None
+
+    def set_precision(self, dtype: torch.dtype | None) -> "FlowPolicy":
+        """Run the forward passes under ``torch.autocast(dtype)`` (None: no autocast)."""
+        self.autocast_dtype = dtype
+        return self
+
+    def autocast(self, device: Any = None):
+        """The context the policy's forward passes run in (see :attr:`autocast_dtype`)."""
+        from pirl.models.precision import autocast
+
+        if device is None:
+            p = next(self.parameters(), None)
+            device = p.device if p is not None else "cpu"
+        return autocast(device, self.autocast_dtype)
 
     def encode_prefix(self, obs: Obs) -> Any:
         """Run the prefix (VLM) once for a batch of observations; return a cache object that

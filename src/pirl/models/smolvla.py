@@ -251,8 +251,10 @@ class SmolVLAPolicy(FlowPolicy):
         return frozen
 
     def _autocast(self, device: torch.device):
-        return torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=self.cfg.train.autocast_bf16)
+        # train.autocast_bf16, or the run's precision (FlowPolicy.set_precision)
+        return torch.autocast(device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                              enabled=self.cfg.train.autocast_bf16
+                              or self.autocast_dtype is not None)
 
     @property
     def _ckpt(self) -> bool:

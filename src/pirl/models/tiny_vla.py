@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pirl.models.base import FlowPolicy, Obs, VelocityOut
+from pirl.models.precision import full_precision
 from pirl.models.tokenizer import WordTokenizer
 from pirl.models.vla_common import Normalizer
 
@@ -419,11 +420,13 @@ class TinyVLA(FlowPolicy):
         return torch.cat(parts, 1), torch.cat(masks, 1)
 
     def encode_prefix(self, obs: Obs) -> TinyPrefix:
-        """Encode ``obs`` once: prefix tokens, mask and every expert layer's cross-attention K/V."""
-        x, mask = self._prefix_tokens(obs)
-        for blk in self.prefix_blocks:
-            x = blk(x, mask)
-        x = self.prefix_norm(x)
+        """Encode ``obs`` once: prefix tokens, mask and every expert layer's cross-attention K/V.
+        (Under a bf16 precision the tokens are float32, the K/V cache bf16.)"""
+        with self.autocast():
+            x, mask = self._prefix_tokens(obs)
+            for blk in self.prefix_blocks:
+                x = blk(x, mask)
+            x = full_precision(self.prefix_norm(x))
         time_left = obs.get("time_left")
         if time_left is not None:
             time_left = torch.as_tensor(time_left, device=x.device, dtype=x.dtype)
@@ -438,7 +441,8 @@ class TinyVLA(FlowPolicy):
     def thaw_prefix(self, frozen: TinyPrefix) -> TinyPrefix:
         """Add every expert layer's cross-attention K/V (current expert weights) to the tokens."""
         x = frozen.tokens
-        kv = torch.stack([blk.cross_attn.project_kv(x) for blk in self.expert_blocks], dim=1)
+        with self.autocast(x.device):
+            kv = torch.stack([blk.cross_attn.project_kv(x) for blk in self.expert_blocks], dim=1)
         return TinyPrefix(tokens=x, mask=frozen.mask, kv=kv, time_left=frozen.time_left)
 
     # ------------------------------------------------------------------ expert
@@ -448,12 +452,14 @@ class TinyVLA(FlowPolicy):
         t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device)
         if t.dim() == 0:
             t = t.expand(b)
-        a = self.action_in(x_t)                                               # [B, H, D]
-        te = sinusoidal_embedding(t, self.feature_dim)[:, None, :].expand_as(a)
-        h = self.action_time_mlp(torch.cat([a, te], dim=-1)) + self.action_pos
-        for i, blk in enumerate(self.expert_blocks):
-            h = blk(h, prefix.kv[:, i], prefix.mask)
-        feats = self.expert_norm(h)
+        with self.autocast(x_t.device):
+            a = self.action_in(x_t)                                           # [B, H, D]
+            te = sinusoidal_embedding(t, self.feature_dim)[:, None, :].expand_as(a)
+            h = self.action_time_mlp(torch.cat([a, te], dim=-1)) + self.action_pos
+            for i, blk in enumerate(self.expert_blocks):
+                h = blk(h, prefix.kv[:, i], prefix.mask)
+            feats = full_precision(self.expert_norm(h))
+        # the velocity head runs outside autocast: float32 like the features (as pi0's)
         return VelocityOut(velocity=self.action_out(feats), features=feats)
 
     # ------------------------------------------------------------------ critic
@@ -476,7 +482,12 @@ class TinyVLA(FlowPolicy):
         return self.cfg.critic_time
 
     def value(self, prefix: TinyPrefix) -> torch.Tensor:
-        """Critic ``[B]``; with ``critic_detach`` its gradient reaches only the value MLP."""
+        """Critic ``[B]`` (float32 under any precision); with ``critic_detach`` its gradient
+        reaches only the value MLP."""
+        with self.autocast(prefix.tokens.device):
+            return full_precision(self._value(prefix))
+
+    def _value(self, prefix: TinyPrefix) -> torch.Tensor:
         feat = self.value_features(prefix)
         if self.cfg.critic_detach:
             feat = feat.detach()

@@ -257,6 +257,8 @@ class RLTrainer:
             "perf/env_steps_per_s": ro.env_steps / max(t_roll, 1e-9),
             "perf/learner_samples_per_s": idx.numel() * self.hp.update_epochs / max(t_upd, 1e-9),
             "perf/rollout_s": t_roll, "perf/update_s": t_upd,
+            # within the rollout: the env's steps and the policy's forwards
+            "perf/rollout_env_s": ro.env_s, "perf/rollout_policy_s": ro.policy_s,
             "env_steps": float(self.env_steps),
         })
         return metrics

@@ -8,6 +8,7 @@ chunk are executed, and everything PPO / GRPO need is stored as ``[T, N, ...]``.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,8 @@ class Rollout:
     frames: optional ``[T*H, N, 3, h, w]`` uint8 for videos.
     prefixes: optional list of T frozen prefix caches (:meth:`FlowPolicy.frozen_prefix`, on the
     CPU), kept when the learner reuses them instead of re-encoding ``obs``.
+    env_s / policy_s: wall seconds spent in the env (reset, chunk steps, rendering) and in the
+    policy (prefix, sampler chain, critic) during the collection; the rest is bookkeeping.
     """
 
     obs: list[Obs]
@@ -78,6 +81,8 @@ class Rollout:
     env_steps: int
     frames: torch.Tensor | None = None
     prefixes: list[Any] | None = None
+    env_s: float = 0.0
+    policy_s: float = 0.0
 
     @property
     def episode_success(self) -> torch.Tensor:
@@ -100,7 +105,11 @@ def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks
     A critic that reads the time left (``policy.critic_takes_time``) gets ``obs["time_left"]
     [N]`` = ``1 - t / num_chunks`` at chunk step ``t`` (every env starts its episode at the
     reset), 0 at the final bootstrap observation; it is stored with the observations.
+    The rollout's ``env_s`` / ``policy_s`` time the env and the policy calls (on a GPU the
+    policy's time includes the transfer of its values to the CPU, which waits for it).
     """
+    clock = time.perf_counter
+    t_env = clock()
     obs = env.reset(**reset_kwargs)
     n = env.num_envs
     device = next(policy.parameters()).device
@@ -108,6 +117,7 @@ def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks
     obs_l, chains, values = [], [], []
     rewards, terms, truncs, succ, valid = [], [], [], [], []
     frames = [env.render()] if record else None
+    env_s, policy_s = clock() - t_env, 0.0
     prefixes: list[Any] | None = [] if keep_prefix else None
     steps = 0
     timed = with_values and getattr(policy, "critic_takes_time", False)
@@ -119,13 +129,18 @@ def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks
         return p
 
     for t in range(num_chunks):
+        t_pol = clock()
         pobs = observe(obs, t)
         prefix = policy.encode_prefix(pobs)
         chain = sampler.sample(policy, prefix, generator=generator)
         v = policy.value(prefix).float().cpu() if with_values else torch.zeros(n)
         act = env_actions(policy.postprocess_actions(chain.actions), action_chunk,
                           env.action_dim).to(env.device)
+        t_env = clock()
         out = env.step_chunk(act, record=record)
+        t_done = clock()
+        policy_s += t_env - t_pol
+        env_s += t_done - t_env
         obs_l.append(to_device(pobs, "cpu"))
         if prefixes is not None:
             frozen = policy.frozen_prefix(prefix)
@@ -150,7 +165,9 @@ def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks
     vals = torch.stack(values)
     if with_values:
         # (after the last chunk step or, if all envs ended early, their final obs)
+        t_pol = clock()
         last = policy.value(policy.encode_prefix(observe(obs, len(obs_l)))).float().cpu()
+        policy_s += clock() - t_pol
         nxt = torch.cat([vals[1:], last[None]], dim=0)
     else:
         nxt = torch.zeros_like(vals)
@@ -161,4 +178,4 @@ def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks
                    truncated=torch.stack(truncs), success=torch.stack(succ),
                    valid=torch.stack(valid), env_steps=steps,
                    frames=torch.stack([f.cpu() for f in frames]) if record else None,
-                   prefixes=prefixes)
+                   prefixes=prefixes, env_s=env_s, policy_s=policy_s)

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from pirl.config.loading import ConfigError, load_yaml, save_yaml, to_dict
 from pirl.runners.checkpoint import (CheckpointError, load_checkpoint, load_module_state,
                                      save_checkpoint)
 from pirl.config.schema import TrainConfig
+from pirl.models.precision import precision_name, resolve_precision
 from pirl.runners.logger import RunLogger, hardware_info, plot_success
 
 
@@ -55,7 +57,8 @@ def make_policy(cfg: TrainConfig, env) -> Any:
     if hasattr(env, "vocabulary"):
         kw.setdefault("vocabulary", list(env.vocabulary()))
     torch.manual_seed(cfg.seed)
-    return build_policy(cfg.model.name, **kw).to(cfg.device)
+    policy = build_policy(cfg.model.name, **kw).to(cfg.device)
+    return policy.set_precision(resolve_precision(cfg.precision, cfg.device))
 
 
 def make_sampler(cfg: TrainConfig, policy, kind: str | None = None, num_steps: int | None = None):
@@ -102,6 +105,8 @@ class Run:
             torch.set_num_threads(cfg.threads)
         self.env = make_train_env(cfg, split="train")
         self.policy = make_policy(cfg, self.env)
+        self.precision = precision_name(self.policy.autocast_dtype)
+        print(f"precision: {self.precision}" + (" (auto)" if cfg.precision == "auto" else ""))
         if (cfg.eval.action_chunk or 0) > self.policy.action_horizon:  # before any training
             raise ConfigError(f"eval.action_chunk: {cfg.eval.action_chunk} steps exceed the "
                               f"policy's action horizon {self.policy.action_horizon}")
@@ -113,6 +118,19 @@ class Run:
         self.stage = "start"
         self.results: dict[str, Any] = {}
         self._eval_envs: dict[str, Any] = {}
+        # wall seconds per phase, summed over the run folder's invocations (PHASES; saved with
+        # the checkpoints, written to results.json as "timing")
+        self.timing: dict[str, float] = {}
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.timing[phase] = self.timing.get(phase, 0.0) + float(seconds)
+
+    def write_results(self, total: float | None = None) -> None:
+        """``RUN/results.json``: every evaluation (by tag), the precision and the phase times
+        (:func:`phase_times`; with ``total`` the run folder's wall-clock and the rest)."""
+        out = dict(self.results) | {"precision": self.precision,
+                                    "timing": phase_times(self.timing, total)}
+        (self.dir / "results.json").write_text(json.dumps(out, indent=2))
 
     # ----------------------------------------------------------------- eval
     def evaluate(self, tag: str, videos: bool = False) -> dict[str, Any]:
@@ -120,6 +138,7 @@ class Run:
 
         cfg = self.cfg
         out = {}
+        t0 = time.perf_counter()
         action_chunk = cfg.eval.action_chunk or cfg.rl.action_chunk or self.policy.action_horizon
         # rl.max_chunks counts the rollouts' chunks: it holds when evaluation re-plans as they do
         max_chunks = None if cfg.eval.action_chunk else cfg.rl.max_chunks
@@ -139,7 +158,8 @@ class Run:
                                       num_chunks=num_chunks, video_path=vid,
                                       video_episodes=cfg.eval.videos)
         self.results[tag] = out
-        (self.dir / "results.json").write_text(json.dumps(self.results, indent=2))
+        self.add_time("eval", time.perf_counter() - t0)
+        self.write_results()
         step = self.trainer.env_steps if self.trainer else 0
         self.logger.log(step, {f"{s}_success": r["success"] for s, r in out.items()} |
                         {"env_steps": step}, prefix="eval/")
@@ -150,7 +170,8 @@ class Run:
     def save(self, name: str = "last.pt") -> None:
         state = {"config": to_dict(self.cfg), "stage": self.stage,
                  "policy": self.policy.state_dict(), "sampler": self.sampler.state_dict(),
-                 "results": self.results, "torch_rng": torch.get_rng_state()}
+                 "results": self.results, "torch_rng": torch.get_rng_state(),
+                 "timing": self.timing}
         if self.trainer is not None:
             state["trainer"] = self.trainer.state_dict()
         save_checkpoint(self.ckpt_dir / name, state)
@@ -164,6 +185,7 @@ class Run:
         load_module_state(self.sampler, state["sampler"], "sampler")
         self.stage = state["stage"]
         self.results = state.get("results", {})
+        self.timing = dict(state.get("timing", {}))
         torch.set_rng_state(state["torch_rng"])
         if "trainer" in state:
             self._make_trainer()
@@ -200,9 +222,11 @@ class Run:
             from pirl.envs.demos import generate_demos
 
             print(f"generating {cfg.demos.episodes_per_task} scripted demos per task -> {out}")
+            t0 = time.perf_counter()
             generate_demos(env_name=cfg.env.name, episodes_per_task=cfg.demos.episodes_per_task,
                            out_dir=out, seed=cfg.demos.seed, noise=cfg.demos.noise,
                            env_kwargs=dict(cfg.env.kwargs))
+            self.add_time("demos", time.perf_counter() - t0)
         return out
 
     def _stage_progress(self, steps: int, desc: str, prefix: str):
@@ -249,6 +273,7 @@ class Run:
                                  warmup_steps=pc.warmup_steps, seed=pc.seed, callback=cb)
         if hasattr(bar, "close"):
             bar.close()
+        self.add_time("pretrain", time.perf_counter() - t0)
         err = ", ".join(f"{name} {e:.3f}" for name, e in
                         zip(("object", "place", "gripper", "relative"), out["error"].tolist()))
         print(f"grounding pretraining: {pc.steps} steps in {time.perf_counter() - t0:.0f}s; "
@@ -298,6 +323,7 @@ class Run:
                     p.requires_grad_(flag)
             if hasattr(bar, "close"):
                 bar.close()
+            self.add_time("sft", time.perf_counter() - t0)
             print(f"SFT: {cfg.sft.steps} steps on {len(data)} samples in "
                   f"{time.perf_counter() - t0:.0f}s")
         self.evaluate("sft")
@@ -314,7 +340,13 @@ class Run:
                         desc=f"RL ({cfg.rl.algo}, {cfg.sampler.kind})", initial=tr.iter,
                         total=cfg.rl.iterations)
         for _ in bar:
+            t_it, t_eval = time.perf_counter(), self.timing.get("eval", 0.0)
             m = tr.iteration()
+            roll, upd = m.get("perf/rollout_s", 0.0), m.get("perf/update_s", 0.0)
+            for phase, key in (("rl_rollout", "perf/rollout_s"), ("rl_update", "perf/update_s"),
+                               ("rl_rollout_env", "perf/rollout_env_s"),
+                               ("rl_rollout_policy", "perf/rollout_policy_s")):
+                self.add_time(phase, m.get(key, 0.0))
             self.logger.log(tr.env_steps, m)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(success=f"{m['rollout/success']:.2f}",
@@ -322,6 +354,9 @@ class Run:
             if tr.iter % cfg.rl.eval_every == 0 and tr.iter < cfg.rl.iterations:
                 self.evaluate(f"rl_{tr.iter}")
             self.stage = "rl"
+            # advantages, logging, checkpoints (the iteration's evaluation counts as eval)
+            self.add_time("rl_other", time.perf_counter() - t_it - roll - upd
+                          - (self.timing.get("eval", 0.0) - t_eval))
             if tr.iter % cfg.checkpoint_every == 0 or tr.iter == cfg.rl.iterations:
                 self.save()
         self.stage = "rl_done"
@@ -336,6 +371,56 @@ class Run:
         self.save()
         self.logger.close()
         return res
+
+
+# the phases of Run.timing, in order: (key, label); rl_rollout_env / rl_rollout_policy split
+# rl_rollout (the env's steps / the policy's forwards, the rest is the rollout's bookkeeping)
+PHASES = (("pretrain", "grounding pretraining"), ("demos", "demo generation"), ("sft", "SFT"),
+          ("rl_rollout", "RL rollouts"), ("rl_update", "RL updates"),
+          ("rl_other", "RL advantages, logging, checkpoints"), ("eval", "evaluation"))
+
+
+def phase_times(timing: dict[str, float], total: float | None = None) -> dict[str, float]:
+    """Seconds per phase (``timing``'s, 0 for a phase that did not run); with the run's
+    wall-clock ``total`` also ``"total"`` and ``"other"`` (setup, checkpoints, plots: the
+    total less the phases)."""
+    out = {k: float(timing.get(k, 0.0)) for k, _ in PHASES}
+    out |= {k: float(timing.get(k, 0.0)) for k in ("rl_rollout_env", "rl_rollout_policy")}
+    if total is not None:
+        out["other"] = max(0.0, total - sum(out[k] for k, _ in PHASES))
+        out["total"] = float(total)
+    return out
+
+
+def format_phase_times(times: dict[str, float]) -> str:
+    """A markdown table of :func:`phase_times` (minutes and share of the total)."""
+    total = times.get("total") or sum(times.get(k, 0.0) for k, _ in PHASES) or 1.0
+    rows = ["| phase | s | min | share |", "|---|---|---|---|"]
+    for k, label in PHASES + (("other", "other (setup, checkpoints, plots)"),):
+        if k not in times:
+            continue
+        if k == "rl_rollout" and times[k] > 0:
+            label += (f" (env {times.get('rl_rollout_env', 0) / 60:.1f} min, policy "
+                      f"{times.get('rl_rollout_policy', 0) / 60:.1f} min)")
+        rows.append(f"| {label} | {times[k]:.0f} | {times[k] / 60:.1f} | "
+                    f"{100 * times[k] / total:.0f}% |")
+    if "total" in times:
+        rows.append(f"| **total** | **{times['total']:.0f}** | **{times['total'] / 60:.1f}** | "
+                    "100% |")
+    return "\n".join(rows)
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """The config of a run folder (``RUN/config.yaml``, then ``overrides``).  A config saved
+    before the ``precision`` field existed gets ``precision=fp32``: the run computed in float32,
+    and a resumed or re-evaluated run keeps doing so (a new config's default is ``auto``)."""
+    path = Path(run_dir) / "config.yaml"
+    cfg = load_yaml(TrainConfig, path)
+    if "precision" not in (yaml.safe_load(path.read_text()) or {}):
+        cfg.precision = "fp32"
+    from pirl.config.loading import apply_overrides
+
+    return apply_overrides(cfg, overrides or [])
 
 
 def resolve_config(config: str | None, overrides: list[str]) -> TrainConfig:
@@ -366,7 +451,7 @@ def run(cfg: TrainConfig | None = None, resume: str | Path | None = None,
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").exists():
             raise CheckpointError(f"{run_dir} is not a pirl run folder (no config.yaml)")
-        cfg = load_yaml(TrainConfig, run_dir / "config.yaml")
+        cfg = load_run_config(run_dir)
         if iterations is not None:
             if iterations < cfg.rl.iterations:
                 raise ConfigError(f"rl.iterations: a resumed run can be extended, not shortened "
@@ -403,6 +488,10 @@ def run(cfg: TrainConfig | None = None, resume: str | Path | None = None,
                             "resumed": resume is not None, "hardware": hardware_info(),
                             "argv": [Path(sys.argv[0]).name] + sys.argv[1:],
                             **(command or {})}) + "\n")
+    times = phase_times(r.timing, run_wall_clock(run_dir))
+    r.write_results(times["total"])
+    print(f"\ntime per phase (precision {r.precision}; all invocations of the run folder):\n"
+          + format_phase_times(times))
     print(f"run folder: {run_dir}  ({wall / 60:.1f} min this invocation)")
     return r.results
 
