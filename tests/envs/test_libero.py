@@ -368,6 +368,61 @@ def test_same_seed_same_start_defaults_deterministic():
     assert torch.equal(o1["state"], o2["state"]) and torch.equal(o1["task_id"], o2["task_id"])
 
 
+def test_wrong_action_shape_is_an_error():
+    env = _fake_env(2)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"action must have shape \[num_envs=2, action_dim=1\]"):
+        env.step(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="got \\[3, 1\\]"):
+        env.step(torch.ones(3, 1))
+
+
+class DyingSlotForPoolTests(FakeSlotForPoolTests):
+    """Fake slot whose process exits hard on its first step (a crashed simulator)."""
+
+    def step(self, action):
+        os._exit(3)
+
+
+def test_dead_worker_stops_the_pool():
+    import functools
+
+    pool = L.SubprocEnvPool([functools.partial(FakeSlotForPoolTests, 3.0),
+                             functools.partial(DyingSlotForPoolTests, 3.0)],
+                            start_method="fork")
+    env = L.PoolBatchedEnv(pool, task_names=["a"], instructions=["do a"], action_dim=1,
+                           state_dim=1, max_episode_steps=5)
+    env.reset(seed=0)
+    with pytest.raises(RuntimeError, match=r"env worker 1 .*died \(exit code 3\)"):
+        env.step(torch.ones(2, 1))
+    # no further step on the survivors' partial data: the pool is closed
+    with pytest.raises(RuntimeError, match="pool is closed"):
+        env.step(torch.ones(2, 1))
+
+
+def test_unknown_suite_and_obs_mode_are_errors():
+    with pytest.raises(ValueError, match="unknown LIBERO suite 'libero_nope'"):
+        L.LiberoEnv("libero_nope", 1)
+    with pytest.raises(ValueError, match="obs_mode must be one of"):
+        L.LiberoEnv("libero_spatial", 1, obs_mode="depth")
+
+
+def test_privileged_state_layout():
+    raw = {"robot0_eef_pos": np.array([0.1, 0.2, 0.3]),
+           "robot0_eef_quat": np.array([0.0, 0.0, 0.0, 1.0]),
+           "robot0_gripper_qpos": np.array([0.04, -0.04]),
+           "bowl_pos": np.array([1.0, 2.0, 3.0]), "bowl_quat": np.array([0.0, 0.0, 0.6, 0.8]),
+           "plate_pos": np.array([4.0, 5.0, 6.0]), "plate_quat": np.array([0.0, 0.0, 0.0, 1.0])}
+    v = L.privileged_state(raw, ["bowl", "plate"], 8 + 7 * 3)
+    assert v.dtype == np.float32 and v.shape == (29,)
+    assert np.allclose(v[:8], L.libero_state(raw))
+    assert np.allclose(v[8:15], [1, 2, 3, 0, 0, 0.6, 0.8])
+    assert np.allclose(v[15:22], [4, 5, 6, 0, 0, 0, 1])
+    assert (v[22:] == 0).all()
+    with pytest.raises(ValueError, match="dim=15"):
+        L.privileged_state(raw, ["bowl", "plate"], 15)
+
+
 # ----------------------------------------------------------------------------- real LIBERO
 
 
@@ -397,11 +452,79 @@ def test_suite_tables_and_init_states():
     assert init.shape[0] == L.NUM_INIT_STATES and init.ndim == 2
 
 
+FOUR_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("suite", FOUR_SUITES)
+def test_real_task0_state_mode(suite):
+    """Task 0 of each evaluation suite without rendering: two worker processes, LIBERO's fixed
+    init states (same seed -> same start, another init state -> another start), 20 steps."""
+    pytest.importorskip("libero")
+    env = L.LiberoEnv(suite, 2, task_indices=[0], obs_mode="state")
+    try:
+        dim = L.suite_state_dim(suite)
+        assert env.state_dim == dim and dim > L.ROBOT_STATE_DIM
+        obs = env.reset(task_ids=torch.tensor([0, 0]), episode_seeds=torch.tensor([7, 57]))
+        assert "images" not in obs and obs["state"].shape == (2, dim)
+        assert torch.equal(obs["state"][0], obs["state"][1])  # 7 % 50 == 57 % 50
+        objs = L.task_objects(L.suite_tasks(suite)[0])
+        used = L.ROBOT_STATE_DIM + L.OBJECT_SLOT_DIM * len(objs)
+        assert (obs["state"][:, used:] == 0).all()
+        # object quaternions are unit quaternions; the gripper starts open
+        quats = obs["state"][0, 8:used].reshape(-1, 7)[:, 3:]
+        assert torch.allclose(quats.norm(dim=-1), torch.ones(len(objs)), atol=1e-4)
+        assert obs["state"][0, 6] > 0.03
+        other = env.reset(task_ids=torch.tensor([0, 0]), episode_seeds=torch.tensor([7, 8]))
+        assert not torch.allclose(other["state"][0, 8:used], other["state"][1, 8:used])
+        z0 = other["state"][:, 2].clone()
+        for _ in range(20):
+            out = env.step(torch.tensor([[0.0, 0.0, 1.0, 0, 0, 0, -1.0]]).repeat(2, 1))
+        assert not out.done.any() and out.info["success"].dtype == torch.bool
+        assert (out.obs["state"][:, 2] > z0 + 0.02).all()  # +z delta pose moved the hand up
+    finally:
+        env.close()
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("suite", FOUR_SUITES)
+def test_real_task0_image_mode(suite):
+    """Task 0 of each evaluation suite with both cameras rendered (in this process)."""
+    pytest.importorskip("libero")
+    env = L.LiberoEnv(suite, 1, task_indices=[0], image_size=64, render_size=128,
+                      processes=False)
+    try:
+        obs = env.reset(task_ids=torch.tensor([0]), episode_seeds=torch.tensor([0]))
+        assert obs["images"].shape == (1, 2, 3, 64, 64) and obs["state"].shape == (1, 8)
+        assert obs["images"].float().std() > 5  # a rendered scene, not a blank frame
+        for _ in range(3):
+            out = env.step(torch.zeros(1, 7))
+        assert not out.done.any()
+    finally:
+        env.close()
+
+
+@pytest.mark.sim
+def test_real_bad_inputs():
+    pytest.importorskip("libero")
+    with pytest.raises(ValueError, match=r"task_indices \[10\] out of range: libero_goal has 10"):
+        L.LiberoEnv("libero_goal", 1, task_indices=[10], obs_mode="state")
+    slot = L.LiberoSubEnv("libero_object", obs_mode="state")
+    try:
+        with pytest.raises(IndexError, match="init-state index 50 out of range"):
+            slot.reset(0, 50, 0)
+        with pytest.raises(IndexError, match="task index 12 out of range"):
+            slot.reset(12, 0, 0)
+        slot.reset(0, 49, 0)
+        with pytest.raises(ValueError, match=r"7-D .*got shape \[6\]"):
+            slot.step(np.zeros(6))
+    finally:
+        slot.close()
+
+
 @pytest.mark.sim
 def test_real_task_smoke():
     pytest.importorskip("libero")
-    # no skip: the libero extra installs the assets (a missing package fails with the install
-    # command, LiberoAssetsMissing)
     env = L.LiberoEnv("libero_spatial", 2, image_size=64, render_size=128)
     try:
         obs = env.reset(seed=0, task_ids=torch.tensor([0, 0]), episode_seeds=torch.tensor([3, 3]))

@@ -448,13 +448,22 @@ class SubprocEnvPool:
     def _recv(self, i: int) -> Any:
         try:
             status, payload = self._conns[i].recv()
-        except EOFError as e:
-            self.close()
-            raise RuntimeError(f"env worker {i} died (exit code {self._procs[i].exitcode})") from e
+        except (EOFError, ConnectionResetError) as e:
+            raise self._died(i) from e
         if status == "error":
             self.close()
             raise RuntimeError(f"env worker {i} failed:\n{payload}")
         return payload
+
+    def _died(self, i: int) -> RuntimeError:
+        """Close the whole pool (no call may go on with the other workers' partial results)
+        and return the error naming the dead worker and its exit code."""
+        self._procs[i].join(timeout=2)
+        code = self._procs[i].exitcode
+        self.close()
+        return RuntimeError(f"env worker {i} (pid {self._procs[i].pid}) died (exit code {code}); "
+                            "the pool is closed: its envs' episodes are lost, so training / "
+                            "evaluation cannot continue on this pool")
 
     def call(self, method: str, args: Sequence[tuple] | None = None,
              kwargs: Sequence[dict] | None = None,
@@ -466,10 +475,16 @@ class SubprocEnvPool:
         kwargs = [{}] * len(idx) if kwargs is None else list(kwargs)
         if not (len(args) == len(kwargs) == len(idx)):
             raise ValueError("args / kwargs must have one entry per called worker")
+        if self._closed:
+            raise RuntimeError(f"env pool is closed (a worker died or close() was called); "
+                               f"cannot call {method!r}")
         if self.in_process:
             return [getattr(self._objs[i], method)(*a, **k) for i, a, k in zip(idx, args, kwargs)]
         for i, a, k in zip(idx, args, kwargs):
-            self._conns[i].send(("call", method, tuple(a), dict(k)))
+            try:
+                self._conns[i].send(("call", method, tuple(a), dict(k)))
+            except (BrokenPipeError, ConnectionResetError, OSError) as e:
+                raise self._died(i) from e
         return [self._recv(i) for i in idx]
 
     def close(self) -> None:
@@ -505,15 +520,77 @@ class SubprocEnvPool:
 # One LIBERO env slot (runs inside a worker process)
 # --------------------------------------------------------------------------------------------
 
-class LiberoSubEnv:
-    """One LIBERO env slot: rebuilds its ``OffScreenRenderEnv`` when the task changes.
+OBS_MODES = ("image", "state")
+#: Robot part of the ``state``-mode vector (:func:`libero_state`) and the size of one object
+#: slot after it: position 3 + quaternion 4 (robosuite's xyzw).
+ROBOT_STATE_DIM = 8
+OBJECT_SLOT_DIM = 7
 
-    Observations are returned as numpy: ``images [2, 3, S, S]`` uint8 (agent view, wrist),
-    ``state [8]`` float32.
+
+def task_objects(task: LiberoTask) -> list[str]:
+    """The task's movable objects in ``state``-mode slot order: the bddl's objects of interest
+    first (for the pick-and-place suites: the object to move, then the target), then the other
+    objects in the bddl's order.  Fixtures (table, cabinet, stove ...) have no pose observable
+    in LIBERO and are left out."""
+    from libero.libero.envs.bddl_utils import robosuite_parse_problem
+
+    info = robosuite_parse_problem(task.bddl_file)
+    objects = [name for names in info["objects"].values() for name in names]
+    first = [o for o in info["obj_of_interest"] if o in objects]
+    return first + [o for o in objects if o not in first]
+
+
+def task_of_interest(task: LiberoTask) -> tuple[str, str]:
+    """``(object, target)`` of a pick-and-place task: the bddl's first two objects of
+    interest (libero_spatial: the named black bowl and ``plate_1``; libero_object: the named
+    grocery item and ``basket_1``)."""
+    from libero.libero.envs.bddl_utils import robosuite_parse_problem
+
+    ooi = robosuite_parse_problem(task.bddl_file)["obj_of_interest"]
+    if len(ooi) < 2:
+        raise ValueError(f"task {task.name!r} names {len(ooi)} objects of interest; a "
+                         "pick-and-place expert needs an object and a target")
+    return ooi[0], ooi[1]
+
+
+@functools.lru_cache(maxsize=None)
+def suite_state_dim(suite: str) -> int:
+    """Size of the ``state``-mode vector of a suite: robot state + one slot per object of the
+    task with the most objects (other tasks are zero-padded to it)."""
+    n = max(len(task_objects(t)) for t in suite_tasks(suite))
+    return ROBOT_STATE_DIM + OBJECT_SLOT_DIM * n
+
+
+def privileged_state(raw: dict[str, np.ndarray], objects: Sequence[str],
+                     dim: int) -> np.ndarray:
+    """``state``-mode vector ``[dim]`` float32: :func:`libero_state` (8), then for each of
+    ``objects`` its position (3) and xyzw quaternion (4) from LIBERO's object observables
+    (``<name>_pos``, ``<name>_quat``), zero-padded to ``dim``."""
+    parts = [libero_state(raw)]
+    for o in objects:
+        parts += [np.asarray(raw[f"{o}_pos"], np.float32), np.asarray(raw[f"{o}_quat"], np.float32)]
+    v = np.concatenate(parts).astype(np.float32)
+    if v.shape[0] > dim:
+        raise ValueError(f"state of {len(objects)} objects needs {v.shape[0]} > dim={dim}")
+    return np.pad(v, (0, dim - v.shape[0]))
+
+
+class LiberoSubEnv:
+    """One LIBERO env slot: rebuilds its env when the task changes.
+
+    ``obs_mode="image"`` (default): an ``OffScreenRenderEnv`` rendering both cameras; returns
+    numpy ``images [2, 3, S, S]`` uint8 (agent view, wrist) and ``state [8]`` float32.
+    ``obs_mode="state"``: a ``ControlEnv`` with the offscreen renderer off and no camera
+    observables; returns ``state [state_dim]`` float32 = :func:`privileged_state` (robot state +
+    the task's object poses, :func:`task_objects` order, zero-padded to ``state_dim``, default
+    :func:`suite_state_dim`).
     """
 
     def __init__(self, suite: str, image_size: int = 224, render_size: int = 256,
-                 allow_download: bool = False, assets: str | None = None):
+                 allow_download: bool = False, assets: str | None = None,
+                 obs_mode: str = "image", state_dim: int | None = None):
+        if obs_mode not in OBS_MODES:
+            raise ValueError(f"obs_mode must be one of {OBS_MODES}, got {obs_mode!r}")
         import_libero()
         if not allow_download:
             # the parent resolved the folder already (LiberoEnv); a slot built on its own
@@ -523,23 +600,40 @@ class LiberoSubEnv:
         self.tasks = suite_tasks(suite)
         self.image_size = image_size
         self.render_size = render_size
+        self.obs_mode = obs_mode
+        self.state_dim = (state_dim or suite_state_dim(suite)) if obs_mode == "state" \
+            else ROBOT_STATE_DIM
         self.env = None
         self.task_index: int | None = None
+        self.objects: list[str] = []
+        self.raw: dict[str, np.ndarray] | None = None  # the last raw LIBERO observation
         self._init_states: np.ndarray | None = None
 
     def _make(self, task_index: int) -> None:
         from libero.libero.envs import OffScreenRenderEnv
+        from libero.libero.envs.env_wrapper import ControlEnv
 
+        if not 0 <= task_index < len(self.tasks):
+            raise IndexError(f"task index {task_index} out of range: {self.suite} has "
+                             f"{len(self.tasks)} tasks")
         if self.env is not None:
             self.env.close()
         task = self.tasks[task_index]
-        self.env = OffScreenRenderEnv(bddl_file_name=task.bddl_file,
-                                      camera_heights=self.render_size,
-                                      camera_widths=self.render_size)
+        if self.obs_mode == "state":
+            self.env = ControlEnv(bddl_file_name=task.bddl_file, has_renderer=False,
+                                  has_offscreen_renderer=False, use_camera_obs=False)
+        else:
+            self.env = OffScreenRenderEnv(bddl_file_name=task.bddl_file,
+                                          camera_heights=self.render_size,
+                                          camera_widths=self.render_size)
         self.task_index = task_index
+        self.objects = task_objects(task)
         self._init_states = load_init_states(task)
 
     def _format(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.raw = raw
+        if self.obs_mode == "state":
+            return {"state": privileged_state(raw, self.objects, self.state_dim)}
         images = np.stack([preprocess_image(raw["agentview_image"], self.image_size),
                            preprocess_image(raw["robot0_eye_in_hand_image"], self.image_size)])
         return {"images": images, "state": libero_state(raw)}
@@ -548,16 +642,24 @@ class LiberoSubEnv:
         """Load the task's ``init_index``-th fixed initial state, wait ``NUM_STEPS_WAIT``."""
         if self.env is None or task_index != self.task_index:
             self._make(task_index)
+        n = len(self._init_states)
+        if not 0 <= init_index < n:
+            raise IndexError(f"init-state index {init_index} out of range: task "
+                             f"{self.tasks[task_index].name!r} has {n} fixed initial states")
         self.env.seed(int(seed))
         self.env.reset()
-        raw = self.env.set_init_state(self._init_states[init_index % len(self._init_states)])
+        raw = self.env.set_init_state(self._init_states[init_index])
         for _ in range(NUM_STEPS_WAIT):
             raw, _, _, _ = self.env.step(DUMMY_ACTION)
         return self._format(raw)
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool]:
         """One 7-D action -> (obs, reward, success)."""
-        raw, reward, done, _ = self.env.step(np.asarray(action, dtype=np.float64))
+        action = np.asarray(action, dtype=np.float64)
+        if action.shape != (7,):
+            raise ValueError(f"a LIBERO action is 7-D (delta eef pose 6 + gripper), got shape "
+                             f"{list(action.shape)}")
+        raw, reward, done, _ = self.env.step(action)
         success = bool(done)
         return self._format(raw), float(success), success
 
@@ -655,11 +757,14 @@ class PoolBatchedEnv(BatchedEnv):
     def step(self, action: torch.Tensor) -> Step:
         """``action [N, A]``; frozen (done, no auto-reset) slots are not stepped."""
         n = self.num_envs
+        if tuple(action.shape) != (n, self.action_dim):
+            raise ValueError(f"action must have shape [num_envs={n}, action_dim="
+                             f"{self.action_dim}], got {list(action.shape)}")
         act = action.detach().to("cpu", torch.float64).numpy()
         live = [i for i in range(n) if not bool(self._done[i])]
         reward = torch.zeros(n)
         success = torch.zeros(n, dtype=torch.bool)
-        outs = self.pool.call("step", args=[(act[i, :self.action_dim],) for i in live],
+        outs = self.pool.call("step", args=[(act[i],) for i in live],
                               indices=live)
         for i, (o, r, s) in zip(live, outs):
             self._store(i, o)
@@ -707,8 +812,11 @@ class LiberoEnv(PoolBatchedEnv):
     asset package, else LIBERO's own folder; :func:`resolve_assets`);
     allow_download: let LIBERO download missing assets from its hub (off: pirl never downloads).
 
-    Observations: ``images [N, 2, 3, S, S]`` uint8 (agent view, wrist), ``state [N, 8]``,
-    ``instruction``, ``task_id``.  Actions ``[N, 7]``.
+    obs_mode: ``"image"`` (default, for real VLAs on GPU machines): ``images [N, 2, 3, S, S]``
+    uint8 (agent view, wrist), ``state [N, 8]``; ``"state"`` (no rendering at all, for CPUs):
+    ``state [N, suite_state_dim(suite)]`` = robot state + the task's object poses, zero-padded
+    (:func:`privileged_state`), no ``images``.  Both add ``instruction``, ``task_id``.
+    Actions ``[N, 7]``.
     """
 
     def __init__(self, suite: str = "libero_spatial", num_envs: int = 1,
@@ -716,25 +824,44 @@ class LiberoEnv(PoolBatchedEnv):
                  render_size: int = 256, max_episode_steps: int | None = None,
                  auto_reset: bool = False, processes: bool = True,
                  mujoco_gl: str | None = None, allow_download: bool = False,
-                 assets_dir: str | os.PathLike | None = None):
+                 assets_dir: str | os.PathLike | None = None, obs_mode: str = "image"):
+        if suite not in SUITES:
+            raise ValueError(f"unknown LIBERO suite {suite!r}; choose from {SUITES}")
+        if obs_mode not in OBS_MODES:
+            raise ValueError(f"obs_mode must be one of {OBS_MODES}, got {obs_mode!r}")
+        if int(num_envs) < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         require_libero()
-        gl = select_mujoco_gl(mujoco_gl)
+        if obs_mode == "image":
+            gl: str | None = select_mujoco_gl(mujoco_gl)
+        else:  # nothing is rendered; a GL library is not needed
+            try:
+                gl = select_mujoco_gl(mujoco_gl)
+            except SimulatorUnavailable:
+                gl = None
         # resolved here, before any worker starts, so that a missing asset package is one clear
         # error (LiberoAssetsMissing naming the install command), not a worker traceback
         assets = None if allow_download else str(resolve_assets(assets_dir))
         tasks = suite_tasks(suite)
         if task_indices is None:
             task_indices = list(range(len(tasks)))
+        bad = [i for i in task_indices if not 0 <= int(i) < len(tasks)]
+        if bad:
+            raise ValueError(f"task_indices {bad} out of range: {suite} has {len(tasks)} tasks "
+                             f"(0..{len(tasks) - 1})")
         self.suite = suite
+        self.obs_mode = obs_mode
         self.task_indices = [int(i) for i in task_indices]
         sel = [tasks[i] for i in self.task_indices]
+        state_dim = suite_state_dim(suite) if obs_mode == "state" else ROBOT_STATE_DIM
         factory = functools.partial(LiberoSubEnv, suite=suite, image_size=image_size,
                                     render_size=render_size, allow_download=allow_download,
-                                    assets=assets)
+                                    assets=assets, obs_mode=obs_mode, state_dim=state_dim)
         pool = SubprocEnvPool([factory] * num_envs, in_process=not processes,
-                              env_vars={"MUJOCO_GL": gl, "PYOPENGL_PLATFORM": gl})
+                              env_vars={"MUJOCO_GL": gl, "PYOPENGL_PLATFORM": gl} if gl else {})
         super().__init__(pool, task_names=[t.name for t in sel],
-                         instructions=[t.instruction for t in sel], action_dim=7, state_dim=8,
+                         instructions=[t.instruction for t in sel], action_dim=7,
+                         state_dim=state_dim,
                          max_episode_steps=max_episode_steps or MAX_STEPS[suite],
                          auto_reset=auto_reset)
 
@@ -751,4 +878,5 @@ def make_env(name: str = "libero_spatial", num_envs: int = 1, **kw) -> LiberoEnv
     suite = name.split(":", 1)[-1].split("/", 1)[-1] if name else "libero_spatial"
     if suite == "libero":
         suite = kw.pop("suite", "libero_spatial")
+    kw.pop("device", None)  # what `pirl train` passes every env: observations stay on the CPU
     return LiberoEnv(suite=suite, num_envs=num_envs, **kw)
