@@ -79,8 +79,9 @@ def stage_outputs(pol, ref, meta, cameras: int = 3) -> dict[str, torch.Tensor]:
     b = obs["state"].shape[0]
     out = {"state_norm": pol.normalizer.normalize_state(obs["state"])}
     pad = "top_left" if type(pol).__name__ == "SmolVLAPolicy" else "center"
-    for i, img in enumerate(images_to_model(obs["images"][:, :2], pol.cfg.vision.image_size, pad)):
-        out[f"image_{i}"] = img
+    for i, img in enumerate(images_to_model(obs["images"], pol.cfg.vision.image_size, pad)):
+        if f"image_{i}" in ref:  # the missing camera: LeRobot's -1 image (SmolVLA drops it)
+            out[f"image_{i}"] = img
     with torch.no_grad():
         prefix = pol.encode_prefix(obs)
         out["velocity_t1"] = pol.velocity(prefix, ref["noise"], torch.ones(b)).velocity

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "models"))
 import test_lerobot_parity as t  # noqa: E402  (the tests' loading / preprocessing path)
 
-STAGES = ["state_norm", "image_0", "image_1", "demo_actions_norm", "velocity_t1", "actions_3",
+STAGES = ["state_norm", "image_0", "image_1", "image_2", "demo_actions_norm", "velocity_t1", "actions_3",
           "actions_10", "env_actions_10", "loss_per_element"]
 
 
@@ -30,7 +30,8 @@ def main() -> None:
             pol.cfg.train.autocast_bf16 = prec == "bf16"
             got = t.stage_outputs(pol, ref, meta)
             for s in STAGES:
-                rows.setdefault(s, {})[(kind, prec)] = (got[s] - ref[s]).abs().max().item()
+                rows.setdefault(s, {})[(kind, prec)] = ((got[s] - ref[s]).abs().max().item()
+                                                        if s in got else float("nan"))
     cols = [(k, p) for k in t.KINDS for p in ("float32", "bf16")]
     print("| stage | " + " | ".join(f"{k} {p}" for k, p in cols) + " |")
     print("|---|" + "---|" * len(cols))
