@@ -146,3 +146,10 @@ def test_no_records_say_so_and_a_readme_without_markers_is_refused(tmp_path):
     readme.write_text("# no markers\n")
     with pytest.raises(SystemExit, match="results:begin"):
         _run(report, tmp_path / "results", readme)
+
+
+def test_the_readme_table_is_the_reports_output_of_results():
+    """README.md's results table is what ``python benchmarks/report.py`` makes of results/ now
+    (a run record added without regenerating the table, or a hand edit, fails here)."""
+    report = _report()
+    assert report.main(["--check"]) == 0, "run: python benchmarks/report.py"
