@@ -44,9 +44,9 @@ _tv.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
 
 import lerobot  # noqa: E402
 import transformers  # noqa: E402
-from lerobot.configs.types import FeatureType, NormalizationMode, PolicyFeature  # noqa: E402
+from lerobot.configs.types import FeatureType, PolicyFeature  # noqa: E402
 from lerobot.processor import TokenizerProcessorStep  # noqa: E402
-from lerobot.processor.converters import create_transition  # noqa: E402,F401
+from lerobot.processor.converters import create_transition  # noqa: E402
 from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
@@ -232,7 +232,7 @@ def _tokenizer_patch(fast_tok):
     tp.AutoTokenizer = types.SimpleNamespace(from_pretrained=lambda *a, **k: fast_tok)
 
 
-def run_stages(kind, cfg, policy, pre, post, raw, g):
+def run_stages(kind, policy, pre, post, raw):
     """Everything LeRobot computes from the raw batch, stage by stage."""
     batch = {CAMERAS[i]: raw["images"][:, i].float() / 255.0 for i in range(2)}  # [0, 1]
     batch["observation.state"] = raw["state"].clone()
@@ -312,7 +312,6 @@ def make_one(kind: str, out_dir: Path) -> None:
     randomize(policy, SEED + {"pi0": 0, "pi05": 1, "smolvla": 2}[kind])
     g = torch.Generator().manual_seed(SEED + 10)
     stats = dataset_stats(g)
-    cfg.normalization_mapping = dict(cfg.normalization_mapping)
     pre, post = mk(cfg, dataset_stats=stats)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -330,7 +329,7 @@ def make_one(kind: str, out_dir: Path) -> None:
            "noise": torch.randn(B, H_CHUNK, A_MAX, generator=g),
            "time": torch.tensor([1.0, 0.55, 0.1]),
            "demo_actions": torch.randn(B, H_CHUNK, ACTION_DIM, generator=g)}
-    out, prompts = run_stages(kind, cfg, policy, pre, post, raw, g)
+    out, prompts = run_stages(kind, policy, pre, post, raw)
     tensors = {"raw_images": raw["images"], "raw_state": raw["state"], "noise": raw["noise"], "time": raw["time"],
                "demo_actions": raw["demo_actions"], **{k: v.contiguous() for k, v in out.items()}}
     tensors = {k: (v.to(torch.uint8) if v.dtype == torch.bool else v).contiguous()
