@@ -54,21 +54,21 @@ def maniskill_row(num_envs: int = 1, obs_mode: str = "rgb", vectorization: str =
 
 
 def libero_row(num_envs: int = 2, suite: str = "libero_spatial", steps: int = 20,
-               image_size: int = 224, processes: bool = True) -> dict[str, Any]:
-    """LIBERO suite, one process per env (or all in this process), agent-view + wrist rendered
-    at 256 px and resized to 224.  Assets: the package's, or ``$PIRL_LIBERO_ASSETS``."""
+               image_size: int = 224, processes: bool = True,
+               obs_mode: str = "image") -> dict[str, Any]:
+    """LIBERO suite, one process per env (or all in this process).  ``image``: agent-view +
+    wrist rendered at 256 px and resized to ``image_size``; ``state``: no rendering, robot state
+    + the task's object poses.  Assets: resolved as by ``LiberoEnv`` (the asset package)."""
     from pirl.envs import libero as L
 
-    base = {"sim": f"LIBERO {suite}", "backend": f"cpu (MuJoCo, {L.select_mujoco_gl()})",
+    gl = L.select_mujoco_gl() if obs_mode == "image" else "none"
+    base = {"sim": f"LIBERO {suite}", "backend": f"cpu (MuJoCo, {gl})",
             "num_envs": num_envs, "vectorization": "process" if processes else "loop",
-            "obs": f"rgb 2x{image_size}px"}
-    miss = L.missing_assets()
-    if miss:
-        return {**base, "steps_per_s": "n/a",
-                "setup_s": f"cannot load a task: LIBERO assets missing ({miss[0]})"}
+            "obs": (f"rgb 2x{image_size}px" if obs_mode == "image"
+                    else f"state {L.suite_state_dim(suite)}-D")}
     t0 = time.perf_counter()
     env = L.LiberoEnv(suite, num_envs, image_size=image_size, max_episode_steps=10**6,
-                      processes=processes)
+                      processes=processes, obs_mode=obs_mode)
     build = time.perf_counter() - t0
     try:
         sps, setup = _time_steps(env, steps, 7)
@@ -110,6 +110,8 @@ ROWS: dict[str, Callable[[], dict[str, Any]]] = {
     "maniskill_demos": maniskill_demo_row,
     "libero_1": lambda: libero_row(1, processes=False),
     "libero_2": lambda: libero_row(2),
+    "libero_state_1": lambda: libero_row(1, processes=False, obs_mode="state", steps=300),
+    "libero_state_2": lambda: libero_row(2, obs_mode="state", steps=300),
 }
 
 
