@@ -1,8 +1,14 @@
-"""Real-simulator throughput: ManiSkill3 and LIBERO behind pirl's batched env API.
+"""Real-simulator throughput: ManiSkill3, LIBERO and Meta-World behind pirl's batched env API.
 
 Run in the simulator venv (see docs/benchmarks/maniskill.md)::
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv-sim/bin/python benchmarks/sim_throughput.py
+
+Meta-World's rows need only the core venv with the ``metaworld`` extra
+(docs/benchmarks/metaworld.md)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sim_throughput.py --rows metaworld_state_loop \
+        metaworld_state_pool2 metaworld_rgb_loop metaworld_rgb_pool2
 
 Each row is produced by one function returning a dict; rows that cannot run on this machine say
 why instead of a number.  Steps/s counts env steps summed over all envs (``num_envs * steps /
@@ -98,6 +104,33 @@ def maniskill_gpu_row(num_envs: int = 320, obs_mode: str = "state") -> dict[str,
     return maniskill_row(num_envs, obs_mode, steps=50)
 
 
+def metaworld_row(num_envs: int = 8, obs_mode: str = "state", num_workers: int = 0,
+                  steps: int = 200, image_size: int = 64) -> dict[str, Any]:
+    """Meta-World MT50 envs (slot i runs task i mod 50) in this process (``num_workers=0``)
+    or split over a pool of worker processes; ``rgb`` renders one camera with MuJoCo."""
+    from pirl.envs.metaworld import MetaWorldEnv
+
+    t0 = time.perf_counter()
+    env = MetaWorldEnv("mt50", num_envs, obs_mode=obs_mode, image_size=image_size,
+                       num_workers=num_workers, max_episode_steps=10**6)
+    build = time.perf_counter() - t0
+    try:
+        sps, setup = _time_steps(env, steps, env.action_dim)
+    finally:
+        env.close()
+    if obs_mode == "rgb":
+        from pirl.envs.libero import select_mujoco_gl
+
+        backend = f"cpu (MuJoCo, {select_mujoco_gl()})"
+    else:
+        backend = "cpu (MuJoCo)"
+    return {"sim": "Meta-World MT50", "backend": backend,
+            "num_envs": num_envs,
+            "vectorization": f"pool of {num_workers}" if num_workers else "1 process",
+            "obs": "state 39" if obs_mode == "state" else f"rgb 1x{image_size}px + state",
+            "steps_per_s": round(sps, 1), "setup_s": round(build + setup, 1)}
+
+
 ROWS: dict[str, Callable[[], dict[str, Any]]] = {
     "maniskill_state_1": lambda: maniskill_row(1, "state", steps=50),
     "maniskill_rgb_1": lambda: maniskill_row(1, "rgb"),
@@ -112,6 +145,10 @@ ROWS: dict[str, Callable[[], dict[str, Any]]] = {
     "libero_2": lambda: libero_row(2),
     "libero_state_1": lambda: libero_row(1, processes=False, obs_mode="state", steps=300),
     "libero_state_2": lambda: libero_row(2, obs_mode="state", steps=300),
+    "metaworld_state_loop": lambda: metaworld_row(8, "state", 0),
+    "metaworld_state_pool2": lambda: metaworld_row(8, "state", 2),
+    "metaworld_rgb_loop": lambda: metaworld_row(2, "rgb", 0, steps=20),
+    "metaworld_rgb_pool2": lambda: metaworld_row(2, "rgb", 2, steps=20),
 }
 
 
