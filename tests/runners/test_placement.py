@@ -84,6 +84,7 @@ def test_cli_cluster_flag_sets_placement(monkeypatch, argv, mode, cluster):
     from pirl.cli import main
 
     seen = {}
-    monkeypatch.setattr(train, "run", lambda cfg=None, resume=None: seen.setdefault("cfg", cfg))
+    monkeypatch.setattr(train, "run",
+                        lambda cfg=None, resume=None, **kw: seen.setdefault("cfg", cfg))
     assert main(argv) == 0
     assert seen["cfg"].placement.mode == mode and seen["cfg"].placement.cluster == cluster
