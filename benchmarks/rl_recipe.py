@@ -104,13 +104,23 @@ def main(argv: list[str] | None = None) -> list[tuple]:
 
     args = parse_args(argv)
     out = Path(args.out)
+    # what each run folder records as its command (benchmarks/report.py's table shows it): the
+    # preset by name when it is a shipped one, and the overrides this script gives the run
+    from pirl.config import presets_dir
+
+    preset = (None if args.config is None else Path(args.config).stem
+              if Path(args.config).parent.resolve() == presets_dir().resolve() else args.config)
+
+    def command(overrides: list[str]) -> dict:
+        return {"subcommand": "train", "preset": preset, "overrides": overrides}
+
     rows = []
     sft_dir = out / "sft"
     sft_wall = float("nan")
     if not (sft_dir / "checkpoints" / "sft.pt").exists():
         t0 = time.perf_counter()
-        run(resolve_config(args.config, args.overrides + [f"run_dir={sft_dir}", "rl.iterations=0",
-                                                          "progress=false"]))
+        ov = args.overrides + [f"run_dir={sft_dir}", "rl.iterations=0", "progress=false"]
+        run(resolve_config(args.config, ov), command=command(ov))
         sft_wall = time.perf_counter() - t0
     sft_wall = wall_of(sft_dir, sft_wall)
     sft_res = json.loads((sft_dir / "results.json").read_text())["sft"]
@@ -123,9 +133,9 @@ def main(argv: list[str] | None = None) -> list[tuple]:
                 f"run_dir={d}", f"model.checkpoint={sft_dir / 'checkpoints' / 'sft.pt'}",
                 "sft.steps=0", "progress=false"]
             if (d / "checkpoints" / "last.pt").exists():
-                run(resume=d)
+                run(resume=d, command={"subcommand": "train", "preset": None, "overrides": []})
             else:
-                run(resolve_config(args.config, ov))
+                run(resolve_config(args.config, ov), command=command(ov))
             measured = time.perf_counter() - t0
         wall = wall_of(d, measured)
         res = json.loads((d / "results.json").read_text())

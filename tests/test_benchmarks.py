@@ -64,6 +64,12 @@ def test_rl_recipe_runs_a_tiny_recipe_with_a_preset(tmp_path, capsys):
     inv = [json.loads(x) for x in (out / "ppo_flow_sde" / "invocations.jsonl").read_text()
            .splitlines()]
     assert len(inv) == 1 and inv[0]["stage"] == "done" and not inv[0]["resumed"]
+    # ... and of its command, for benchmarks/report.py: the preset by name and the overrides
+    assert inv[0]["preset"] == "tabletop_headline" and inv[0]["subcommand"] == "train"
+    assert inv[0]["overrides"][-4:] == [f"run_dir={out / 'ppo_flow_sde'}",
+                                        f"model.checkpoint={out / 'sft' / 'checkpoints' / 'sft.pt'}",
+                                        "sft.steps=0", "progress=false"]
+    assert "rl.iterations=1" in inv[0]["overrides"] and "rl.algo=ppo" in inv[0]["overrides"]
     assert wall == run_wall_clock(out / "ppo_flow_sde") == inv[0]["wall_s"] > 0
     # a second call reuses the start, skips the finished variant and reports the same row
     assert recipe.main(argv) == rows
