@@ -61,7 +61,8 @@ def test_resource_check_names_what_is_missing():
     # hand count: 4 * 0.5 + 1 + 2 * 1 = 5 CPUs; 1 + 2 = 3 GPUs
     assert placement_resources(pl) == {"CPU": 5.0, "GPU": 3.0}
     pl2 = PlacementConfig(mode="disaggregated", env_workers=4, rollout_workers=2,
-                          pipeline_stages=1, env_cpus=0.5, rollout_cpus=1.0, rollout_gpus=1.0)
+                          pipeline_stages=1, env_cpus=0.5, rollout_cpus=1.0, rollout_gpus=1.0,
+                          learner=LearnerPlacement(cpus=1.0))
     # 4 * 0.5 + 2 * 1 + 1 learner rank * 1 = 5 CPUs; 2 rollout GPUs
     assert placement_resources(pl2) == {"CPU": 5.0, "GPU": 2.0}
     check_resources(pl, {"CPU": 8.0, "GPU": 3.0})

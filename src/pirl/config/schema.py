@@ -169,13 +169,13 @@ class RLConfig:
     # the sampler's noise over the iterations: its std is multiplied by a factor that goes from
     # 1 at the first iteration towards noise_final at the end ("linear" / "cosine", the lr
     # schedules' shapes, pirl.algos.ppo.lr_scale; "constant": always 1).  Set before each
-    # rollout, so that the rollout and its update use the same noise (local placement only).
+    # rollout, so that the rollout and its update use the same noise.
     # Measured from the default's start
     # (cosine to 0.25): level with the constant noise in-distribution, lower OOD, so it is off
     # by default (docs/experiments.md#2026-12-01--more-rl-levers-from-the-in-band-default-start)
     noise_schedule: LRSchedule = "constant"
     noise_final: float = 1.0
-    # failure replay (PPO, local placement): a share replay_failures of the envs restarts from
+    # failure replay (PPO): a share replay_failures of the envs restarts from
     # the initial states (task id + episode seed) of recently failed rollout episodes, kept in a
     # buffer of the newest replay_capacity failures (pirl.runners.curriculum.FailureReplay); the
     # task curriculum counts only the fresh episodes.  0: off.  Measured at 0.5 from the
@@ -185,7 +185,7 @@ class RLConfig:
     replay_capacity: int = 512
     # demo-augmented RL (PPO-ptx / DAPG style): bc_coef weights a flow-matching loss on a
     # minibatch of bc_batch_size (observation, action chunk) pairs of the run's few-shot SFT
-    # demos, added to every PPO / GRPO minibatch loss (local placement).  0: off, plain RL.
+    # demos, added to every PPO / GRPO minibatch loss.  0: off, plain RL.
     # From the default's start 0.2 ended level with plain PPO and 1.0 lower (the demo term then
     # makes most of the gradient), so it is off by default
     # (docs/experiments.md#2026-12-02--demos-in-the-rl-loss-critic-variants-80-iterations-rl-seeds)
@@ -283,17 +283,11 @@ class TrainConfig:
         _check(self.device in ("cpu", "cuda") or self.device.startswith("cuda:"), "device",
                f"must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        _check(self.rl.algo != "grpo" or self.env.num_envs % self.rl.grpo.group_size == 0,
+               "rl.grpo.group_size", f"GRPO's groups split the {self.env.num_envs} envs "
+               f"(env.num_envs): {self.rl.grpo.group_size} does not divide them")
         _check(self.precision in ("auto", "fp32", "bf16"), "precision",
                f"must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
-        _check(self.rl.noise_schedule == "constant" or self.placement.mode == "local",
-               "rl.noise_schedule", f"a noise schedule needs placement.mode=local (the rollout "
-               f"workers of {self.placement.mode!r} keep their own sampler copies)")
-        _check(self.rl.replay_failures == 0 or self.placement.mode == "local",
-               "rl.replay_failures", f"failure replay needs placement.mode=local (the rollout "
-               f"workers of {self.placement.mode!r} draw their own resets)")
-        _check(self.rl.bc_coef == 0 or self.placement.mode == "local", "rl.bc_coef",
-               f"the demo loss needs placement.mode=local (the learner ranks of "
-               f"{self.placement.mode!r} do not hold the demos)")
         if self.pretrain.steps > 0 and not self.model.checkpoint:
             _check(env_key(self.env.name) == "tabletop" and self.model.name == "tiny",
                    "pretrain.steps", f"grounding pretraining (on by default) is the tiny VLA's "

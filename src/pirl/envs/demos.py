@@ -32,6 +32,7 @@ import torch
 from pirl.envs import env_key
 from pirl.envs.demo_writer import CAMERA_NAMES, FORMAT, write_demo_folder  # noqa: F401
 
+
 def _record_batch(env, expert, tasks: torch.Tensor, seeds: torch.Tensor) -> dict[str, Any]:
     """Run the expert on one batch of episodes (fixed horizon); return per-episode arrays."""
     n = env.num_envs

@@ -46,14 +46,15 @@ class LearnerPlacement:
     backend: ``"auto"`` (NCCL when the learner has a GPU, else gloo), ``"gloo"`` or ``"nccl"``.
     fsdp: shard parameters, gradients and optimizer state with FSDP2 (``fully_shard``) instead
         of replicating them (DDP).
-    cpus / gpus: Ray resources per rank (fractions allowed).
+    cpus / gpus: Ray resources per rank (fractions allowed; the default 0.5 CPU lets every
+        placement's defaults fit a 2-CPU machine, the smallest one pirl's tests run on).
     timeout_s: torch.distributed collective timeout (a dead peer fails the run after this).
     """
 
     ranks: int = 1
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     fsdp: bool = False
-    cpus: float = 1.0
+    cpus: float = 0.5
     gpus: float = 0.0
     timeout_s: float = 300.0
 
@@ -75,7 +76,9 @@ class PlacementConfig:
     pipeline_stages: disaggregated mode: env/inference pipeline stages per rollout worker
         (1 = no pipelining); ``env_workers`` must be a multiple of
         ``rollout_workers * pipeline_stages`` (stage s = the s-th group of its env workers).
-    env_cpus / rollout_cpus / rollout_gpus: Ray resources per env worker / the rollout worker.
+    env_cpus / rollout_cpus / rollout_gpus: Ray resources per env worker / rollout worker.  The
+        defaults (2 x 0.25 + 0.5 + a 0.5-CPU learner rank = 1.5 CPUs) fit a 2-CPU machine; Ray
+        counts the fractions only for scheduling, a worker uses what it needs.
     threads: torch intra-op threads inside every actor (None: torch's default).
     cluster: where Ray runs: ``None`` / ``"local"`` (start a local Ray if none is running),
         ``"auto"`` (an existing cluster found through ``RAY_ADDRESS`` or ``ray start``), or an
@@ -90,8 +93,8 @@ class PlacementConfig:
     env_workers: int = 2
     rollout_workers: int = 1
     pipeline_stages: int = 2
-    env_cpus: float = 1.0
-    rollout_cpus: float = 1.0
+    env_cpus: float = 0.25
+    rollout_cpus: float = 0.5
     rollout_gpus: float = 0.0
     threads: int | None = 1
     learner: LearnerPlacement = field(default_factory=LearnerPlacement)

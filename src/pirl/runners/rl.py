@@ -148,7 +148,11 @@ class RLTrainer:
         return lr_scale(cfg.noise_schedule, self.iter, self.total_updates,
                         min_ratio=cfg.noise_final)
 
-    def rollout(self) -> Rollout:
+    def begin_rollout(self) -> dict[str, Any]:
+        """The trainer-state half of a rollout: set this iteration's noise scale
+        (``rl.noise_schedule``) and draw the reset arguments (tasks, episode seeds, replayed
+        failed states, GRPO groups).  Ray placements run it on the learner ranks and hand the
+        result to the env / rollout workers (:mod:`pirl.runners.distributed`)."""
         self.policy.eval()
         if hasattr(self.sampler, "noise_scale"):
             scale = self.noise_scale()
@@ -157,8 +161,12 @@ class RLTrainer:
                 # GRPO's KL reference too: its chain log-probs then differ from the policy's by
                 # the policy's drift only, not by the schedule
                 self.ref[1].noise_scale = scale
+        return self._reset_kwargs()
+
+    def rollout(self) -> Rollout:
+        reset_kwargs = self.begin_rollout()
         return collect(self.policy, self.sampler, self.env, num_chunks=self.num_chunks,
-                       reset_kwargs=self._reset_kwargs(), action_chunk=self.action_chunk,
+                       reset_kwargs=reset_kwargs, action_chunk=self.action_chunk,
                        generator=self.sample_gen, with_values=self.algo == "ppo",
                        keep_prefix=self.reuse_prefix)
 
@@ -189,8 +197,7 @@ class RLTrainer:
         if self.curriculum is not None or self.replay is not None:
             if self._task_ids is None or self._task_ids.numel() != ro.valid.shape[1]:
                 raise RuntimeError("rl.task_sampling=failure and rl.replay_failures need the "
-                                   "rollout's task ids from this trainer's _reset_kwargs "
-                                   "(placement.mode=local)")
+                                   "rollout's task ids from this trainer's begin_rollout")
         if self.curriculum is not None:
             # fresh episodes only: the replayed ones are a biased draw of their tasks' states
             self.curriculum.update(self._task_ids[k:], ro.episode_success[k:])

@@ -431,6 +431,16 @@ def resolve_config(config: str | None, overrides: list[str]) -> TrainConfig:
     return apply_overrides(TrainConfig(), overrides)
 
 
+def check_placement(cfg: TrainConfig) -> None:
+    """Fail before work: a Ray placement is checked against the cluster (resources, env split,
+    the simulator on every node) before pretraining, demos or SFT start
+    (:func:`pirl.runners.distributed.check_cluster`; a ConfigError naming the field)."""
+    if cfg.placement.mode != "local":
+        from pirl.runners.distributed import check_cluster
+
+        check_cluster(cfg)
+
+
 def run(cfg: TrainConfig | None = None, resume: str | Path | None = None,
         iterations: int | None = None, command: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run (or resume) the whole recipe; return the results dict (per tag and split).
@@ -458,12 +468,14 @@ def run(cfg: TrainConfig | None = None, resume: str | Path | None = None,
                                   f"({iterations} < the run's {cfg.rl.iterations})")
             cfg.rl.iterations = iterations
             save_yaml(cfg, run_dir / "config.yaml")
+        check_placement(cfg)
     else:
         assert cfg is not None
         run_dir = Path(cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
         if (run_dir / "checkpoints" / "last.pt").exists():
             raise ConfigError(f"run_dir {run_dir} already holds a run; use --resume {run_dir} "
                               "or another run_dir")
+        check_placement(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, run_dir / "config.yaml")
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Fixtures of the scale-out tests: the tiny env + policy, and a 2-CPU local Ray per module."""
+"""Fixtures of the scale-out tests: the tiny env + policy, and one 2-CPU local Ray for them all."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ def setup():
     env = make_env(N)
     return env, make_policy(env).eval()
 
-@pytest.fixture(scope="module")
+
+@pytest.fixture(scope="package")
 def ray_local():
-    """A 2-CPU local Ray for this module (workers request fractions of a CPU)."""
+    """A 2-CPU local Ray shared by this folder's tests (workers request fractions of a CPU)."""
     from pirl.runners.placement import connect
 
     if ray is None:

@@ -24,11 +24,11 @@ def make_env(n: int, max_steps: int = 12) -> TabletopEnv:
     return TabletopEnv(num_envs=n, image_size=IMG, max_episode_steps=max_steps)
 
 
-def make_policy(env: TabletopEnv, seed: int = 0):
+def make_policy(env: TabletopEnv, seed: int = 0, **kw):
     torch.manual_seed(seed)
     vocab = sorted({w for s in env.instructions for w in s.split()})
     return build_policy("tiny", action_dim=3, state_dim=4, vocabulary=vocab, width=32, depth=1,
-                        heads=2, image_size=IMG, action_horizon=4, conv_channels=[8, 8, 8])
+                        heads=2, image_size=IMG, action_horizon=4, conv_channels=[8, 8, 8], **kw)
 
 
 def reset_kwargs(env, seed: int = 5) -> dict:

@@ -34,7 +34,9 @@ def test_disaggregated_matches_local_and_dead_env_worker_fails(ray_local):
                             env_fn)
     try:
         start = ray.get(tr.rollout_workers[0].rollout_state.remote())
-        payload = ray.get(tr.rollout_workers[0].rollout.remote())
+        # (PPO with uniform tasks: asking the learner for the plan changes none of its state)
+        plan = ray.get(tr.learners[0].plan.remote())
+        payload = ray.get(tr.rollout_workers[0].rollout.remote(plan))
         assert_rollouts_close(local, payload["rollout"])
         # rewind the rollout worker (iteration counter and noise stream) and train for real
         ray.get(tr.rollout_workers[0].load_rollout_state.remote(start))

@@ -11,14 +11,17 @@ The placement modes are described in :mod:`pirl.runners.placement`.  The package
 - :mod:`~pirl.runners.distributed.rollout_workers`: :class:`EnvWorker`, :class:`RolloutWorker`;
 - :mod:`~pirl.runners.distributed.learner`: :class:`DataParallelRLTrainer` (DDP / FSDP2),
   :class:`LearnerWorker`, :class:`ColocatedWorker`;
-- :mod:`~pirl.runners.distributed.launch`: the driver's :class:`DistributedTrainer`, the
-  resource check and :func:`trainer_from_config`.
+- :mod:`~pirl.runners.distributed.launch`: the driver's :class:`DistributedTrainer` and
+  :func:`trainer_from_config`;
+- :mod:`~pirl.runners.distributed.preflight`: :func:`check_cluster`, the checks of a placement
+  against the cluster that run before any work (resources, env split, simulator on the nodes).
 """
 
-from pirl.runners.distributed.launch import (DistributedTrainer, check_resources,
-                                             placement_resources, trainer_from_config)
+from pirl.runners.distributed.launch import DistributedTrainer, trainer_from_config
 from pirl.runners.distributed.learner import (ColocatedWorker, DataParallelRLTrainer,
                                               LearnerWorker)
+from pirl.runners.distributed.preflight import (check_cluster, check_resources,
+                                                placement_resources)
 from pirl.runners.distributed.noise import (ChainNoise, chain_dtype, draw_chain_noise,
                                             sample_with_noise)
 from pirl.runners.distributed.remote import (EnvSpec, WorkerError, WorkerSpec, cpu_state,
@@ -31,6 +34,6 @@ from pirl.runners.distributed.stages import (EnvSlice, LocalStage, RemoteStage, 
 __all__ = ["ChainNoise", "ColocatedWorker", "DataParallelRLTrainer", "DistributedTrainer",
            "EnvSlice", "EnvSpec", "EnvWorker", "LearnerWorker", "LocalStage", "RemoteStage",
            "RolloutWorker", "Stage", "StepResult", "WorkerError", "WorkerSpec", "cat_results",
-           "cat_rollouts", "chain_dtype", "check_resources", "collect_staged", "cpu_state",
-           "draw_chain_noise", "get_all", "placement_resources", "sample_with_noise",
+           "cat_rollouts", "chain_dtype", "check_cluster", "check_resources", "collect_staged",
+           "cpu_state", "draw_chain_noise", "get_all", "placement_resources", "sample_with_noise",
            "slice_reset_kwargs", "trainer_from_config"]

@@ -10,7 +10,6 @@ continues from the last checkpoint.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 from torch import nn
@@ -19,6 +18,7 @@ from pirl.envs.base import BatchedEnv
 from pirl.flow.base import Sampler
 from pirl.models.base import FlowPolicy
 from pirl.runners.distributed.learner import ColocatedWorker, LearnerWorker
+from pirl.runners.distributed.preflight import check_resources, env_fn_of
 from pirl.runners.distributed.remote import EnvSpec, WorkerError, WorkerSpec, _split, get_all
 from pirl.runners.distributed.rollout_workers import EnvWorker, RolloutWorker
 from pirl.runners.placement import PlacementConfig, shard_rows
@@ -34,12 +34,19 @@ class DistributedTrainer:
     iteration (for the driver's evaluations and checkpoints).
 
     env_fn: ``env_fn(num_envs=n)`` builds ``n`` training envs in a worker (picklable);
-    ``env``: the driver's training env (only its spec is used: N, dims, tasks, horizon).
+    ``env``: the driver's training env (only its spec is used: N, dims, tasks, horizon);
+    ``demos``: the SFT demos of ``rl.bc_coef``'s loss (sent once to the learner ranks).
+
+    The learner ranks own every piece of trainer state but the chain-noise generator of the
+    rollout workers: the task statistics of failure-weighted sampling, the failure replay
+    buffer, the GRPO group generator and the noise schedule (each iteration they hand the
+    rollout workers the reset arguments and noise scale of
+    :meth:`~pirl.runners.rl.RLTrainer.begin_rollout`).
     """
 
     def __init__(self, policy: FlowPolicy, sampler: Sampler, env: BatchedEnv, cfg: Any,
                  seed: int, placement: PlacementConfig, env_fn: Callable[..., BatchedEnv],
-                 device: str = "cpu"):
+                 device: str = "cpu", demos: Any = None):
         import ray
 
         from pirl.runners.placement import connect
@@ -47,6 +54,9 @@ class DistributedTrainer:
         if placement.mode == "local":
             raise ValueError("placement.mode='local' runs RLTrainer; DistributedTrainer is for "
                              "colocated / disaggregated")
+        if cfg.bc_coef > 0 and (demos is None or len(demos) == 0):
+            raise ValueError("rl.bc_coef > 0 needs the SFT demos (DistributedTrainer(..., "
+                             "demos=...))")
         connect(placement.cluster, placement.ray_num_cpus)
         self.policy, self.sampler, self.cfg, self.placement = policy, sampler, cfg, placement
         self.iter, self.env_steps = 0, 0
@@ -56,7 +66,8 @@ class DistributedTrainer:
         check_resources(placement, dict(ray.cluster_resources()))
         modules = ray.put({"policy": _cpu_module(policy), "sampler": _cpu_module(sampler)})
         spec = WorkerSpec(env_fn=env_fn, modules=modules, env_spec=spec_env, rl=cfg, seed=seed,
-                          device=device, threads=placement.threads)
+                          device=device, threads=placement.threads,
+                          demos=ray.put(demos) if demos is not None else None)
         lp = placement.learner
         world = lp.ranks
         self.env_workers: list[tuple[Any, int, int, str]] = []
@@ -110,6 +121,10 @@ class DistributedTrainer:
             get_all([w.pid.remote() for w in self.rollout_workers]
                     + [w.pid.remote() for w, *_ in self.env_workers],
                     self.rollout_names + [n for *_, n in self.env_workers], timeout_s=t)
+            # the rollout workers' chain noise starts where the learner's generator does
+            st = get_all([self.learners[0].sample_state.remote()], self.learner_names[:1])[0]
+            get_all([w.load_rollout_state.remote(st) for w in self.rollout_workers],
+                    self.rollout_names)
 
     def _gathering_ranks(self) -> list:
         """The ranks to ask for full weights / state: all of them under FSDP (gathering is a
@@ -124,6 +139,24 @@ class DistributedTrainer:
         pids = get_all([h.pid.remote() for h, _ in handles], [n for _, n in handles])
         return {n: p for (_, n), p in zip(handles, pids)}
 
+    def _dead_workers(self, timeout_s: float = 10.0) -> list[str]:
+        """Names of the workers that do not answer a ``pid`` call within ``timeout_s``."""
+        import ray
+
+        handles = [(w, n) for (w, *_, n) in self.env_workers]
+        handles += list(zip(self.rollout_workers, self.rollout_names))
+        handles += list(zip(self.learners, self.learner_names))
+        refs = [h.pid.remote() for h, _ in handles]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        ok = set()
+        for r in ready:
+            try:
+                ray.get(r)
+                ok.add(r)
+            except Exception:  # noqa: BLE001 - any failure: that worker is gone
+                pass
+        return [n for (_, n), r in zip(handles, refs) if r not in ok]
+
     # ----------------------------------------------------------------- iteration
     def iteration(self) -> dict[str, float]:
         """One rollout + data-parallel update; raises :class:`WorkerError` (naming the worker)
@@ -133,7 +166,9 @@ class DistributedTrainer:
                 metrics = get_all([w.iteration.remote() for w in self.learners],
                                   self.learner_names)[0]
             else:
-                payloads = [w.rollout.remote() for w in self.rollout_workers]
+                # every rank draws the same reset arguments; the rollout workers get rank 0's
+                plan = get_all([w.plan.remote() for w in self.learners], self.learner_names)[0]
+                payloads = [w.rollout.remote(plan) for w in self.rollout_workers]
                 metrics = get_all([w.learn.remote(*payloads) for w in self.learners],
                                   self.learner_names)[0]
             weights = None
@@ -151,8 +186,11 @@ class DistributedTrainer:
                 self.policy.load_state_dict(w["policy"])
                 self.sampler.load_state_dict(w["sampler"])
         except WorkerError as e:
+            dead = self._dead_workers()
             self.close(keep_state=False)
-            raise WorkerError(f"{e}\n(the run stopped before using this iteration's data; "
+            # the worker that reported may only have lost an input (a rollout from a dead node)
+            what = f"{', '.join(dead)} died or stopped responding ({e})" if dead else str(e)
+            raise WorkerError(f"{what}\n(the run stopped before using this iteration's data; "
                               "resume from the last checkpoint with pirl train --resume RUN_DIR)"
                               ) from e
         self.iter += 1
@@ -171,13 +209,13 @@ class DistributedTrainer:
         if self.rollout_workers:  # identical on every rollout worker
             ro = get_all([self.rollout_workers[0].rollout_state.remote()],
                          self.rollout_names[:1])[0]
-            sd["sample_gen"], sd["group_gen"] = ro["sample_gen"], ro["group_gen"]
+            sd["sample_gen"] = ro["sample_gen"]
         return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         get_all([w.load_trainer_state.remote(sd) for w in self.learners], self.learner_names)
         if self.rollout_workers:
-            ro = {"iter": sd["iter"], "sample_gen": sd["sample_gen"], "group_gen": sd["group_gen"]}
+            ro = {"sample_gen": sd["sample_gen"]}
             get_all([w.load_rollout_state.remote(ro) for w in self.rollout_workers],
                     self.rollout_names)
         self.iter, self.env_steps = sd["iter"], sd["env_steps"]
@@ -199,30 +237,6 @@ class DistributedTrainer:
         self.env_workers, self.learners, self.rollout_workers = [], [], []
 
 
-def placement_resources(placement: PlacementConfig) -> dict[str, float]:
-    """Total Ray CPUs / GPUs the placement's workers ask for."""
-    lp = placement.learner
-    cpus, gpus = lp.ranks * lp.cpus, lp.ranks * lp.gpus
-    if placement.mode == "disaggregated":
-        cpus += placement.env_workers * placement.env_cpus
-        cpus += placement.rollout_workers * placement.rollout_cpus
-        gpus += placement.rollout_workers * placement.rollout_gpus
-    return {"CPU": cpus, "GPU": gpus}
-
-
-def check_resources(placement: PlacementConfig, available: dict[str, float]) -> None:
-    """Raise ValueError if the workers cannot all fit on the cluster as it is now (Ray would
-    otherwise wait forever for the missing resources)."""
-    need = placement_resources(placement)
-    short = {k: (v, available.get(k, 0.0)) for k, v in need.items()
-             if v > available.get(k, 0.0) + 1e-9}
-    if short:
-        what = ", ".join(f"{v:g} {k} (the cluster has {have:g})" for k, (v, have) in short.items())
-        raise ValueError(f"placement.mode={placement.mode} asks Ray for {what}; lower "
-                         "placement.*_cpus / *_gpus / learner.cpus / learner.gpus (fractions "
-                         "are allowed) or use a larger cluster")
-
-
 def _cpu_module(m: nn.Module) -> nn.Module:
     import copy
 
@@ -239,18 +253,5 @@ def trainer_from_config(cfg: Any, policy: FlowPolicy, sampler: Sampler, env: Bat
         from pirl.runners.rl import RLTrainer
 
         return RLTrainer(policy, sampler, env, cfg.rl, cfg.seed, demos=demos)
-    if getattr(policy, "critic_takes_time", False):
-        # the rollout workers' observations carry no time_left for the learner's critic
-        raise ValueError(f"a critic that reads the time left (critic_time) needs "
-                         f"placement.mode=local (got {placement.mode!r})")
-    if cfg.rl.task_sampling != "uniform":
-        # the workers draw the tasks, the learner sees the outcomes: not synced (yet)
-        raise ValueError(f"rl.task_sampling={cfg.rl.task_sampling!r} needs "
-                         f"placement.mode=local (got {placement.mode!r})")
-    from pirl.envs import make_env
-
-    kw = dict(cfg.env.kwargs)
-    kw.setdefault("split", "train")
-    env_fn = functools.partial(make_env, cfg.env.name, device="cpu", **kw)
-    return DistributedTrainer(policy, sampler, env, cfg.rl, cfg.seed, placement, env_fn,
-                              device=cfg.device)
+    return DistributedTrainer(policy, sampler, env, cfg.rl, cfg.seed, placement, env_fn_of(cfg),
+                              device=cfg.device, demos=demos)

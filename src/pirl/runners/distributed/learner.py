@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pirl.runners.distributed.remote import WorkerSpec, _build_modules, _set_threads, cpu_state
+from pirl.runners.distributed.remote import (WorkerSpec, _build_modules, _resolve, _set_threads,
+                                             cpu_state)
 from pirl.runners.distributed.stages import EnvSlice, LocalStage, cat_rollouts, collect_staged
 from pirl.runners.placement import LearnerPlacement
 from pirl.runners.rl import RLTrainer
@@ -40,6 +41,23 @@ class _LossModule(nn.Module):
         loss, stats = self._trainer[0].minibatch_loss(o, c, old_logp, adv, ret, old_values,
                                                       *extra)
         return loss * scale, stats
+
+
+def _graph_leaves(t: torch.Tensor) -> set[int]:
+    """``id`` s of the leaf tensors (parameters) whose gradient ``t.backward()`` would fill."""
+    out: set[int] = set()
+    seen: set[Any] = set()
+    stack = [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)  # AccumulateGrad nodes hold their leaf
+        if var is not None:
+            out.add(id(var))
+        stack.extend(f for f, _ in fn.next_functions)
+    return out
 
 
 class DataParallelRLTrainer(RLTrainer):
@@ -77,10 +95,8 @@ class DataParallelRLTrainer(RLTrainer):
             self.optimizer = self._make_optimizer()  # over the sharded (DTensor) parameters
             self.wrapped = self.loss_module
         else:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.wrapped = DDP(self.loss_module, find_unused_parameters=True,
-                               process_group=None)
+            self.wrapped = None  # DDP, built at the first minibatch (see _wrap_ddp)
+            self.find_unused_parameters: bool | None = None
 
     # --------------------------------------------------------- RLTrainer hooks
     def _minibatch_rows(self, i: torch.Tensor) -> torch.Tensor:
@@ -95,7 +111,30 @@ class DataParallelRLTrainer(RLTrainer):
         return i[:1]
 
     def _loss(self, *args):
+        if self.wrapped is None:
+            self._wrap_ddp(args)
         return self.wrapped(*args, self._scale)
+
+    def _wrap_ddp(self, args: tuple) -> None:
+        """Wrap the loss module in DDP, with ``find_unused_parameters`` only if some trainable
+        parameter does not reach the loss (e.g. the critic under GRPO): that option costs an
+        extra graph traversal per step and makes every rank warn when nothing is unused.  The
+        reached parameters are read from the autograd graph of one forward on the first
+        minibatch (the global RNG is restored, so the run is unchanged); the ranks agree by
+        an all-reduce."""
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        params = [p for p in self.loss_module.parameters() if p.requires_grad]
+        dev = params[0].device if params else torch.device("cpu")
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            loss, _ = self.loss_module(*args, self._scale)
+        reached = _graph_leaves(loss)
+        del loss
+        unused = torch.tensor([sum(id(p) not in reached for p in params)], dtype=torch.int64)
+        dist.all_reduce(unused, group=self.cpu_group)
+        self.find_unused_parameters = int(unused) > 0
+        self.wrapped = DDP(self.loss_module, find_unused_parameters=self.find_unused_parameters)
 
     def _reduce_stats(self, s: dict[str, float]) -> dict[str, float]:
         import torch.distributed as dist
@@ -167,7 +206,7 @@ class LearnerWorker:
         self.spec = spec
         self.policy, self.sampler = _build_modules(spec, self.device)
         self.trainer = DataParallelRLTrainer(self.policy, self.sampler, spec.env_spec, spec.rl,
-                                             spec.seed)
+                                             spec.seed, demos=_resolve(spec.demos))
 
     def pid(self) -> int:
         return os.getpid()
@@ -193,15 +232,28 @@ class LearnerWorker:
                                 timeout=datetime.timedelta(seconds=self.learner.timeout_s))
         self.trainer.parallelize(fsdp=self.learner.fsdp)
 
+    def plan(self) -> dict[str, Any]:
+        """What the rollout workers collect this iteration: the reset arguments and noise scale
+        of :meth:`~pirl.runners.rl.RLTrainer.begin_rollout` (which also sets this rank's task
+        ids / groups for :meth:`learn`), the horizon and whether values are needed.  Every rank
+        runs it (identical state, identical draws); the driver forwards rank 0's."""
+        tr = self.trainer
+        return {"reset_kwargs": tr.begin_rollout(),
+                "noise_scale": getattr(tr.sampler, "noise_scale", None),
+                "num_chunks": tr.num_chunks, "action_chunk": tr.action_chunk,
+                "with_values": tr.algo == "ppo"}
+
     def learn(self, *payloads: dict[str, Any]) -> dict[str, float]:
         """Advantages + data-parallel update on the rollout workers' rollouts (in env order)."""
-        if payloads[0].get("groups") is not None:
-            self.trainer._groups = payloads[0]["groups"]
         ro = cat_rollouts([p["rollout"] for p in payloads])
         return self.trainer.learn(ro, max(p.get("time", 0.0) for p in payloads))
 
     def weights(self) -> dict[str, dict[str, torch.Tensor]]:
         return self.trainer.full_weights()
+
+    def sample_state(self) -> dict[str, Any]:
+        """The chain-noise generator's state (the rollout workers start from it)."""
+        return {"sample_gen": self.trainer.sample_gen.get_state()}
 
     def trainer_state(self) -> dict[str, Any]:
         return self.trainer.state_dict()
@@ -248,7 +300,7 @@ class ColocatedWorker(LearnerWorker):
         try:
             part = collect_staged(tr.policy, tr.sampler, [self.stage],
                                   num_envs=tr.env.num_envs, num_chunks=tr.num_chunks,
-                                  reset_kwargs=tr._reset_kwargs(), action_chunk=tr.action_chunk,
+                                  reset_kwargs=tr.begin_rollout(), action_chunk=tr.action_chunk,
                                   generator=tr.sample_gen, with_values=tr.algo == "ppo",
                                   all_done=self._all_done)
         finally:

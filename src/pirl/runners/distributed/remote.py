@@ -5,6 +5,7 @@ built from."""
 from __future__ import annotations
 
 import copy
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -52,7 +53,7 @@ def get_all(refs: Sequence[Any], names: Sequence[str], timeout_s: float | None =
 
 
 def _short(e: BaseException, limit: int = 600) -> str:
-    s = str(e).strip().splitlines()
+    s = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()  # (Ray colours its reprs)
     text = " | ".join(x.strip() for x in s if x.strip())
     return text if len(text) <= limit else text[:limit] + " ..."
 
@@ -83,6 +84,8 @@ class WorkerSpec:
     ``functools.partial(pirl.envs.make_env, "tabletop", split="train")``).
     modules: ``{"policy": FlowPolicy, "sampler": Sampler}`` with the starting weights (pickled
     once into the object store; each worker moves its copy to its device).
+    demos: the SFT demos of ``rl.bc_coef``'s loss (:class:`~pirl.algos.sft.SFTData`, or its
+    object-store ref), held by the learner ranks; None without that loss.
     """
 
     env_fn: Callable[..., BatchedEnv]
@@ -92,6 +95,7 @@ class WorkerSpec:
     seed: int
     device: str = "cpu"
     threads: int | None = 1
+    demos: Any = None
 
 
 def _set_threads(threads: int | None) -> None:

@@ -30,22 +30,21 @@ class EnvWorker(EnvSlice):
 class RolloutWorker:
     """Ray actor body: an inference worker of the disaggregated mode.
 
-    Holds a policy replica and the trainer's rollout state (sample / group generators, the
-    iteration counter that seeds the episodes) and drives its env workers, pipelined over
-    ``stages`` stages of consecutive workers (see :func:`collect_staged`).  With several
-    rollout workers (each driving a contiguous group of env workers) every one keeps identical
-    generators, draws the chain noise for all N envs and uses its rows; they form a gloo group
-    to agree on when every episode has ended."""
+    Holds a policy replica and the chain-noise generator, and drives its env workers, pipelined
+    over ``stages`` stages of consecutive workers (see :func:`collect_staged`).  What to roll
+    out (tasks, episode seeds, replayed states, GRPO groups, the noise scale, the horizon) comes
+    from the learner's :meth:`~pirl.runners.rl.RLTrainer.begin_rollout` each iteration, so the
+    learner alone owns the task statistics.  With several rollout workers (each driving a
+    contiguous group of env workers) every one keeps an identical generator, draws the chain
+    noise for all N envs and uses its rows; they form a gloo group to agree on when every
+    episode has ended."""
 
     def __init__(self, spec: WorkerSpec, env_workers: Sequence[tuple[Any, int, int, str]],
                  stages: int = 1, device: str | None = None):
-        from pirl.runners.rl import RLTrainer
-
         _set_threads(spec.threads)
         self.device = device or spec.device
         self.policy, self.sampler = _build_modules(spec, self.device)
-        self.trainer = RLTrainer(self.policy, self.sampler, spec.env_spec, spec.rl, spec.seed)
-        self.trainer.optimizer = None  # inference only
+        self.sample_gen = torch.Generator()  # its state comes from the learner (load_rollout_state)
         self.num_envs = spec.env_spec.num_envs
         groups = [list(g) for g in _split(list(env_workers), stages)]
         self.stages = [RemoteStage(g, spec.env_spec.action_dim) for g in groups]
@@ -80,30 +79,25 @@ class RolloutWorker:
         dist.all_reduce(flag, group=self.group)
         return int(flag) == 0
 
-    def rollout(self) -> dict[str, Any]:
-        """This worker's env rows for one iteration: ``{"rollout", "groups", "time"}``."""
-        tr = self.trainer
+    def rollout(self, plan: dict[str, Any]) -> dict[str, Any]:
+        """This worker's env rows for one iteration: ``{"rollout", "time"}``.  ``plan``: the
+        learner's :meth:`~pirl.runners.distributed.learner.LearnerWorker.plan`."""
         self.policy.eval()
+        if plan["noise_scale"] is not None:
+            self.sampler.noise_scale = plan["noise_scale"]
         t0 = time.perf_counter()
         ro = collect_staged(self.policy, self.sampler, self.stages, num_envs=self.num_envs,
-                            num_chunks=tr.num_chunks, reset_kwargs=tr._reset_kwargs(),
-                            action_chunk=tr.action_chunk, generator=tr.sample_gen,
-                            with_values=tr.algo == "ppo", all_done=self._all_done)
-        tr.iter += 1
-        return {"rollout": ro, "groups": getattr(tr, "_groups", None),
-                "time": time.perf_counter() - t0}
+                            num_chunks=plan["num_chunks"], reset_kwargs=plan["reset_kwargs"],
+                            action_chunk=plan["action_chunk"], generator=self.sample_gen,
+                            with_values=plan["with_values"], all_done=self._all_done)
+        return {"rollout": ro, "time": time.perf_counter() - t0}
 
     def load_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
         self.policy.load_state_dict(weights["policy"])
         self.sampler.load_state_dict(weights["sampler"])
 
     def rollout_state(self) -> dict[str, Any]:
-        tr = self.trainer
-        return {"iter": tr.iter, "sample_gen": tr.sample_gen.get_state(),
-                "group_gen": tr.group_gen.get_state()}
+        return {"sample_gen": self.sample_gen.get_state()}
 
     def load_rollout_state(self, sd: dict[str, Any]) -> None:
-        tr = self.trainer
-        tr.iter = sd["iter"]
-        tr.sample_gen.set_state(sd["sample_gen"])
-        tr.group_gen.set_state(sd["group_gen"])
+        self.sample_gen.set_state(sd["sample_gen"])

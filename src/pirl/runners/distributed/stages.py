@@ -195,6 +195,9 @@ def collect_staged(policy: FlowPolicy, sampler: Sampler, stages: Sequence[Stage]
 
     all_done: reduces "all my rows are done" over processes (colocated mode: an all-reduce);
     default: identity.
+
+    A critic that reads the time left gets ``obs["time_left"]`` as in ``collect``: ``1 - t /
+    num_chunks`` at chunk step ``t``, ``1 - T / num_chunks`` at the final bootstrap obs.
     """
     stages = list(stages)
     for a, b in zip(stages, stages[1:]):
@@ -202,6 +205,11 @@ def collect_staged(policy: FlowPolicy, sampler: Sampler, stages: Sequence[Stage]
             raise ValueError("stages must be contiguous and in row order")
     r0, r1 = stages[0].start, stages[-1].stop
     all_done = all_done or (lambda x: x)
+    timed = with_values and getattr(policy, "critic_takes_time", False)
+
+    def observe(o: Obs, t: int, rows: int) -> Obs:  # collect's time_left rule, on the CPU
+        return dict(o, time_left=torch.full((rows,), 1.0 - t / num_chunks)) if timed else o
+
     device = next(policy.parameters()).device
     n = r1 - r0
     done = torch.zeros(n, dtype=torch.bool)
@@ -241,7 +249,8 @@ def collect_staged(policy: FlowPolicy, sampler: Sampler, stages: Sequence[Stage]
             if stop or t >= num_chunks:
                 stop = True
                 continue  # no more chunk steps: only collect the remaining stages' results
-            pobs = to_device(res.obs, device)
+            obs_t = observe(res.obs, t, st.stop - st.start)
+            pobs = to_device(obs_t, device)
             prefix = policy.encode_prefix(pobs)
             if noise is None:
                 dtype, dev = chain_dtype(prefix)
@@ -254,7 +263,7 @@ def collect_staged(policy: FlowPolicy, sampler: Sampler, stages: Sequence[Stage]
             act = env_actions(policy.postprocess_actions(chain.actions), action_chunk,
                               st.env_action_dim)
             pending[s] = st.submit_step(act.cpu())
-            cur.obs[s], cur.chains[s], cur.values[s] = res.obs, to_device(chain, "cpu"), v
+            cur.obs[s], cur.chains[s], cur.values[s] = obs_t, to_device(chain, "cpu"), v
         if stop:
             if noise is not None:
                 generator.set_state(gen_state)  # drop the speculative step's draws
@@ -266,8 +275,9 @@ def collect_staged(policy: FlowPolicy, sampler: Sampler, stages: Sequence[Stage]
         t += 1
     vals = torch.stack(values)
     if with_values:
-        last = torch.cat([policy.value(policy.encode_prefix(to_device(o, device))).float().cpu()
-                          for o in obs_cur])
+        last = torch.cat([policy.value(policy.encode_prefix(to_device(
+            observe(o, len(obs_l), st.stop - st.start), device))).float().cpu()
+            for o, st in zip(obs_cur, stages)])
         nxt = torch.cat([vals[1:], last[None]], dim=0)
     else:
         nxt = torch.zeros_like(vals)
