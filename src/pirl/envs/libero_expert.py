@@ -1,0 +1,386 @@
+"""A scripted expert for LIBERO's pick-and-place suites (``libero_spatial``, ``libero_object``).
+
+The expert reads privileged state: which object to move and where to (the task's bddl objects of
+interest, :func:`pirl.envs.libero.task_of_interest`: libero_spatial's named black bowl and
+``plate_1``, libero_object's grocery item and ``basket_1``), the objects' positions (LIBERO's
+``<name>_pos`` observables) and, once per episode, their collision-geometry bounding boxes from
+the MuJoCo model.  It drives LIBERO's ``OSC_POSE`` delta-pose controller through seven phases:
+approach above the grasp point, descend, close the gripper, lift, carry above the target, lower,
+release (then rise).  Actions are 7-D (delta position 3, delta rotation 3 held at the start
+orientation, gripper ``-1`` open / ``+1`` close), clipped to ``[-1, 1]`` like a policy's.
+
+Grasps: the Panda's fingers close along the world y axis in LIBERO's start pose.  A bowl (wider
+than the gripper opens) is taken by its rim on the +y side; other objects at their centre, the
+fingertips :data:`GRASP_DEPTH` below the object's top.
+
+:func:`expert_success_table` runs it on LIBERO's 50 fixed initial states of every task of a suite
+(benchmark protocol: 10 no-op steps after reset, the suite's step limit) over a process pool;
+:func:`generate_libero_demos` records successful episodes in pirl's demo format
+(:mod:`pirl.envs.demos`) with the ``state`` observation of :class:`pirl.envs.libero.LiberoEnv`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from pirl.envs import libero as L
+
+#: Suites whose tasks are "pick object X, place it on / in Y" (objects of interest: X, Y).
+EXPERT_SUITES = ("libero_spatial", "libero_object")
+#: Proportional gain: metres of position error -> normalised OSC_POSE delta (1 = 5 cm target
+#: shift per step; 0.1 m of error saturates the action).
+POS_GAIN = 10.0
+#: Beyond this position error (m) an axis gets at least :data:`MIN_ACTION`: the impedance
+#: controller otherwise settles 1-2 cm short under a payload (measured: a carried bowl stalled
+#: at 0.15-0.19 actions, 1.5-1.9 cm from its goal).
+DEADBAND = 0.005
+MIN_ACTION = 0.3
+#: Gain of the orientation hold (axis-angle error in rad -> normalised delta, 1 = 0.5 rad).
+ROT_GAIN = 2.0
+#: Fingertips this far below an object's top (m); a bowl is held by its rim this far below it.
+GRASP_DEPTH = 0.025
+RIM_DEPTH = 0.02
+#: Rim grasp: the grasp point sits this far inside the bowl's outer radius (m).
+RIM_INSET = 0.008
+#: Clearance above the highest obstacle while carrying (m).
+CARRY_CLEARANCE = 0.06
+#: Height of the object's bottom above the target's top when released (m).
+RELEASE_HEIGHT = 0.02
+#: Steps the gripper is given to close / open.
+GRIP_STEPS = 12
+#: Grasp attempts per episode (a bowl's second attempt takes the rim's other side).
+MAX_ATTEMPTS = 3
+
+
+def _quat_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Hamilton product of xyzw quaternions."""
+    ax, ay, az, aw = a
+    bx, by, bz, bw = b
+    return np.array([aw * bx + ax * bw + ay * bz - az * by,
+                     aw * by - ax * bz + ay * bw + az * bx,
+                     aw * bz + ax * by - ay * bx + az * bw,
+                     aw * bw - ax * bx - ay * by - az * bz])
+
+
+def rotation_error(current: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Axis-angle (world frame) of the rotation taking xyzw quaternion ``current`` to
+    ``target`` (shortest way)."""
+    inv = np.array([-current[0], -current[1], -current[2], current[3]])
+    d = _quat_mul(target, inv)
+    if d[3] < 0:
+        d = -d
+    return L.quat_to_axis_angle(d)
+
+
+def object_box(env, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """World-frame axis-aligned bounding box ``(lo [3], hi [3])`` of the collision geoms of
+    object ``name`` in a LIBERO ``ControlEnv`` (mesh vertices, or the corners of primitive
+    geoms)."""
+    import mujoco
+
+    m, d = env.sim.model._model, env.sim.data._data
+    root = env.sim.model.body_name2id(env.env.objects_dict[name].root_body)
+    pts = []
+    for g in range(m.ngeom):
+        b = m.geom_bodyid[g]
+        while b != 0 and b != root:
+            b = m.body_parentid[b]
+        if b != root or (m.geom_contype[g] == 0 and m.geom_conaffinity[g] == 0):
+            continue
+        c, r = d.geom_xpos[g], d.geom_xmat[g].reshape(3, 3)
+        if m.geom_type[g] == mujoco.mjtGeom.mjGEOM_MESH:
+            mid = m.geom_dataid[g]
+            v = m.mesh_vert[m.mesh_vertadr[mid]:m.mesh_vertadr[mid] + m.mesh_vertnum[mid]]
+        else:
+            s = np.asarray(m.geom_size[g], dtype=np.float64)
+            s = np.array([s[0], s[1] if s[1] > 0 else s[0], s[2] if s[2] > 0 else s[0]])
+            if m.geom_type[g] == mujoco.mjtGeom.mjGEOM_SPHERE:
+                s = np.full(3, s[0])
+            v = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)]) * s
+        pts.append(v @ r.T + c)
+    if not pts:
+        raise ValueError(f"object {name!r} has no collision geoms")
+    p = np.concatenate(pts)
+    return p.min(0), p.max(0)
+
+
+class PickPlaceExpert:
+    """The phase machine for one episode.  ``reset(env, raw)`` reads the task's geometry,
+    ``act(raw)`` returns the next 7-D action."""
+
+    PHASES = ("approach", "descend", "grasp", "lift", "carry", "lower", "release", "retreat")
+
+    def __init__(self, obj: str, target: str, noise: float = 0.0,
+                 rng: np.random.Generator | None = None):
+        self.obj, self.target = obj, target
+        self.noise = float(noise)
+        self.rng = rng or np.random.default_rng(0)
+
+    def reset(self, env, raw: dict[str, np.ndarray]) -> None:
+        lo, hi = object_box(env, self.obj)
+        tlo, thi = object_box(env, self.target)
+        pos = np.asarray(raw[f"{self.obj}_pos"], np.float64)
+        centre = (lo + hi) / 2
+        self.centre_offset = centre - pos
+        self.rim = "bowl" in self.obj
+        self.side = 1.0  # rim grasp on the +y side first, the -y side on a retry
+        if self.rim:
+            self.radius = 0.5 * min(hi[0] - lo[0], hi[1] - lo[1])
+            self.grasp_offset = np.array([centre[0] - pos[0],
+                                          centre[1] - pos[1] + self.radius - RIM_INSET,
+                                          hi[2] - RIM_DEPTH - pos[2]])
+        else:
+            self.grasp_offset = np.array([centre[0] - pos[0], centre[1] - pos[1],
+                                          max(hi[2] - GRASP_DEPTH, (lo[2] + hi[2]) / 2)
+                                          - pos[2]])
+        # object bottom below the grasp point; target top above its position
+        self.hang = self.grasp_offset[2] + pos[2] - lo[2]
+        tpos = np.asarray(raw[f"{self.target}_pos"], np.float64)
+        self.target_centre_offset = (tlo + thi) / 2 - tpos
+        self.target_top = thi[2]
+        if "basket" in self.target:  # released inside, over the floor, not on the rim
+            self.release_bottom = tlo[2] + 0.35 * (thi[2] - tlo[2])
+        else:
+            self.release_bottom = thi[2] + RELEASE_HEIGHT
+        self.carry_z = max(thi[2], hi[2]) + CARRY_CLEARANCE + self.hang
+        self.quat0 = np.asarray(raw["robot0_eef_quat"], np.float64).copy()
+        self.phase = 0
+        self.t_phase = 0
+        self.hold: np.ndarray | None = None
+        self.held: np.ndarray | None = None  # object centre - hand, measured after the lift
+        self.attempts = 1
+
+    def _retry(self) -> bool:
+        """Start over from above (the other rim side for a bowl) after a descent that stalled
+        or a grasp that closed on nothing; False once :data:`MAX_ATTEMPTS` are used."""
+        if self.attempts >= MAX_ATTEMPTS:
+            return False
+        self.attempts += 1
+        if self.rim:
+            self.side = -self.side
+            self.grasp_offset[1] = self.centre_offset[1] + self.side * (self.radius - RIM_INSET)
+        self.phase, self.t_phase, self.hold, self.held = 0, 0, None, None
+        return True
+
+    def _goto(self, raw, p: np.ndarray, grip: float) -> np.ndarray:
+        eef = np.asarray(raw["robot0_eef_pos"], np.float64)
+        a = np.zeros(7)
+        err = p - eef
+        a[:3] = np.clip(err * POS_GAIN, -1, 1)
+        push = np.abs(err) > DEADBAND
+        a[:3][push] = np.sign(err[push]) * np.maximum(np.abs(a[:3][push]), MIN_ACTION)
+        a[3:6] = np.clip(rotation_error(np.asarray(raw["robot0_eef_quat"], np.float64),
+                                        self.quat0) * ROT_GAIN, -1, 1)
+        a[6] = grip
+        if self.noise > 0:
+            a[:6] += self.rng.normal(0, self.noise, 6)
+        return np.clip(a, -1, 1)
+
+    def _next(self) -> None:
+        self.phase += 1
+        self.t_phase = 0
+        self.hold = None
+
+    def act(self, raw: dict[str, np.ndarray]) -> np.ndarray:
+        eef = np.asarray(raw["robot0_eef_pos"], np.float64)
+        obj = np.asarray(raw[f"{self.obj}_pos"], np.float64)
+        tgt = np.asarray(raw[f"{self.target}_pos"], np.float64) + self.target_centre_offset
+        grasp = obj + self.grasp_offset
+        self.t_phase += 1
+        name = self.PHASES[min(self.phase, len(self.PHASES) - 1)]
+        if name == "approach":
+            p = grasp + np.array([0, 0, 0.08])
+            err = p - eef
+            if (np.linalg.norm(err[:2]) < 0.01 and abs(err[2]) < 0.02) or self.t_phase > 80:
+                self._next()
+            return self._goto(raw, p, -1.0)
+        if name == "descend":
+            # blocked above the grasp point (fingers on the floor, a drawer's sides): grasp
+            # from there; the lift tells whether that held the object
+            if np.linalg.norm(grasp - eef) < 0.008 or self.t_phase > 30:
+                self._next()
+            return self._goto(raw, grasp, -1.0)
+        if name == "grasp":
+            if self.hold is None:
+                self.hold = eef.copy()
+            hold = self.hold
+            if self.t_phase >= GRIP_STEPS:
+                self._next()
+            return self._goto(raw, hold, 1.0)
+        if name == "lift":
+            if self.t_phase == 1:
+                self.lift_from = obj[2]
+            p = np.array([eef[0], eef[1], self.carry_z])
+            if abs(p[2] - eef[2]) < 0.02 or self.t_phase > 60:
+                if obj[2] - self.lift_from < 0.03 and self._retry():
+                    # the object stayed behind: grasp again
+                    return self._goto(raw, eef, -1.0)
+                self.held = obj + self.centre_offset - eef
+                self._next()
+            return self._goto(raw, p, 1.0)
+        # the hand goes where it puts the object's centre over the target's, the object held
+        # as measured after the lift
+        held = self.held if self.held is not None else obj + self.centre_offset - eef
+        place_xy = tgt[:2] - held[:2]
+        if name == "carry":
+            p = np.array([place_xy[0], place_xy[1], self.carry_z])
+            if np.linalg.norm(p[:2] - eef[:2]) < 0.01 or self.t_phase > 100:
+                self._next()
+            return self._goto(raw, p, 1.0)
+        if name == "lower":
+            p = np.array([place_xy[0], place_xy[1], self.release_bottom + self.hang])
+            if abs(p[2] - eef[2]) < 0.01 or self.t_phase > 50:
+                self._next()
+            return self._goto(raw, p, 1.0)
+        if name == "release":
+            if self.hold is None:
+                self.hold = eef.copy()
+            hold = self.hold
+            if self.t_phase >= GRIP_STEPS:
+                self._next()
+            return self._goto(raw, hold, -1.0)
+        return self._goto(raw, np.array([eef[0], eef[1], self.carry_z]), -1.0)
+
+
+class LiberoExpertSubEnv(L.LiberoSubEnv):
+    """A ``state``-mode LIBERO slot that can also play whole expert episodes in its process."""
+
+    def __init__(self, suite: str, **kw):
+        if suite not in EXPERT_SUITES:
+            raise ValueError(f"the scripted expert covers {EXPERT_SUITES}, not {suite!r}")
+        kw.setdefault("obs_mode", "state")
+        super().__init__(suite, **kw)
+
+    def expert_episode(self, task_index: int, init_index: int, seed: int = 0,
+                       max_steps: int | None = None, noise: float = 0.0,
+                       record: bool = False) -> dict[str, Any]:
+        """Play one episode from fixed init state ``init_index`` (benchmark protocol); return
+        ``success``, ``length`` (policy steps until success or the limit), ``phase`` reached,
+        and with ``record`` the ``state [T, S]`` / ``action [T, 7]`` arrays."""
+        max_steps = max_steps or L.MAX_STEPS[self.suite]
+        obs = self.reset(task_index, init_index, seed)
+        obj, target = L.task_of_interest(self.tasks[task_index])
+        expert = PickPlaceExpert(obj, target, noise=noise,
+                                 rng=np.random.default_rng([seed, task_index, init_index]))
+        expert.reset(self.env, self.raw)
+        states, actions = [], []
+        success = False
+        for _ in range(max_steps):
+            a = expert.act(self.raw)
+            if record:
+                states.append(obs["state"])
+                actions.append(a.astype(np.float32))
+            obs, _, success = self.step(a)
+            if success:
+                break
+        out: dict[str, Any] = {"success": bool(success), "length": len(actions) if record
+                               else None, "phase": PickPlaceExpert.PHASES[
+                                   min(expert.phase, len(PickPlaceExpert.PHASES) - 1)]}
+        if record:
+            out["state"] = np.stack(states).astype(np.float32)
+            out["action"] = np.stack(actions).astype(np.float32)
+        return out
+
+
+def _pool(suite: str, processes: int, assets_dir=None) -> L.SubprocEnvPool:
+    assets = str(L.resolve_assets(assets_dir))
+    factory = functools.partial(LiberoExpertSubEnv, suite, assets=assets)
+    return L.SubprocEnvPool([factory] * processes, in_process=processes <= 0)
+
+
+def run_expert(suite: str, jobs: Sequence[tuple[int, int]], processes: int = 2,
+               noise: float = 0.0, record: bool = False, seed: int = 0,
+               assets_dir=None) -> list[dict[str, Any]]:
+    """Expert episodes for ``jobs = [(task_index, init_index), ...]`` over a pool of
+    ``processes`` worker processes (0: in this process); results in job order."""
+    pool = _pool(suite, processes, assets_dir)
+    try:
+        n = max(pool.size, 1)
+        results: list[dict[str, Any]] = []
+        for lo in range(0, len(jobs), n):
+            batch = list(jobs[lo:lo + n])
+            results += pool.call("expert_episode",
+                                 args=[(t, i, seed, None, noise, record) for t, i in batch],
+                                 indices=list(range(len(batch))))
+        return results
+    finally:
+        pool.close()
+
+
+def expert_success_table(suite: str, tasks: Sequence[int] | None = None,
+                         init_indices: Sequence[int] = range(L.NUM_INIT_STATES),
+                         processes: int = 2) -> dict[str, Any]:
+    """Success of the expert on the fixed init states of each task: ``{"rows": [{task, name,
+    success, n, failed_phases}], "mean": ..., "seconds": ...}``."""
+    t0 = time.time()
+    names = [t.name for t in L.suite_tasks(suite)]
+    tasks = list(range(len(names))) if tasks is None else list(tasks)
+    jobs = [(t, i) for t in tasks for i in init_indices]
+    res = run_expert(suite, jobs, processes=processes)
+    rows = []
+    for t in tasks:
+        rs = [r for (tt, _), r in zip(jobs, res) if tt == t]
+        fails: dict[str, int] = {}
+        for r in rs:
+            if not r["success"]:
+                fails[r["phase"]] = fails.get(r["phase"], 0) + 1
+        rows.append({"task": t, "name": names[t], "n": len(rs),
+                     "success": sum(r["success"] for r in rs) / max(len(rs), 1),
+                     "failed_phases": fails})
+    return {"suite": suite, "rows": rows,
+            "mean": float(np.mean([r["success"] for r in rows])) if rows else 0.0,
+            "seconds": time.time() - t0}
+
+
+def generate_libero_demos(suite: str = "libero_spatial", episodes_per_task: int = 2,
+                          out_dir: str | Path = "demos", seed: int = 0,
+                          tasks: Sequence[int] | None = None, processes: int = 2,
+                          init_offset: int = 0, noise: float = 0.0,
+                          max_attempts_per_task: int = 10) -> Path:
+    """Successful expert episodes in pirl's demo format (:mod:`pirl.envs.demos`): per task
+    ``episodes_per_task`` episodes from fixed init states ``init_offset, init_offset + 1, ...``
+    (failed ones are skipped), ``state``-mode observations exactly as ``LiberoEnv(suite,
+    obs_mode="state")`` returns them.  ``episode_seed`` is the init-state index (``LiberoEnv``
+    maps ``episode_seed % 50`` to it); ``task_index`` is the suite's task index (the env's
+    ``task_id`` when it runs all tasks).  Returns ``out_dir``."""
+    from types import SimpleNamespace
+
+    from pirl.envs.demos import _write
+
+    all_tasks = L.suite_tasks(suite)
+    tasks = list(range(len(all_tasks))) if tasks is None else list(tasks)
+    kept: list[dict[str, Any]] = []
+    for t in tasks:
+        jobs = [(t, (init_offset + k) % L.NUM_INIT_STATES)
+                for k in range(min(max_attempts_per_task, L.NUM_INIT_STATES))]
+        got = 0
+        for lo in range(0, len(jobs), max(processes, 1)):
+            if got >= episodes_per_task:
+                break
+            batch = jobs[lo:lo + max(processes, 1)]
+            for (tt, i), r in zip(batch, run_expert(suite, batch, processes, noise=noise,
+                                                    record=True, seed=seed)):
+                if r["success"] and got < episodes_per_task:
+                    n = r["length"]
+                    reward = torch.zeros(n)
+                    reward[-1] = 1.0
+                    kept.append({"task_index": tt, "episode_seed": i, "success": True,
+                                 "length": n, "state": torch.from_numpy(r["state"]),
+                                 "action": torch.from_numpy(r["action"]), "reward": reward})
+                    got += 1
+        if got < episodes_per_task:
+            raise RuntimeError(f"the expert succeeded on only {got} of {len(jobs)} init states "
+                               f"of {suite} task {t}; asked for {episodes_per_task}")
+    env_like = SimpleNamespace(state_dim=L.suite_state_dim(suite), action_dim=7,
+                               tasks=all_tasks, task_names=[t.name for t in all_tasks],
+                               instructions=[t.instruction for t in all_tasks],
+                               max_episode_steps=L.MAX_STEPS[suite])
+    meta = dict(env_name=f"libero/{suite}", env_kwargs={"obs_mode": "state"}, seed=seed,
+                noise=noise, episodes_per_task=episodes_per_task, source="libero scripted expert")
+    return _write(Path(out_dir), env_like, kept, meta)
