@@ -26,7 +26,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--suites", nargs="*", default=list(EXPERT_SUITES), choices=EXPERT_SUITES)
     ap.add_argument("--tasks", nargs="*", type=int, default=None)
-    ap.add_argument("--inits", type=int, default=50, help="init states 0..inits-1 per task")
+    ap.add_argument("--inits", type=int, default=50, help="init states start..start+inits-1")
+    ap.add_argument("--init-start", type=int, default=0)
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the tables here")
     args = ap.parse_args()
@@ -42,7 +43,8 @@ if __name__ == "__main__":
         print(f"\n{suite}\n| task | success | s.e. | failures: phase at the step limit |")
         print("|---|---|---|---|", flush=True)
         for t in tasks:  # one task at a time: rows appear (and are saved) as they finish
-            part = expert_success_table(suite, tasks=[t], init_indices=range(args.inits),
+            part = expert_success_table(suite, tasks=[t], init_indices=range(args.init_start,
+                                                               args.init_start + args.inits),
                                         processes=args.processes)
             r = part["rows"][0]
             tab["rows"].append(r)

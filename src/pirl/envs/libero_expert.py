@@ -291,7 +291,18 @@ class LiberoExpertSubEnv(L.LiberoSubEnv):
 def _pool(suite: str, processes: int, assets_dir=None) -> L.SubprocEnvPool:
     assets = str(L.resolve_assets(assets_dir))
     factory = functools.partial(LiberoExpertSubEnv, suite, assets=assets)
-    return L.SubprocEnvPool([factory] * processes, in_process=processes <= 0)
+    return L.SubprocEnvPool([factory] * max(processes, 1), in_process=processes <= 0)
+
+
+def _run(pool: L.SubprocEnvPool, jobs: Sequence[tuple[int, int]], noise: float, record: bool,
+         seed: int) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    for lo in range(0, len(jobs), pool.size):
+        batch = list(jobs[lo:lo + pool.size])
+        results += pool.call("expert_episode",
+                             args=[(t, i, seed, None, noise, record) for t, i in batch],
+                             indices=list(range(len(batch))))
+    return results
 
 
 def run_expert(suite: str, jobs: Sequence[tuple[int, int]], processes: int = 2,
@@ -301,14 +312,7 @@ def run_expert(suite: str, jobs: Sequence[tuple[int, int]], processes: int = 2,
     ``processes`` worker processes (0: in this process); results in job order."""
     pool = _pool(suite, processes, assets_dir)
     try:
-        n = max(pool.size, 1)
-        results: list[dict[str, Any]] = []
-        for lo in range(0, len(jobs), n):
-            batch = list(jobs[lo:lo + n])
-            results += pool.call("expert_episode",
-                                 args=[(t, i, seed, None, noise, record) for t, i in batch],
-                                 indices=list(range(len(batch))))
-        return results
+        return _run(pool, jobs, noise, record, seed)
     finally:
         pool.close()
 
@@ -351,36 +355,40 @@ def generate_libero_demos(suite: str = "libero_spatial", episodes_per_task: int 
     ``task_id`` when it runs all tasks).  Returns ``out_dir``."""
     from types import SimpleNamespace
 
-    from pirl.envs.demos import _write
+    from pirl.envs.demo_writer import write_demo_folder
 
     all_tasks = L.suite_tasks(suite)
     tasks = list(range(len(all_tasks))) if tasks is None else list(tasks)
     kept: list[dict[str, Any]] = []
-    for t in tasks:
-        jobs = [(t, (init_offset + k) % L.NUM_INIT_STATES)
-                for k in range(min(max_attempts_per_task, L.NUM_INIT_STATES))]
-        got = 0
-        for lo in range(0, len(jobs), max(processes, 1)):
-            if got >= episodes_per_task:
-                break
-            batch = jobs[lo:lo + max(processes, 1)]
-            for (tt, i), r in zip(batch, run_expert(suite, batch, processes, noise=noise,
-                                                    record=True, seed=seed)):
-                if r["success"] and got < episodes_per_task:
-                    n = r["length"]
-                    reward = torch.zeros(n)
-                    reward[-1] = 1.0
-                    kept.append({"task_index": tt, "episode_seed": i, "success": True,
-                                 "length": n, "state": torch.from_numpy(r["state"]),
-                                 "action": torch.from_numpy(r["action"]), "reward": reward})
-                    got += 1
-        if got < episodes_per_task:
-            raise RuntimeError(f"the expert succeeded on only {got} of {len(jobs)} init states "
-                               f"of {suite} task {t}; asked for {episodes_per_task}")
+    pool = _pool(suite, processes)
+    try:
+        for t in tasks:
+            jobs = [(t, (init_offset + k) % L.NUM_INIT_STATES)
+                    for k in range(min(max_attempts_per_task, L.NUM_INIT_STATES))]
+            got = 0
+            for lo in range(0, len(jobs), pool.size):
+                if got >= episodes_per_task:
+                    break
+                batch = jobs[lo:lo + pool.size]
+                for (tt, i), r in zip(batch, _run(pool, batch, noise, True, seed)):
+                    if r["success"] and got < episodes_per_task:
+                        n = r["length"]
+                        reward = torch.zeros(n)
+                        reward[-1] = 1.0
+                        kept.append({"task_index": tt, "episode_seed": i, "success": True,
+                                     "length": n, "state": torch.from_numpy(r["state"]),
+                                     "action": torch.from_numpy(r["action"]),
+                                     "reward": reward})
+                        got += 1
+            if got < episodes_per_task:
+                raise RuntimeError(f"the expert succeeded on only {got} of {len(jobs)} init "
+                                   f"states of {suite} task {t}; asked for {episodes_per_task}")
+    finally:
+        pool.close()
     env_like = SimpleNamespace(state_dim=L.suite_state_dim(suite), action_dim=7,
                                tasks=all_tasks, task_names=[t.name for t in all_tasks],
                                instructions=[t.instruction for t in all_tasks],
                                max_episode_steps=L.MAX_STEPS[suite])
     meta = dict(env_name=f"libero/{suite}", env_kwargs={"obs_mode": "state"}, seed=seed,
                 noise=noise, episodes_per_task=episodes_per_task, source="libero scripted expert")
-    return _write(Path(out_dir), env_like, kept, meta)
+    return write_demo_folder(Path(out_dir), env_like, kept, meta)
