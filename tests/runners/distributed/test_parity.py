@@ -39,8 +39,11 @@ FEATURES = {
     "replan": {"action_chunk": 2},
     "critic_time": {"critic_time": True},
     "grpo": {"algo": "grpo"},
+    # a frozen prefix: the local trainer reuses the rollout's prefix caches, the Ray learner
+    # re-encodes the observations (the same numbers)
+    "frozen_prefix": {"train_mode": "expert_only"},
 }
-PPO_ALL = [k for k in FEATURES if k != "grpo"]
+PPO_ALL = [k for k in FEATURES if k not in ("grpo", "frozen_prefix")]
 GRPO_ALL = ["grpo", "failure_sampling", "noise_schedule", "bc", "replan"]
 
 
@@ -152,6 +155,13 @@ def test_grpo_features_match_local(ray_local, mode, exact):
     """GRPO groups with failure-weighted tasks, a noise schedule, the demo loss and
     re-planning."""
     check_parity(ray_local, GRPO_ALL, mode, exact)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
+def test_frozen_prefix_matches_local_bit_for_bit(ray_local, mode):
+    """train_mode=expert_only with failure-weighted tasks, one process per role."""
+    check_parity(ray_local, ["frozen_prefix", "failure_sampling"], mode, exact=True)
 
 
 @pytest.mark.slow
