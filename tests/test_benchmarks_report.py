@@ -153,3 +153,30 @@ def test_the_readme_table_is_the_reports_output_of_results():
     (a run record added without regenerating the table, or a hand edit, fails here)."""
     report = _report()
     assert report.main(["--check"]) == 0, "run: python benchmarks/report.py"
+
+
+def test_a_record_from_before_hardware_and_command_were_recorded_says_so(tmp_path):
+    """A hand-built minimal record (config.yaml + results.json of a run made before
+    invocations.jsonl held the hardware and the command; no metrics) still makes a row, and the
+    row says what is not recorded instead of inventing it."""
+    report = _report()
+    rec = tmp_path / "results" / "old_run"
+    rec.mkdir(parents=True)
+    (rec / "config.yaml").write_text(yaml.safe_dump(
+        {"seed": 3, "env": {"name": "maniskill_multitask"}, "model": {"name": "tiny"},
+         "sampler": {"kind": "flow_noise"}, "rl": {"algo": "ppo", "iterations": 30}}))
+    (rec / "results.json").write_text(json.dumps(
+        {"sft": {"train": {"success": 0.5, "episodes": 256}},
+         "final": {"train": {"success": 0.625, "episodes": 256}}}))
+    (rec / "invocations.jsonl").write_text(json.dumps({"wall_s": 1800.0, "stage": "done"}) + "\n")
+    readme = _write(tmp_path)
+    assert _run(report, tmp_path / "results", readme) == 0
+    rows = [line for line in readme.read_text().splitlines() if line.startswith("| maniskill")]
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    se = lambda p: 100 * math.sqrt(p * (1 - p) / 256)
+    assert cells[2] == "PPO + Flow-Noise"
+    assert cells[3] == f"train: 50.0 ± {se(0.5):.1f} → 62.5 ± {se(0.625):.1f}"
+    assert cells[4:9] == ["3", "–", "30.0 min", "not recorded", "not recorded"]
+    # no evaluation metrics: no learning-curve figure, and no link to one
+    assert not (tmp_path / "docs" / "img" / "curves.png").exists()
+    assert "![" not in readme.read_text()
