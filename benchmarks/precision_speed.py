@@ -16,7 +16,8 @@ Three steps are timed per variant:
   grounding head, backward, AdamW step).
 
 Variants: ``fp32`` eager; ``bf16`` autocast (``precision=bf16``); ``*_compile``:
-``torch.compile`` of the hot paths (``encode_prefix`` and the expert's ``velocity``);
+``torch.compile`` of the hot modules (the image encoder and prefix blocks of the prefix
+encoder, the expert blocks of ``velocity``);
 ``*_channels_last``: the conv image encoder's weights in channels-last memory format.  The
 machine is shared with other jobs, so the variants are timed interleaved, round by round
 (A B C A B C ...), and each cell is the median over rounds: contention hits every variant
@@ -67,8 +68,14 @@ class Variant:
             self.policy.image_encoder.to(memory_format=torch.channels_last)
         self.trainer = trainer_cls(self.policy, sampler, env, cfg.rl, seed=0)
         if name.endswith("compile"):
-            self.policy.encode_prefix = torch.compile(self.policy.encode_prefix)
-            self.policy.velocity = torch.compile(self.policy.velocity)
+            # the hot modules (tensor in, tensor out): the conv image encoder and the prefix
+            # transformer blocks (prefix encoder), the expert blocks (velocity); the methods
+            # around them hold Python-side tokenisation that compiles poorly
+            pol = self.policy
+            pol.image_encoder = torch.compile(pol.image_encoder, dynamic=False)
+            for blocks in (pol.prefix_blocks, pol.expert_blocks):
+                for i in range(len(blocks)):
+                    blocks[i] = torch.compile(blocks[i], dynamic=False)
         self.head = copy.deepcopy(head)
         names = set(self.policy.prefix_parameter_names())
         self.prefix_params = [p for n, p in self.policy.named_parameters() if n in names]

@@ -16,7 +16,8 @@ from tests.runners.tiny_run import TINY_RUN_OVERRIDES
 
 
 def test_precision_field():
-    assert TrainConfig().precision == "auto"
+    assert TrainConfig().precision == "fp32"
+    assert apply_overrides(TrainConfig(), ["precision=auto"]).precision == "auto"
     assert apply_overrides(TrainConfig(), ["precision=bf16"]).precision == "bf16"
     with pytest.raises(ConfigError, match="precision"):
         apply_overrides(TrainConfig(), ["precision=fp16"])
@@ -71,8 +72,8 @@ def _tiny_cfg(tmp_path, name, *extra):
 
 def test_run_applies_precision_and_old_run_folders_resume_in_fp32(tmp_path, monkeypatch):
     """``make_policy`` gives the policy the config's precision; a run folder whose config.yaml
-    has no ``precision`` (made before the field existed, in float32) is loaded as fp32 -- not
-    the new default ``auto`` -- and an extension writes fp32 into its config."""
+    has no ``precision`` (made before the field existed, in float32) is loaded as fp32 --
+    whatever the field's default -- and an extension writes fp32 into its config."""
     cfg = _tiny_cfg(tmp_path, "b", "precision=bf16")
     env = train_mod.make_train_env(cfg)
     assert train_mod.make_policy(cfg, env).autocast_dtype is torch.bfloat16

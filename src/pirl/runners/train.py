@@ -413,7 +413,7 @@ def format_phase_times(times: dict[str, float]) -> str:
 def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """The config of a run folder (``RUN/config.yaml``, then ``overrides``).  A config saved
     before the ``precision`` field existed gets ``precision=fp32``: the run computed in float32,
-    and a resumed or re-evaluated run keeps doing so (a new config's default is ``auto``)."""
+    and a resumed or re-evaluated run keeps doing so, whatever the field's default."""
     path = Path(run_dir) / "config.yaml"
     cfg = load_yaml(TrainConfig, path)
     if "precision" not in (yaml.safe_load(path.read_text()) or {}):
