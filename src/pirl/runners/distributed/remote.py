@@ -49,6 +49,8 @@ def get_all(refs: Sequence[Any], names: Sequence[str], timeout_s: float | None =
             if isinstance(cause, WorkerError):  # a worker that this one depends on died
                 raise WorkerError(f"{cause} (reported by {names[index[r]]})") from e
             raise WorkerError(f"{names[index[r]]} failed: {_short(e)}") from e
+        except ray.exceptions.RayError as e:  # e.g. Ray's memory monitor killed the worker
+            raise WorkerError(f"{names[index[r]]} failed: {type(e).__name__}: {_short(e)}") from e
     return out
 
 
