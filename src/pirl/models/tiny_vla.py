@@ -163,6 +163,18 @@ def _heads(x: torch.Tensor, nh: int) -> torch.Tensor:
     return x.view(b, n, nh, d // nh).transpose(1, 2)
 
 
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``; on the CPU in float32 also under bf16 autocast: there
+    its bf16 kernels are slower than float32's, the backward ~6x (a profile of the PPO update,
+    docs/experiments.md#2026-12-06--mixed-precision-and-where-the-default-jobs-time-goes)."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                  attn_mask=attn_mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
 def _merge(x: torch.Tensor) -> torch.Tensor:
     """``[B, nh, N, dh] -> [B, N, nh * dh]``."""
     b, nh, n, dh = x.shape
@@ -180,8 +192,8 @@ class SelfAttention(nn.Module):
         """x: ``[B, N, D]``; mask: optional ``[B, N]`` bool of keys to attend to."""
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         attn_mask = None if mask is None else mask[:, None, None, :]
-        y = F.scaled_dot_product_attention(_heads(q, self.heads), _heads(k, self.heads),
-                                           _heads(v, self.heads), attn_mask=attn_mask)
+        y = _attention(_heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads),
+                       attn_mask=attn_mask)
         return self.out(_merge(y))
 
 
@@ -204,7 +216,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x ``[B, H, D]``; kv ``[B, 2, nh, P, dh]``; mask ``[B, P]`` bool."""
         q = _heads(self.q(x), self.heads)
-        y = F.scaled_dot_product_attention(q, kv[:, 0], kv[:, 1], attn_mask=mask[:, None, None, :])
+        y = _attention(q, kv[:, 0], kv[:, 1], attn_mask=mask[:, None, None, :])
         return self.out(_merge(y))
 
 
