@@ -121,7 +121,11 @@ def _label_sampler_algo(cfg: dict[str, Any]) -> str:
     algo = str(rl.get("algo", "?")).upper()
     chunk = rl.get("action_chunk")
     replan = f", re-plans every {chunk}" if chunk else ""
-    return f"{algo} + {name}{replan}"
+    # how it ran, where that is not the default (rows that differ only there stay apart)
+    mode = cfg.get("placement", {}).get("mode", "local")
+    where = f", {mode} placement" if mode != "local" else ""
+    bf16 = ", bf16" if cfg.get("precision") == "bf16" else ""
+    return f"{algo} + {name}{replan}{where}{bf16}"
 
 
 def _pct(values: list[float], episodes: list[int]) -> str:

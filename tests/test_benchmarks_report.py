@@ -134,6 +134,17 @@ def test_runs_that_differ_only_in_the_seed_make_one_row(tiny_record, tmp_path):
     assert _run(report, both, readme) == 0
     rows = [line for line in readme.read_text().splitlines() if line.startswith("| tabletop")]
     assert [r.split("|")[3].strip().split(" ")[0] for r in rows] == ["GRPO", "PPO"]
+    # a run placed on Ray workers is another row, and says so
+    ray = both / "tabletop_tiny_disaggregated"
+    shutil.copytree(results / "tabletop_tiny_seed0", ray)
+    cfg = yaml.safe_load((ray / "config.yaml").read_text())
+    cfg["placement"]["mode"] = "disaggregated"
+    (ray / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert _run(report, both, readme) == 0
+    rows = [line for line in readme.read_text().splitlines() if line.startswith("| tabletop")]
+    assert [r.split("|")[3].strip() for r in rows][1:] == [
+        "PPO + Flow-SDE (hybrid), re-plans every 4",
+        "PPO + Flow-SDE (hybrid), re-plans every 4, disaggregated placement"]
 
 
 def test_no_records_say_so_and_a_readme_without_markers_is_refused(tmp_path):
