@@ -34,7 +34,7 @@ def cmd_train(args) -> int:
             if not value.isdigit():
                 raise SystemExit(f"pirl: rl.iterations must be a whole number, got {value!r}")
             iterations = int(value)
-        run(resume=args.resume, iterations=iterations,
+        run(resume=args.resume, iterations=iterations, cluster=args.cluster,
             command={"subcommand": "train", "preset": None, "overrides": list(args.overrides)})
         return 0
     overrides = list(args.overrides)

@@ -442,7 +442,8 @@ def check_placement(cfg: TrainConfig) -> None:
 
 
 def run(cfg: TrainConfig | None = None, resume: str | Path | None = None,
-        iterations: int | None = None, command: dict[str, Any] | None = None) -> dict[str, Any]:
+        iterations: int | None = None, command: dict[str, Any] | None = None,
+        cluster: str | None = None) -> dict[str, Any]:
     """Run (or resume) the whole recipe; return the results dict (per tag and split).
 
     ``iterations`` (with ``resume`` only) raises ``rl.iterations`` of the run folder, so that a
@@ -451,12 +452,18 @@ def run(cfg: TrainConfig | None = None, resume: str | Path | None = None,
     schedule then decays over the new total from where it stands (a constant one continues as
     if the run had been planned that long).
 
+    ``cluster`` (with ``resume`` only; ``pirl train --resume RUN --cluster ADDR``) continues the
+    run on that Ray cluster (a local run switches to the disaggregated placement; local and DDP
+    trainer states have the same layout, so the run continues where it stopped).
+
     Each completed invocation appends a line to ``RUN/invocations.jsonl``: its wall-clock, the
     hardware (:func:`pirl.runners.logger.hardware_info`), the process's command line (``argv``)
     and ``command`` as the CLI gives it (``preset``: the --config given, ``overrides``), which
     ``benchmarks/report.py`` puts in the README's results table."""
     if iterations is not None and resume is None:
         raise ConfigError("iterations= extends a resumed run; give rl.iterations in the config")
+    if cluster is not None and resume is None:
+        raise ConfigError("cluster= moves a resumed run; give placement.cluster in the config")
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").exists():
@@ -467,6 +474,13 @@ def run(cfg: TrainConfig | None = None, resume: str | Path | None = None,
                 raise ConfigError(f"rl.iterations: a resumed run can be extended, not shortened "
                                   f"({iterations} < the run's {cfg.rl.iterations})")
             cfg.rl.iterations = iterations
+            save_yaml(cfg, run_dir / "config.yaml")
+        if cluster is not None:  # resume on another (e.g. a restored) Ray cluster
+            cfg.placement.cluster = cluster
+            if cfg.placement.mode == "local":
+                print("pirl: --cluster given with placement.mode=local: using "
+                      "placement.mode=disaggregated")
+                cfg.placement.mode = "disaggregated"
             save_yaml(cfg, run_dir / "config.yaml")
         check_placement(cfg)
     else:

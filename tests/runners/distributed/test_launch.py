@@ -173,3 +173,35 @@ def test_pirl_run_disaggregated_end_to_end(ray_local, tmp_path):
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["stage"] == "done" and state["trainer"]["iter"] == 2
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("rollout/success") == 2
+
+
+@pytest.mark.slow
+def test_local_run_resumes_on_a_ray_cluster(ray_local, tmp_path, capsys):
+    """``pirl train --resume RUN rl.iterations=2 --cluster local`` continues a finished local
+    run (1 RL iteration) in the disaggregated placement: its second iteration equals that of an
+    uninterrupted 2-iteration local run (same returns, losses to float tolerance)."""
+    import json
+
+    from pirl.cli import main
+    from pirl.config.loading import load_yaml
+    from pirl.config.schema import TrainConfig
+    from tests.runners.tiny_run import TINY_RUN_OVERRIDES
+
+    def rl_lines(run_dir):
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [x for x in lines if "rollout/success" in x]
+
+    ref, moved = tmp_path / "ref", tmp_path / "moved"
+    assert main(["train", *TINY_RUN_OVERRIDES, "rl.iterations=2", f"run_dir={ref}"]) == 0
+    assert main(["train", *TINY_RUN_OVERRIDES, "rl.iterations=1", f"run_dir={moved}"]) == 0
+    assert main(["train", "--resume", str(moved), "rl.iterations=2", "--cluster", "local"]) == 0
+    assert "using placement.mode=disaggregated" in capsys.readouterr().out
+    cfg = load_yaml(TrainConfig, moved / "config.yaml")
+    assert (cfg.placement.mode, cfg.placement.cluster, cfg.rl.iterations) == (
+        "disaggregated", "local", 2)
+    a, b = rl_lines(ref), rl_lines(moved)
+    assert len(a) == len(b) == 2
+    for k in ("rollout/return", "rollout/success", "env_steps"):
+        assert a[1][k] == b[1][k], k
+    for k in ("policy/loss", "policy/approx_kl", "value/loss"):
+        assert b[1][k] == pytest.approx(a[1][k], rel=1e-3, abs=1e-5), k
