@@ -13,8 +13,9 @@ def test_resume_passes_only_an_iteration_count_on(monkeypatch):
     assert cli.main(["train", "--resume", "R"]) == 0
     assert cli.main(["train", "--resume", "R", "rl.iterations=80"]) == 0
     resumed = {"subcommand": "train", "preset": None}  # what the run folder records
-    assert calls == [{"resume": "R", "iterations": None, "command": {**resumed, "overrides": []}},
-                     {"resume": "R", "iterations": 80,
+    assert calls == [{"resume": "R", "iterations": None, "cluster": None,
+                      "command": {**resumed, "overrides": []}},
+                     {"resume": "R", "iterations": 80, "cluster": None,
                       "command": {**resumed, "overrides": ["rl.iterations=80"]}}]
     for bad in (["rl.ppo.lr_policy=1e-4"], ["rl.iterations=80", "seed=1"],
                 ["rl.iterations=80", "rl.iterations=90"], ["rl.iterations=8.5"]):
