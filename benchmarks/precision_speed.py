@@ -20,8 +20,10 @@ Variants: ``fp32`` eager; ``bf16`` autocast (``precision=bf16``); ``*_compile``:
 encoder, the expert blocks of ``velocity``);
 ``*_channels_last``: the conv image encoder's weights in channels-last memory format.  The
 machine is shared with other jobs, so the variants are timed interleaved, round by round
-(A B C A B C ...), and each cell is the median over rounds: contention hits every variant
-alike.  Ratios are to ``fp32`` of the same run.  The first round (and compilation) is warm-up.
+(A B C A B C ...), each cell is the median over rounds, and the ratios use the process's CPU
+time (with one thread: the step's compute, whatever else runs; wall times are shown too).
+Ratios are to ``fp32`` of the same run.  One step of each kind per variant is warm-up (and
+compilation) before the rounds.
 """
 
 from __future__ import annotations
@@ -127,10 +129,11 @@ class Variant:
             p.requires_grad_(False)
 
 
-def timed(fn, *a) -> float:
-    t0 = time.perf_counter()
+def timed(fn, *a) -> tuple[float, float]:
+    """(wall ms, this process's CPU ms) of ``fn(*a)``."""
+    t0, c0 = time.perf_counter(), time.process_time()
     fn(*a)
-    return 1000 * (time.perf_counter() - t0)
+    return 1000 * (time.perf_counter() - t0), 1000 * (time.process_time() - c0)
 
 
 def main(argv=None):
@@ -160,28 +163,33 @@ def main(argv=None):
         v.pretrain_step(pre_obs, points)
         print(f"{name}: set-up and warm-up {time.perf_counter() - t0:.1f}s", flush=True)
         variants.append(v)
-    times = {v.name: {"rollout": [], "update": [], "pretrain": []} for v in variants}
+    steps = ("rollout", "update", "pretrain")
+    times = {v.name: {k: [] for k in steps} for v in variants}
     for r in range(args.rounds):
         for v in variants:  # interleaved: every variant once per round
             times[v.name]["rollout"].append(timed(v.rollout_step, obs))
             times[v.name]["update"].append(timed(v.update_step))
             times[v.name]["pretrain"].append(timed(v.pretrain_step, pre_obs, points))
         print(f"round {r + 1}/{args.rounds} done", flush=True)
-    med = {n: {k: statistics.median(x) for k, x in d.items()} for n, d in times.items()}
+    # per variant and step: (median wall ms, median CPU ms)
+    med = {n: {k: (statistics.median(w for w, _ in x), statistics.median(c for _, c in x))
+               for k, x in d.items()} for n, d in times.items()}
     ref = med.get("fp32")
     print(f"\nTinyVLA (default job), torch {torch.__version__}, {torch.get_num_threads()} "
           f"thread(s), rollout batch {env.num_envs}, update minibatch {args.minibatch}, "
-          f"pretrain batch {len(pre_obs['instruction'])}; median of {args.rounds} interleaved rounds (shared CPU)")
-    print("| variant | rollout step ms | x fp32 | update step ms | x fp32 | pretrain step ms "
-          "| x fp32 |")
+          f"pretrain batch {len(pre_obs['instruction'])}; medians of {args.rounds} interleaved "
+          "rounds.  CPU ms = the process's CPU time (robust to other jobs on a shared machine; "
+          "= compute time with 1 thread), wall ms in brackets")
+    print("| variant | rollout step CPU ms (wall) | x fp32 | update step CPU ms (wall) | x fp32 "
+          "| pretrain step CPU ms (wall) | x fp32 |")
     print("|---|---|---|---|---|---|---|")
     for n, d in med.items():
         cells = []
-        for k in ("rollout", "update", "pretrain"):
-            ratio = f"{ref[k] / d[k]:.2f}x" if ref else "-"
-            cells += [f"{d[k]:.0f}", ratio]
+        for k in steps:
+            ratio = f"{ref[k][1] / d[k][1]:.2f}x" if ref else "-"
+            cells += [f"{d[k][1]:.0f} ({d[k][0]:.0f})", ratio]
         print(f"| {n} | " + " | ".join(cells) + " |")
-    return med
+    return {n: {k: c for k, (_, c) in d.items()} for n, d in med.items()}
 
 
 if __name__ == "__main__":
