@@ -93,3 +93,12 @@ def test_train_config_defaults_validate():
         apply_overrides(cfg, ["rl.algo=sac"])
     with pytest.raises(ConfigError, match="device"):
         apply_overrides(cfg, ["device=tpu"])
+
+
+def test_malformed_yaml_is_a_config_error_naming_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"^kwargs: the value '\{lr:' is not valid YAML"):
+        apply_overrides(Outer(), ["kwargs={lr:"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("inner: {lr: [1,\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_yaml(Outer, bad)

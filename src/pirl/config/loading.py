@@ -138,7 +138,11 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} is not of the form section.field=value")
         key, raw = ov.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem", None) or "not valid YAML"
+            raise ConfigError(f"{key.strip()}: the value {raw!r} is not valid YAML ({mark})") from None
         parts = key.strip().split(".")
         node = data
         for i, p in enumerate(parts[:-1]):
@@ -164,7 +168,10 @@ def _is_free_dict(cfg: Any, parts: list[str]) -> bool:
 def load_yaml(cls: type, path: str | Path, overrides: list[str] | None = None) -> Any:
     """Load a YAML preset into ``cls`` (missing fields take defaults), then apply overrides."""
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     cfg = from_dict(cls, data)
