@@ -35,6 +35,8 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 # fields that say where or how verbosely a run ran, not what it computed
 IGNORED = {"seed", "run_dir", "progress", "checkpoint_every"}
 SAMPLERS = {"flow_sde": "Flow-SDE", "flow_noise": "Flow-Noise", "ode": "ODE"}
+# TrainConfig.precision's default (a run that resolved to another precision names it)
+DEFAULT_PRECISION = "fp32"
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -106,11 +108,18 @@ def _command(run: dict[str, Any]) -> str | None:
         cmd = f"pirl {inv.get('subcommand', 'train')}"
         if inv.get("preset"):
             cmd += f" --config {inv['preset']}"
+        # a run made when precision's default was 'auto' reproduces only with it said aloud
+        resolved = run["results"].get("precision")
+        if resolved and resolved != DEFAULT_PRECISION and not any(
+                o.startswith("precision=") for o in ov):
+            ov.append(f"precision={resolved}")
         parts.append(" ".join([cmd, *map(shlex.quote, ov)]))
     return "; ".join(parts) or None
 
 
-def _label_sampler_algo(cfg: dict[str, Any]) -> str:
+def _label_sampler_algo(cfg: dict[str, Any], precision: str | None = None) -> str:
+    """The sampler + algorithm cell; ``precision`` is the resolved one (results.json)."""
+    precision = precision or cfg.get("precision")
     s = cfg.get("sampler", {})
     rl = cfg.get("rl", {})
     if not rl.get("iterations"):
@@ -124,7 +133,7 @@ def _label_sampler_algo(cfg: dict[str, Any]) -> str:
     # how it ran, where that is not the default (rows that differ only there stay apart)
     mode = cfg.get("placement", {}).get("mode", "local")
     where = f", {mode} placement" if mode != "local" else ""
-    bf16 = ", bf16" if cfg.get("precision") == "bf16" else ""
+    bf16 = ", bf16" if precision == "bf16" else ""
     return f"{algo} + {name}{replan}{where}{bf16}"
 
 
@@ -176,7 +185,7 @@ def make_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "runs": [r["name"] for r in members],
             "benchmark": cfg.get("env", {}).get("name", "?"),
             "model": model.get("name", "?") + (" (from a checkpoint)" if model.get("checkpoint") else ""),
-            "method": _label_sampler_algo(cfg),
+            "method": _label_sampler_algo(cfg, first["results"].get("precision")),
             "splits": cells,
             "seeds": ", ".join(str(r["config"].get("seed", "?")) for r in members),
             "env_steps": (_count(sum(steps) / len(steps)) if all(s is not None for s in steps)

@@ -191,3 +191,17 @@ def test_a_record_from_before_hardware_and_command_were_recorded_says_so(tmp_pat
     # no evaluation metrics: no learning-curve figure, and no link to one
     assert not (tmp_path / "docs" / "img" / "curves.png").exists()
     assert "![" not in readme.read_text()
+
+
+def test_precision_comes_from_results_and_the_command_names_it():
+    report = _report()
+    cfg = {"env": {"name": "tabletop"}, "model": {"name": "tiny"}, "precision": "auto",
+           "sampler": {"kind": "flow_sde", "hybrid": True},
+           "rl": {"algo": "ppo", "iterations": 2, "action_chunk": 4}}
+    run = {"name": "r", "config": cfg, "metrics": [],
+           "results": {"precision": "bf16", "sft": {"train": {"success": 0.5, "episodes": 8}},
+                       "final": {"train": {"success": 0.75, "episodes": 8}}},
+           "invocations": [{"subcommand": "train", "preset": None, "overrides": ["threads=1"]}]}
+    assert report._command(run) == "pirl train threads=1 precision=bf16"
+    assert report._label_sampler_algo(cfg, "bf16").endswith(", bf16")
+    assert not report._label_sampler_algo(dict(cfg, precision="fp32")).endswith("bf16")
