@@ -25,6 +25,14 @@ def _report():
     return mod
 
 
+def _variant(record: Path, dest: Path, section: str, key: str, value) -> None:
+    """A copy of the run record ``record`` at ``dest`` whose config has ``section.key = value``."""
+    shutil.copytree(record, dest)
+    cfg = yaml.safe_load((dest / "config.yaml").read_text())
+    cfg[section][key] = value
+    (dest / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
 @pytest.fixture(scope="module")
 def tiny_record(tmp_path_factory):
     """A finished tiny run through the CLI (as a user runs it), copied as a run record."""
@@ -126,20 +134,13 @@ def test_runs_that_differ_only_in_the_seed_make_one_row(tiny_record, tmp_path):
     want = f"{100 * (p0['success'] + second) / 2:.1f} ± {100 * abs(p0['success'] - second) / 2:.1f}"
     assert cells[3].split("<br>")[0].endswith("→ " + want)
     # another config (here GRPO) is another row
-    grpo = both / "tabletop_tiny_grpo"
-    shutil.copytree(results / "tabletop_tiny_seed0", grpo)
-    cfg = yaml.safe_load((grpo / "config.yaml").read_text())
-    cfg["rl"]["algo"] = "grpo"
-    (grpo / "config.yaml").write_text(yaml.safe_dump(cfg))
+    _variant(results / "tabletop_tiny_seed0", both / "tabletop_tiny_grpo", "rl", "algo", "grpo")
     assert _run(report, both, readme) == 0
     rows = [line for line in readme.read_text().splitlines() if line.startswith("| tabletop")]
     assert [r.split("|")[3].strip().split(" ")[0] for r in rows] == ["GRPO", "PPO"]
     # a run placed on Ray workers is another row, and says so
-    ray = both / "tabletop_tiny_disaggregated"
-    shutil.copytree(results / "tabletop_tiny_seed0", ray)
-    cfg = yaml.safe_load((ray / "config.yaml").read_text())
-    cfg["placement"]["mode"] = "disaggregated"
-    (ray / "config.yaml").write_text(yaml.safe_dump(cfg))
+    _variant(results / "tabletop_tiny_seed0", both / "tabletop_tiny_disaggregated",
+             "placement", "mode", "disaggregated")
     assert _run(report, both, readme) == 0
     rows = [line for line in readme.read_text().splitlines() if line.startswith("| tabletop")]
     assert [r.split("|")[3].strip() for r in rows][1:] == [
