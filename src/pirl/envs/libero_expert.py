@@ -182,6 +182,16 @@ class PickPlaceExpert:
             a[:6] += self.rng.normal(0, self.noise, 6)
         return np.clip(a, -1, 1)
 
+    def _hold_still(self, raw, eef: np.ndarray, grip: float) -> np.ndarray:
+        """Stay where the phase began while the gripper closes (grip 1) or opens (-1) for
+        GRIP_STEPS steps, then move on."""
+        if self.hold is None:
+            self.hold = eef.copy()
+        hold = self.hold  # _next() clears self.hold; this step still targets it
+        if self.t_phase >= GRIP_STEPS:
+            self._next()
+        return self._goto(raw, hold, grip)
+
     def _next(self) -> None:
         self.phase += 1
         self.t_phase = 0
@@ -207,12 +217,7 @@ class PickPlaceExpert:
                 self._next()
             return self._goto(raw, grasp, -1.0)
         if name == "grasp":
-            if self.hold is None:
-                self.hold = eef.copy()
-            hold = self.hold
-            if self.t_phase >= GRIP_STEPS:
-                self._next()
-            return self._goto(raw, hold, 1.0)
+            return self._hold_still(raw, eef, 1.0)
         if name == "lift":
             if self.t_phase == 1:
                 self.lift_from = obj[2]
@@ -239,12 +244,7 @@ class PickPlaceExpert:
                 self._next()
             return self._goto(raw, p, 1.0)
         if name == "release":
-            if self.hold is None:
-                self.hold = eef.copy()
-            hold = self.hold
-            if self.t_phase >= GRIP_STEPS:
-                self._next()
-            return self._goto(raw, hold, -1.0)
+            return self._hold_still(raw, eef, -1.0)
         return self._goto(raw, np.array([eef[0], eef[1], self.carry_z]), -1.0)
 
 
