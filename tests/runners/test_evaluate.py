@@ -44,3 +44,32 @@ def test_eval_action_chunk_beyond_the_horizon_is_refused_before_training(tmp_pat
         _run(tmp_path, "eval.action_chunk=9")  # TinyVLA predicts 8 steps
     with pytest.raises(ConfigError, match="eval.action_chunk"):
         apply_overrides(TrainConfig(), ["eval.action_chunk=0"])
+
+
+def test_intermediate_evaluations_use_their_own_episode_count(tmp_path):
+    """eval.intermediate_episodes_per_task sizes the evaluations during RL; the start and the
+    final evaluation keep eval.episodes_per_task (72 train tasks).  Evaluated on the training
+    envs themselves (eval.num_envs = env.num_envs), which RL keeps using in between."""
+    from pirl.runners.train import run
+
+    cfg = apply_overrides(TrainConfig(), [f"run_dir={tmp_path}", *TINY_RUN_OVERRIDES,
+                                          "rl.iterations=2", "rl.eval_every=1",
+                                          "eval.episodes_per_task=2",
+                                          "eval.intermediate_episodes_per_task=1",
+                                          "eval.num_envs=8"])
+    res = run(cfg)
+    assert res["sft"]["train"]["episodes"] == 144
+    assert res["rl_1"]["train"]["episodes"] == 72
+    assert res["final"]["train"]["episodes"] == 144
+    with pytest.raises(ConfigError, match="eval.intermediate_episodes_per_task"):
+        apply_overrides(TrainConfig(), ["eval.intermediate_episodes_per_task=0"])
+
+
+@pytest.mark.parametrize("eval_envs,shared", [(8, True), (16, False)])
+def test_train_split_evaluates_on_the_training_envs_when_sizes_match(tmp_path, eval_envs, shared):
+    """eval.num_envs == env.num_envs (8): the train split's evaluation runs on the training env
+    object itself; another size builds its own env."""
+    r = _run(tmp_path, f"eval.num_envs={eval_envs}")
+    res = r.evaluate("eval")
+    assert res["train"]["episodes"] == 72
+    assert (r._eval_envs["train"] is r.env) is shared

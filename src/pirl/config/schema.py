@@ -222,6 +222,12 @@ class EvalConfig:
     """Evaluation with deterministic ODE sampling, per task and per split."""
 
     episodes_per_task: int = 16
+    # episodes per task of the evaluations during RL (every rl.eval_every iterations); the
+    # start (after SFT) and the final evaluation use episodes_per_task.  None: episodes_per_task.
+    # With the same eval.num_envs they are the first seeds of each task's full evaluation.
+    intermediate_episodes_per_task: int | None = None
+    # eval.num_envs == env.num_envs: the "train" split is evaluated on the training env's own
+    # objects (no second set of simulators; Meta-World's MuJoCo envs take ~25 MB each)
     num_envs: int = 128
     splits: list[str] = field(default_factory=lambda: ["train", "ood"])
     num_steps: int | None = None  # denoise steps at eval (None: sampler.num_steps)
@@ -234,6 +240,10 @@ class EvalConfig:
 
     def __post_init__(self):
         _check(self.episodes_per_task >= 1, "eval.episodes_per_task", "must be >= 1")
+        _check(self.intermediate_episodes_per_task is None
+               or self.intermediate_episodes_per_task >= 1,
+               "eval.intermediate_episodes_per_task",
+               f"must be >= 1 or null, got {self.intermediate_episodes_per_task}")
         _check(self.num_envs >= 1, "eval.num_envs", "must be >= 1")
         _check(self.action_chunk is None or self.action_chunk >= 1, "eval.action_chunk",
                f"must be >= 1 or null, got {self.action_chunk}")

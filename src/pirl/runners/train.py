@@ -133,10 +133,14 @@ class Run:
         (self.dir / "results.json").write_text(json.dumps(out, indent=2))
 
     # ----------------------------------------------------------------- eval
-    def evaluate(self, tag: str, videos: bool = False) -> dict[str, Any]:
+    def evaluate(self, tag: str, videos: bool = False,
+                 episodes_per_task: int | None = None) -> dict[str, Any]:
+        """Evaluate every split of ``cfg.eval`` (``episodes_per_task``: None =
+        ``cfg.eval.episodes_per_task``); the results go under ``tag``."""
         from pirl.runners.evaluate import evaluate_env, format_table
 
         cfg = self.cfg
+        episodes_per_task = episodes_per_task or cfg.eval.episodes_per_task
         out = {}
         t0 = time.perf_counter()
         action_chunk = cfg.eval.action_chunk or cfg.rl.action_chunk or self.policy.action_horizon
@@ -144,8 +148,11 @@ class Run:
         max_chunks = None if cfg.eval.action_chunk else cfg.rl.max_chunks
         for split in cfg.eval.splits:
             if split not in self._eval_envs:
-                self._eval_envs[split] = make_train_env(cfg, split=split,
-                                                        num_envs=cfg.eval.num_envs)
+                # the same env as training's: share its objects (every rollout resets them all)
+                same = split == "train" and cfg.eval.num_envs == cfg.env.num_envs
+                self._eval_envs[split] = (self.env if same else
+                                          make_train_env(cfg, split=split,
+                                                         num_envs=cfg.eval.num_envs))
             env = self._eval_envs[split]
             num_chunks = max_chunks or -(-env.max_episode_steps // action_chunk)
             vid = None
@@ -153,7 +160,7 @@ class Run:
                 (self.dir / "videos").mkdir(exist_ok=True)
                 vid = self.dir / "videos" / f"{tag}_{split}.mp4"
             out[split] = evaluate_env(self.policy, self.eval_sampler, env,
-                                      episodes_per_task=cfg.eval.episodes_per_task,
+                                      episodes_per_task=episodes_per_task,
                                       seed=10_000 + cfg.seed, action_chunk=action_chunk,
                                       num_chunks=num_chunks, video_path=vid,
                                       video_episodes=cfg.eval.videos)
@@ -352,7 +359,8 @@ class Run:
                 bar.set_postfix(success=f"{m['rollout/success']:.2f}",
                                 kl=f"{m.get('policy/approx_kl', 0):.3f}")
             if tr.iter % cfg.rl.eval_every == 0 and tr.iter < cfg.rl.iterations:
-                self.evaluate(f"rl_{tr.iter}")
+                self.evaluate(f"rl_{tr.iter}",
+                              episodes_per_task=cfg.eval.intermediate_episodes_per_task)
             self.stage = "rl"
             # advantages, logging, checkpoints (the iteration's evaluation counts as eval)
             self.add_time("rl_other", time.perf_counter() - t_it - roll - upd
