@@ -119,7 +119,7 @@ def metaworld_row(num_envs: int = 8, obs_mode: str = "state", num_workers: int =
     finally:
         env.close()
     if obs_mode == "rgb":
-        from pirl.envs.libero import select_mujoco_gl
+        from pirl.envs.pool import select_mujoco_gl
 
         backend = f"cpu (MuJoCo, {select_mujoco_gl()})"
     else:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pirl.envs import maniskill as M
-from pirl.envs.libero import SimulatorUnavailable
+from pirl.envs.pool import SimulatorUnavailable
 
 HAVE_MANISKILL = importlib.util.find_spec("mani_skill") is not None
 
@@ -253,7 +253,7 @@ def test_gpu_slot_pool_logic_on_cpu_matches_cpu_slots(reward_mode):
     """The GPU code path (per-task batched envs, partial resets, row bookkeeping), run on the CPU
     simulator with one slot per task, gives the same episodes (and rewards) as the CPU slots."""
     pytest.importorskip("mani_skill")
-    from pirl.envs.libero import PoolBatchedEnv
+    from pirl.envs.pool import PoolBatchedEnv
 
     tasks = ["PickCube-v1", "PushCube-v1"]
     kw = dict(obs_mode="rgb", control_mode="pd_ee_delta_pose", image_size=32,

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pirl.envs import metaworld as M
-from pirl.envs.libero import SimulatorUnavailable
+from pirl.envs.pool import SimulatorUnavailable
 
 HAVE_MW = importlib.util.find_spec("metaworld") is not None
 needs_mw = pytest.mark.skipif(not HAVE_MW, reason="needs the metaworld extra: "

@@ -12,7 +12,7 @@ Backends (:class:`ManiSkillEnv`, ``sim_backend``):
   in contiguous per-task blocks fixed at construction (:attr:`ManiSkillEnv.slot_tasks`).
 - ``"cpu"``: ManiSkill's CPU simulation holds one env per scene, so pirl runs ``num_envs``
   single-env slots, either in this process one after another (``vectorization="loop"``) or one
-  per worker process (``vectorization="process"``, :class:`pirl.envs.libero.SubprocEnvPool`).
+  per worker process (``vectorization="process"``, :class:`pirl.envs.pool.SubprocEnvPool`).
   Each slot builds an env for a task the first time it is asked for it, so a slot can switch
   tasks between episodes.
 
@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from pirl.envs.base import Obs
-from pirl.envs.libero import PoolBatchedEnv, SimulatorUnavailable, SubprocEnvPool
+from pirl.envs.pool import PoolBatchedEnv, SimulatorUnavailable, SubprocEnvPool
 
 MANISKILL_INSTALL = "pip install 'pirl[maniskill]'"
 VULKAN_APT = ("apt-get install -y libvulkan1 mesa-vulkan-drivers  (on Debian 12 from "
@@ -207,7 +207,7 @@ class PotentialShaper:
 class ManiSkillSlot:
     """One CPU-simulated env slot; builds one ManiSkill env per task on first use.
 
-    Implements the slot protocol of :class:`pirl.envs.libero.PoolBatchedEnv`:
+    Implements the slot protocol of :class:`pirl.envs.pool.PoolBatchedEnv`:
     ``reset(task_index, init_index, seed) -> obs`` and ``step(action) -> (obs, reward, success)``
     with numpy values (``images [C, 3, H, W]`` uint8, ``state [S]`` float32).
     """

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from pirl.envs.base import Obs, Step
-from pirl.envs.libero import PoolBatchedEnv, SimulatorUnavailable, SubprocEnvPool
+from pirl.envs.pool import PoolBatchedEnv, SimulatorUnavailable, SubprocEnvPool
 
 METAWORLD_INSTALL = "pip install 'pirl[metaworld]'"
 #: Default time limit.  Meta-World's scripted policies succeed (10 fixed seeds per task,
@@ -374,7 +374,7 @@ class MetaWorldEnv(PoolBatchedEnv):
             raise ValueError(f"slot_tasks: need {num_envs} task indices < {len(task_list)}")
         env_vars = None
         if obs_mode == "rgb":
-            from pirl.envs.libero import select_mujoco_gl
+            from pirl.envs.pool import select_mujoco_gl
 
             gl = select_mujoco_gl(mujoco_gl)
             env_vars = {"MUJOCO_GL": gl, "PYOPENGL_PLATFORM": gl}
