@@ -4,7 +4,9 @@ A run record is ``results/<run-name>/`` holding the small files of a finished ru
 ``config.yaml`` (the run's full config), ``results.json`` (each evaluation: success and episode
 count per split, tagged ``sft``, ``rl_<iteration>``, ``final``), ``metrics.jsonl`` (training
 and evaluation scalars by env step) and ``invocations.jsonl`` (one line per ``pirl`` call that
-worked on the run: wall-clock, hardware, the preset and the command-line overrides).
+worked on the run: wall-clock, hardware, the preset and the command-line overrides), and
+optionally ``conditions.txt``: one line on what else ran on the machine meanwhile (wall-clock
+depends on it), shown beside the wall-clock.
 
 Runs whose configs differ only in the seed (and in where they were written) make one row, with
 the seeds listed and the success averaged.  Each row gives the benchmark, model, sampler +
@@ -53,7 +55,9 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
             "config": yaml.safe_load((run_dir / "config.yaml").read_text()) or {},
             "results": json.loads((run_dir / "results.json").read_text()),
             "metrics": _jsonl(run_dir / "metrics.jsonl"),
-            "invocations": _jsonl(run_dir / "invocations.jsonl")}
+            "invocations": _jsonl(run_dir / "invocations.jsonl"),
+            "conditions": ((run_dir / "conditions.txt").read_text().strip()
+                           if (run_dir / "conditions.txt").is_file() else "")}
 
 
 def _end_tag(results: dict[str, Any]) -> str | None:
@@ -181,6 +185,7 @@ def make_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         unfinished = [r["name"] for r in members
                       if cfg.get("rl", {}).get("iterations") and _end_tag(r["results"]) != "final"]
         model = cfg.get("model", {})
+        conditions = "; ".join(sorted({r["conditions"] for r in members if r["conditions"]}))
         rows.append({
             "runs": [r["name"] for r in members],
             "benchmark": cfg.get("env", {}).get("name", "?"),
@@ -190,8 +195,8 @@ def make_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "seeds": ", ".join(str(r["config"].get("seed", "?")) for r in members),
             "env_steps": (_count(sum(steps) / len(steps)) if all(s is not None for s in steps)
                           else "–"),
-            "wall": (f"{sum(walls) / len(walls) / 60:.1f} min" if all(w is not None for w in walls)
-                     else "not recorded"),
+            "wall": ((f"{sum(walls) / len(walls) / 60:.1f} min" if all(w is not None for w in walls)
+                      else "not recorded") + (f" ({conditions})" if conditions else "")),
             "hardware": "; ".join(hws) or "not recorded",
             "command": "; ".join(cmds) or "not recorded",
             "unfinished": unfinished,

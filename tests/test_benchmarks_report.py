@@ -148,6 +148,22 @@ def test_runs_that_differ_only_in_the_seed_make_one_row(tiny_record, tmp_path):
         "PPO + Flow-SDE (hybrid), re-plans every 4, disaggregated placement"]
 
 
+def test_a_records_conditions_stand_beside_its_wall_clock(tiny_record, tmp_path):
+    report = _report()
+    results, _ = tiny_record
+    both = tmp_path / "results"
+    shutil.copytree(results / "tabletop_tiny_seed0", both / "tabletop_tiny_seed0")
+    readme = _write(tmp_path)
+    assert _run(report, both, readme) == 0
+    row = next(x for x in readme.read_text().splitlines() if x.startswith("| tabletop"))
+    wall = row.strip("|").split("|")[6].strip()
+    assert wall.endswith(" min") and "(" not in wall
+    (both / "tabletop_tiny_seed0" / "conditions.txt").write_text("two other jobs on the cores\n")
+    assert _run(report, both, readme) == 0
+    row = next(x for x in readme.read_text().splitlines() if x.startswith("| tabletop"))
+    assert row.strip("|").split("|")[6].strip() == wall + " (two other jobs on the cores)"
+
+
 def test_no_records_say_so_and_a_readme_without_markers_is_refused(tmp_path):
     report = _report()
     readme = _write(tmp_path)
