@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*",
                    help="eval.* overrides on the run's config, e.g. eval.num_steps=10")
     e.set_defaults(fn=cmd_eval)
-    d = sub.add_parser("demos", help="write scripted-expert (tabletop, metaworld) or "
+    d = sub.add_parser("demos", help="write scripted-expert (tabletop, metaworld, libero) or "
                                       "motion-planning (maniskill) demos for SFT")
     d.add_argument("--env", default="tabletop")
     d.add_argument("--episodes", type=int, default=10, help="episodes per task")
@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--kwarg", action="append", default=[], metavar="KEY=VALUE",
                    help="env keyword (YAML value), repeatable: e.g. image_size=32 (tabletop), "
                         "obs_mode=state (maniskill/PushCube-v1: motion-planning demos), "
-                        "tasks=[reach-v3,push-v3] (metaworld: scripted policies)")
+                        "tasks=[reach-v3,push-v3] (metaworld: scripted policies), "
+                        "obs_mode=state (libero/libero_spatial, libero/libero_object: the "
+                        "scripted pick-and-place expert)")
     d.set_defaults(fn=cmd_demos)
     return p
 

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -241,6 +242,32 @@ def test_unknown_suite_and_obs_mode_are_errors():
         L.LiberoEnv("libero_spatial", 1, obs_mode="depth")
 
 
+def test_only_the_train_split_exists():
+    """`pirl train` passes split="train"; LIBERO has no other split (checked before anything is
+    imported or built)."""
+    with pytest.raises(ValueError, match="one set of fixed initial states per task.*'ood'"):
+        L.LiberoEnv("libero_spatial", 1, split="ood")
+
+
+def test_suite_from_env_name():
+    assert L.suite_from_env_name("libero/libero_object") == "libero_object"
+    assert L.suite_from_env_name("libero:libero_goal") == "libero_goal"
+    assert L.suite_from_env_name("libero_10") == "libero_10"
+    assert L.suite_from_env_name("libero") == "libero_spatial"
+    assert L.suite_from_env_name("libero", "libero_object") == "libero_object"
+
+
+def test_libero_demo_hookup_refuses_what_the_expert_cannot_record(tmp_path: Path):
+    """`pirl train`'s demo stage for LIBERO: only the expert's suites, only the state
+    observation; each refusal names the fix (before any simulator is built)."""
+    from pirl.envs.demos import generate_demos
+
+    with pytest.raises(ValueError, match="covers .*libero_spatial.*not 'libero_goal'"):
+        generate_demos("libero/libero_goal", 1, tmp_path, env_kwargs={"obs_mode": "state"})
+    with pytest.raises(ValueError, match="env.kwargs.obs_mode=state"):
+        generate_demos("libero/libero_spatial", 1, tmp_path, env_kwargs={})
+
+
 def test_privileged_state_layout():
     raw = {"robot0_eef_pos": np.array([0.1, 0.2, 0.3]),
            "robot0_eef_quat": np.array([0.0, 0.0, 0.0, 1.0]),
@@ -427,3 +454,39 @@ def test_expert_succeeds_and_writes_demos(suite, tmp_path: Path):
     samples = ds.sft_samples(horizon=4)
     assert samples.obs["state"].shape[-1] == L.suite_state_dim(suite)
     assert samples.actions.shape[-1] == 7 and samples.actions.abs().max() <= 1.0
+
+
+@pytest.mark.sim
+def test_train_demo_hookup_keeps_what_the_expert_got(tmp_path: Path):
+    """What the demo stage of `pirl train` on LIBERO asks of the expert's demos: from the fixed
+    init states init_offset on, in this process; a task where the expert fails (libero_spatial
+    task 4, the drawer bowl: 0/20 in the expert's table) keeps no demos instead of stopping the
+    run (min_episodes_per_task=0), and the counts say so; no demo at all is an error."""
+    pytest.importorskip("libero")
+    from pirl.envs.demos import load_demos
+    from pirl.envs.libero_expert import generate_libero_demos
+
+    counts: dict[int, int] = {}
+    out = generate_libero_demos("libero_spatial", episodes_per_task=1, out_dir=tmp_path / "d",
+                                tasks=[4, 1], processes=0, init_offset=5,
+                                max_attempts_per_task=1, min_episodes_per_task=0, counts=counts)
+    assert counts == {4: 0, 1: 1}
+    ds = load_demos(out)
+    assert ds.episodes_per_task() == {1: 1} and ds.ep_seed.tolist() == [5]
+    with pytest.raises(RuntimeError, match="succeeded on only 0 of 1 init states of "
+                                           "libero_spatial task 4"):
+        generate_libero_demos("libero_spatial", episodes_per_task=1, out_dir=tmp_path / "e",
+                              tasks=[4], processes=0, max_attempts_per_task=1)
+    with pytest.raises(RuntimeError, match="no successful episode on any of tasks \\[4\\]"):
+        generate_libero_demos("libero_spatial", episodes_per_task=1, out_dir=tmp_path / "f",
+                              tasks=[4], processes=0, max_attempts_per_task=1,
+                              min_episodes_per_task=0)
+
+
+@pytest.mark.sim
+def test_vocabulary_covers_the_suite():
+    pytest.importorskip("libero")
+    words = L.LiberoEnv.vocabulary(SimpleNamespace(suite="libero_spatial"))
+    assert words == sorted(set(words))
+    for t in L.suite_tasks("libero_spatial"):
+        assert set(t.instruction.split()) <= set(words)

@@ -175,3 +175,25 @@ def test_trainer_replays_failed_initial_states():
     torch.testing.assert_close(tr.curriculum.counts, counts * cfg.task_sampling_decay + added)
     assert m["replay/envs"] == k and "replay/success" in m and "rollout/success_fresh" in m
     assert m["replay/size"] == fails - k + int((~ro.episode_success).sum())
+
+
+def test_round_robin_gives_env_i_task_i_mod_t_every_iteration():
+    """rl.task_sampling=round_robin: env i runs task i mod T in every rollout (an env that
+    rebuilds its simulation on a task change, LIBERO, builds it once), fresh episode seeds."""
+    torch.manual_seed(0)
+    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
+                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"])
+    smp = build_sampler("flow_sde", 2, pol.feature_dim, pol.action_dim,
+                        config=SamplerConfig(kind="flow_sde", num_steps=2))
+    cfg = apply_overrides(RLConfig(), ["task_sampling=round_robin"])
+    tr = RLTrainer(pol, smp, TwoTaskReach(5, max_episode_steps=2, radius=0.3), cfg, seed=0)
+    assert tr.curriculum is None
+    seeds = []
+    for _ in range(2):
+        kw = tr._reset_kwargs()
+        assert kw["task_ids"].tolist() == [0, 1, 0, 1, 0]
+        seeds.append(kw["episode_seeds"])
+        tr.iter += 1
+    assert not set(seeds[0].tolist()) & set(seeds[1].tolist())
+    with pytest.raises(ValueError, match="round_robin"):
+        RLConfig(task_sampling="cyclic")

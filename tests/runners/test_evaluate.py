@@ -1,4 +1,5 @@
-"""Evaluation settings of a run: how often the policy re-plans (``eval.action_chunk``)."""
+"""Evaluation settings of a run: how often the policy re-plans (``eval.action_chunk``), how many
+episodes each evaluation runs, and the fixed-initial-state protocol (LIBERO)."""
 
 import pytest
 
@@ -73,3 +74,57 @@ def test_train_split_evaluates_on_the_training_envs_when_sizes_match(tmp_path, e
     res = r.evaluate("eval")
     assert res["train"]["episodes"] == 72
     assert (r._eval_envs["train"] is r.env) is shared
+
+
+class _FixedStartsReach:
+    """ReachEnv with three tasks and LIBERO-like fixed initial states (``fixed_init_states``);
+    records every reset's task ids and episode seeds."""
+
+    @staticmethod
+    def make(num_envs: int, fixed: int):
+        from tests.runners.reach_env import ReachEnv
+
+        class Env(ReachEnv):
+            task_names = ("a", "b", "c")
+            fixed_init_states = fixed
+
+            def reset(self, seed=None, task_ids=None, episode_seeds=None):
+                self.resets.append((task_ids.tolist(), episode_seeds.tolist()))
+                return super().reset(seed, task_ids, episode_seeds)
+
+        env = Env(num_envs)
+        env.resets = []
+        return env
+
+
+@pytest.mark.parametrize("num_envs", [3, 6, 4])
+def test_fixed_init_states_follow_the_benchmark_protocol(num_envs):
+    """An env with fixed initial states (LIBERO) is evaluated on the benchmark's protocol: the
+    k-th episode of every task starts from fixed state k (episode seed k), 0..E-1 for each task,
+    whatever the number of envs and the evaluation seed; more episodes than fixed states is an
+    error naming both."""
+    from pirl.flow import SamplerConfig, build_sampler
+    from pirl.models import build_policy
+    from pirl.runners.evaluate import evaluate_env
+
+    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
+                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"])
+    smp = build_sampler("ode", 2, pol.feature_dim, pol.action_dim,
+                        config=SamplerConfig(kind="ode", num_steps=2))
+    for seed in (0, 123):
+        env = _FixedStartsReach.make(num_envs, fixed=5)
+        res = evaluate_env(pol, smp, env, episodes_per_task=4, seed=seed, action_chunk=2,
+                           num_chunks=1)
+        assert res["episodes"] == 12
+        starts: dict[int, list[int]] = {0: [], 1: [], 2: []}
+        total = 0
+        for tasks, seeds in env.resets:
+            for t, s in zip(tasks, seeds):
+                if total < 12:  # the last round's padding rows do not count
+                    starts[t].append(s)
+                total += 1
+        assert {t: sorted(s) for t, s in starts.items()} == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3],
+                                                            2: [0, 1, 2, 3]}
+    with pytest.raises(ValueError, match="episodes_per_task=6: the env has 5 fixed initial"):
+        evaluate_env(pol, smp, _FixedStartsReach.make(num_envs, fixed=5), episodes_per_task=6,
+                     seed=0, action_chunk=2, num_chunks=1)

@@ -162,8 +162,10 @@ class RLConfig:
     reuse_prefix: bool = True
     # which task each env runs: "uniform", or "failure": a share task_sampling_mix of the envs
     # draws tasks in proportion to their estimated failure rate (decayed per-task counts of the
-    # rollout episodes, factor task_sampling_decay per iteration; pirl.runners.curriculum)
-    task_sampling: Literal["uniform", "failure"] = "uniform"
+    # rollout episodes, factor task_sampling_decay per iteration; pirl.runners.curriculum), or
+    # "round_robin": env i always runs task i mod T (an env that rebuilds its simulation when
+    # its task changes, LIBERO, builds it once; every task gets the same number of episodes)
+    task_sampling: Literal["uniform", "failure", "round_robin"] = "uniform"
     task_sampling_mix: float = 0.5
     task_sampling_decay: float = 0.8
     # the sampler's noise over the iterations: its std is multiplied by a factor that goes from
@@ -194,8 +196,8 @@ class RLConfig:
 
     def __post_init__(self):
         _check(self.iterations >= 0, "rl.iterations", "must be >= 0")
-        _check(self.task_sampling in ("uniform", "failure"), "rl.task_sampling",
-               f"must be 'uniform' or 'failure', got {self.task_sampling!r}")
+        _check(self.task_sampling in ("uniform", "failure", "round_robin"), "rl.task_sampling",
+               f"must be 'uniform', 'failure' or 'round_robin', got {self.task_sampling!r}")
         _check(0.0 <= self.task_sampling_mix <= 1.0, "rl.task_sampling_mix",
                f"must be in [0, 1], got {self.task_sampling_mix}")
         _check(0.0 < self.task_sampling_decay <= 1.0, "rl.task_sampling_decay",

@@ -91,9 +91,12 @@ def generate_demos(env_name: str = "tabletop", episodes_per_task: int = 4,
     if base == "metaworld":
         return _metaworld_demos(env_name, episodes_per_task, Path(out_dir), seed, split,
                                 dict(env_kwargs or {}))
+    if base == "libero":
+        return _libero_demos(env_name, episodes_per_task, Path(out_dir), seed,
+                             dict(env_kwargs or {}))
     if base != "tabletop":
-        raise ValueError(f"scripted demos exist only for the 'tabletop', 'maniskill' and "
-                         f"'metaworld' envs, not {env_name!r}")
+        raise ValueError(f"scripted demos exist only for the 'tabletop', 'maniskill', "
+                         f"'metaworld' and 'libero' envs, not {env_name!r}")
     from pirl.envs.tabletop import ScriptedExpert, TabletopEnv
     from pirl.envs.tabletop.expert import PUSH_CLEARANCE
 
@@ -180,6 +183,40 @@ def _metaworld_demos(env_name: str, episodes_per_task: int, out: Path, seed: int
     kw = {k: env_kwargs[k] for k in ("obs_mode", "image_size", "camera") if k in env_kwargs}
     kw["max_episode_steps"] = env_kwargs.get("max_episode_steps") or DEFAULT_MAX_STEPS
     path, _ = generate_metaworld_demos(tasks, episodes_per_task, out, seed=seed, **kw)
+    return Path(path)
+
+
+def _libero_demos(env_name: str, episodes_per_task: int, out: Path, seed: int,
+                  env_kwargs: dict[str, Any]) -> Path:
+    """LIBERO scripted-expert demos (``generate_libero_demos``; the pick-and-place suites
+    libero_spatial and libero_object) with the state observation of the training env, from
+    the fixed initial states ``seed % 50, seed % 50 + 1, ...`` (so that they can avoid the
+    first ones, which evaluation uses), up to 10 attempts per task.  A task where the expert
+    succeeds fewer times keeps what it got (printed; the expert's table:
+    docs/benchmarks/libero.md).  Action noise does not apply."""
+    from pirl.envs.libero import NUM_INIT_STATES, suite_from_env_name, suite_tasks
+    from pirl.envs.libero_expert import EXPERT_SUITES, generate_libero_demos
+
+    kw = dict(env_kwargs)
+    suite = suite_from_env_name(env_name, kw.pop("suite", None))
+    if suite not in EXPERT_SUITES:
+        raise ValueError(f"the LIBERO scripted expert covers {EXPERT_SUITES}, not {suite!r}")
+    if kw.get("obs_mode", "image") != "state":
+        raise ValueError("LIBERO demos record the state observation (the expert runs without "
+                         "rendering): set env.kwargs.obs_mode=state")
+    tasks = kw.get("task_indices")
+    if tasks is not None and list(tasks) != list(range(len(suite_tasks(suite)))):
+        raise ValueError(f"LIBERO demos for `pirl train` cover the whole suite (their task "
+                         f"index is the suite's); env.kwargs.task_indices={list(tasks)}")
+    counts: dict[int, int] = {}
+    path = generate_libero_demos(suite, episodes_per_task, out, seed=seed,
+                                 processes=2 if kw.get("processes", True) else 0,
+                                 init_offset=seed % NUM_INIT_STATES,
+                                 max_attempts_per_task=10,
+                                 min_episodes_per_task=0, counts=counts)
+    short = {t: c for t, c in counts.items() if c < episodes_per_task}
+    print(f"libero demos {suite}: {sum(counts.values())} episodes, per task {counts}"
+          + (f"; fewer than {episodes_per_task} for tasks {sorted(short)}" if short else ""))
     return Path(path)
 
 

@@ -533,14 +533,25 @@ class LiberoEnv(PoolBatchedEnv):
     ``state [N, suite_state_dim(suite)]`` = robot state + the task's object poses, zero-padded
     (:func:`privileged_state`), no ``images``.  Both add ``instruction``, ``task_id``.
     Actions ``[N, 7]``.
+
+    split: only ``"train"`` (what ``pirl train`` passes; LIBERO has no held-out split).
+    :attr:`fixed_init_states` tells :func:`pirl.runners.evaluate.evaluate_env` to run the
+    benchmark protocol (the k-th episode of a task from fixed initial state k).
     """
+
+    #: the benchmark's fixed initial states per task (``init = episode_seed % 50``)
+    fixed_init_states = NUM_INIT_STATES
 
     def __init__(self, suite: str = "libero_spatial", num_envs: int = 1,
                  task_indices: Sequence[int] | None = None, image_size: int = 224,
                  render_size: int = 256, max_episode_steps: int | None = None,
                  auto_reset: bool = False, processes: bool = True,
                  mujoco_gl: str | None = None, allow_download: bool = False,
-                 assets_dir: str | os.PathLike | None = None, obs_mode: str = "image"):
+                 assets_dir: str | os.PathLike | None = None, obs_mode: str = "image",
+                 split: str = "train"):
+        if split != "train":
+            raise ValueError(f"split: LIBERO has one set of fixed initial states per task "
+                             f"(split 'train'), not {split!r}")
         if suite not in SUITES:
             raise ValueError(f"unknown LIBERO suite {suite!r}; choose from {SUITES}")
         if obs_mode not in OBS_MODES:
@@ -581,18 +592,28 @@ class LiberoEnv(PoolBatchedEnv):
                          max_episode_steps=max_episode_steps or MAX_STEPS[suite],
                          auto_reset=auto_reset, seed_space=NUM_INIT_STATES)
 
+    def vocabulary(self) -> list[str]:
+        """Every word of the suite's instructions (sorted), so the tiny VLA's tokenizer covers
+        all of its tasks whichever subset this env runs."""
+        return sorted({w for t in suite_tasks(self.suite) for w in t.instruction.split()})
+
     def _slot_reset_args(self, i: int) -> tuple:
         # pirl task ids index the selected tasks; the slot wants the suite's task index
         task, init, seed = super()._slot_reset_args(i)
         return self.task_indices[task], init, seed
 
 
+def suite_from_env_name(name: str, suite: str | None = None) -> str:
+    """The suite an env name means: ``"libero_spatial"``, ``"libero/libero_spatial"`` or
+    ``"libero:libero_spatial"``; ``"libero"`` alone means ``suite`` (default libero_spatial)."""
+    out = name.split(":", 1)[-1].split("/", 1)[-1] if name else "libero_spatial"
+    return (suite or "libero_spatial") if out == "libero" else out
+
+
 def make_env(name: str = "libero_spatial", num_envs: int = 1, **kw) -> LiberoEnv:
     """Registry entry: ``name`` is a suite (``libero_spatial`` ...), optionally prefixed with
-    ``libero/`` or ``libero:``; ``"libero"`` alone means ``libero_spatial``.  ``kw`` goes to
-    :class:`LiberoEnv`."""
-    suite = name.split(":", 1)[-1].split("/", 1)[-1] if name else "libero_spatial"
-    if suite == "libero":
-        suite = kw.pop("suite", "libero_spatial")
+    ``libero/`` or ``libero:``; ``"libero"`` alone means ``libero_spatial`` (or ``suite=``).
+    ``kw`` goes to :class:`LiberoEnv`."""
+    suite = suite_from_env_name(name, kw.pop("suite", None))
     kw.pop("device", None)  # what `pirl train` passes every env: observations stay on the CPU
     return LiberoEnv(suite=suite, num_envs=num_envs, **kw)

@@ -346,13 +346,18 @@ def generate_libero_demos(suite: str = "libero_spatial", episodes_per_task: int 
                           out_dir: str | Path = "demos", seed: int = 0,
                           tasks: Sequence[int] | None = None, processes: int = 2,
                           init_offset: int = 0, noise: float = 0.0,
-                          max_attempts_per_task: int = 10) -> Path:
+                          max_attempts_per_task: int = 10,
+                          min_episodes_per_task: int | None = None,
+                          counts: dict[int, int] | None = None) -> Path:
     """Successful expert episodes in pirl's demo format (:mod:`pirl.envs.demos`): per task
     ``episodes_per_task`` episodes from fixed init states ``init_offset, init_offset + 1, ...``
     (failed ones are skipped), ``state``-mode observations exactly as ``LiberoEnv(suite,
     obs_mode="state")`` returns them.  ``episode_seed`` is the init-state index (``LiberoEnv``
     maps ``episode_seed % 50`` to it); ``task_index`` is the suite's task index (the env's
-    ``task_id`` when it runs all tasks).  Returns ``out_dir``."""
+    ``task_id`` when it runs all tasks).  A task with fewer than ``min_episodes_per_task``
+    (None: ``episodes_per_task``) successes in ``max_attempts_per_task`` attempts is an error;
+    above that it keeps what it got.  ``counts`` (a dict) receives the episodes kept per task.
+    Returns ``out_dir``."""
     from types import SimpleNamespace
 
     from pirl.envs.demo_writer import write_demo_folder
@@ -380,11 +385,17 @@ def generate_libero_demos(suite: str = "libero_spatial", episodes_per_task: int 
                                      "action": torch.from_numpy(r["action"]),
                                      "reward": reward})
                         got += 1
-            if got < episodes_per_task:
+            if counts is not None:
+                counts[t] = got
+            need = episodes_per_task if min_episodes_per_task is None else min_episodes_per_task
+            if got < need:
                 raise RuntimeError(f"the expert succeeded on only {got} of {len(jobs)} init "
-                                   f"states of {suite} task {t}; asked for {episodes_per_task}")
+                                   f"states of {suite} task {t}; asked for {need}")
     finally:
         pool.close()
+    if not kept:
+        raise RuntimeError(f"the expert had no successful episode on any of tasks {tasks} of "
+                           f"{suite}: no demos to write")
     env_like = SimpleNamespace(state_dim=L.suite_state_dim(suite), action_dim=7,
                                tasks=all_tasks, task_names=[t.name for t in all_tasks],
                                instructions=[t.instruction for t in all_tasks],

@@ -20,7 +20,11 @@ def evaluate_env(policy: FlowPolicy, sampler: Sampler, env: BatchedEnv, *, episo
                  video_path: str | Path | None = None, video_episodes: int = 8) -> dict[str, Any]:
     """Run ``episodes_per_task`` episodes of every task of ``env`` (tasks spread over the N envs,
     several rounds if needed); return ``{"success": mean, "per_task": {name: rate},
-    "episodes": count}``.  Sampling is driven by ``sampler`` (an ODE sampler for evaluation)."""
+    "episodes": count}``.  Sampling is driven by ``sampler`` (an ODE sampler for evaluation).
+
+    An env with ``fixed_init_states`` (LIBERO: 50 per task, ``init = episode_seed % 50``) is
+    evaluated on the benchmark's protocol: the k-th episode of each task starts from fixed
+    initial state k (episode seed k), whatever ``seed``."""
     n = env.num_envs
     tasks = list(env.task_names)
     total = episodes_per_task * len(tasks)
@@ -28,6 +32,10 @@ def evaluate_env(policy: FlowPolicy, sampler: Sampler, env: BatchedEnv, *, episo
     wins = torch.zeros(len(tasks))
     counts = torch.zeros(len(tasks))
     chunked = ChunkedEnv(env)
+    fixed = int(getattr(env, "fixed_init_states", 0) or 0)
+    if fixed and episodes_per_task > fixed:
+        raise ValueError(f"episodes_per_task={episodes_per_task}: the env has {fixed} fixed "
+                         "initial states per task (one episode each on the benchmark protocol)")
     gen = torch.Generator().manual_seed(seed)
     was_training = policy.training
     policy.eval()
@@ -36,9 +44,11 @@ def evaluate_env(policy: FlowPolicy, sampler: Sampler, env: BatchedEnv, *, episo
         task_ids = ep % len(tasks)
         keep = ep < total
         record = video_path is not None and r == 0
+        # the k-th episode of a task: ep // len(tasks) (task_ids = ep mod len(tasks))
+        ep_seeds = ep // len(tasks) if fixed else seed * 100_003 + ep
         ro = collect(policy, sampler, chunked, num_chunks=num_chunks,
                      reset_kwargs={"seed": seed + r, "task_ids": task_ids,
-                                   "episode_seeds": seed * 100_003 + ep},
+                                   "episode_seeds": ep_seeds},
                      action_chunk=action_chunk, generator=gen, with_values=False, record=record)
         s = ro.episode_success.float()
         wins.index_add_(0, task_ids[keep], s[keep])

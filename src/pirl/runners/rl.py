@@ -134,6 +134,8 @@ class RLTrainer:
             k = int(r_tasks.numel())
         if self.curriculum is not None:
             task_ids = self.curriculum.sample(n - k, g)
+        elif self.cfg.task_sampling == "round_robin":  # env i always runs task i mod T
+            task_ids = torch.arange(k, n) % len(self.env.task_names)
         else:
             task_ids = torch.randint(0, len(self.env.task_names), (n - k,), generator=g)
         ep_seeds = base + torch.arange(k, n)
