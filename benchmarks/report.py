@@ -37,8 +37,9 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 # fields that say where or how verbosely a run ran, not what it computed
 IGNORED = {"seed", "run_dir", "progress", "checkpoint_every"}
 SAMPLERS = {"flow_sde": "Flow-SDE", "flow_noise": "Flow-Noise", "ode": "ODE"}
-# TrainConfig.precision's default (a run that resolved to another precision names it)
-DEFAULT_PRECISION = "fp32"
+# TrainConfig.precision's default (a run made with another setting names it in its command;
+# the hardware column says what 'auto' resolved to)
+DEFAULT_PRECISION = "auto"
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -112,11 +113,11 @@ def _command(run: dict[str, Any]) -> str | None:
         cmd = f"pirl {inv.get('subcommand', 'train')}"
         if inv.get("preset"):
             cmd += f" --config {inv['preset']}"
-        # a run made when precision's default was 'auto' reproduces only with it said aloud
-        resolved = run["results"].get("precision")
-        if resolved and resolved != DEFAULT_PRECISION and not any(
-                o.startswith("precision=") for o in ov):
-            ov.append(f"precision={resolved}")
+        # a run made with another precision setting than today's default (e.g. before the
+        # default was 'auto') reproduces only with its setting said aloud
+        made = run["config"].get("precision", "fp32")
+        if made != DEFAULT_PRECISION and not any(o.startswith("precision=") for o in ov):
+            ov.append(f"precision={made}")
         parts.append(" ".join([cmd, *map(shlex.quote, ov)]))
     return "; ".join(parts) or None
 

@@ -38,8 +38,9 @@ def tiny_record(tmp_path_factory):
     """A finished tiny run through the CLI (as a user runs it), copied as a run record."""
     base = tmp_path_factory.mktemp("report")
     run_dir = base / "runs" / "tiny"
+    # fp32 whatever the CPU ('auto' would label the rows bf16 on some; the label has its own test)
     overrides = [*TINY_RUN_OVERRIDES, "rl.iterations=2", "rl.eval_every=1",
-                 "eval.splits=[train, ood]", "threads=1", f"run_dir={run_dir}"]
+                 "eval.splits=[train, ood]", "threads=1", "precision=fp32", f"run_dir={run_dir}"]
     assert cli.main(["train", *overrides]) == 0
     record = base / "results" / "tabletop_tiny_seed0"
     record.mkdir(parents=True)
@@ -219,6 +220,14 @@ def test_precision_comes_from_results_and_the_command_names_it():
            "results": {"precision": "bf16", "sft": {"train": {"success": 0.5, "episodes": 8}},
                        "final": {"train": {"success": 0.75, "episodes": 8}}},
            "invocations": [{"subcommand": "train", "preset": None, "overrides": ["threads=1"]}]}
-    assert report._command(run) == "pirl train threads=1 precision=bf16"
+    # made with the default setting ('auto'): the command is the default's; the label says bf16
+    assert report._command(run) == "pirl train threads=1"
+    # made with another setting (e.g. fp32, the default before 'auto'): the command names it
+    for cfg_precision in ("fp32", "bf16"):
+        assert report._command(dict(run, config=dict(cfg, precision=cfg_precision))) == \
+            f"pirl train threads=1 precision={cfg_precision}"
+    # a record from before the field existed computed in float32
+    old = {k: v for k, v in cfg.items() if k != "precision"}
+    assert report._command(dict(run, config=old)) == "pirl train threads=1 precision=fp32"
     assert report._label_sampler_algo(cfg, "bf16").endswith(", bf16")
     assert not report._label_sampler_algo(dict(cfg, precision="fp32")).endswith("bf16")

@@ -16,7 +16,8 @@ from tests.runners.tiny_run import TINY_RUN_OVERRIDES
 
 
 def test_precision_field():
-    assert TrainConfig().precision == "fp32"
+    assert TrainConfig().precision == "auto"
+    assert apply_overrides(TrainConfig(), ["precision=fp32"]).precision == "fp32"
     assert apply_overrides(TrainConfig(), ["precision=auto"]).precision == "auto"
     assert apply_overrides(TrainConfig(), ["precision=bf16"]).precision == "bf16"
     with pytest.raises(ConfigError, match="precision"):

@@ -262,11 +262,12 @@ class TrainConfig:
     # compute precision of every policy forward (pretraining, SFT, rollouts, updates,
     # evaluation): "bf16" = torch.autocast to bfloat16 (weights, gradients, optimiser state,
     # chains, log-probs and losses stay float32; docs/method.md#precision), "fp32", or "auto" =
-    # bf16 on CUDA or a CPU with AMX / AVX512-BF16, else fp32 (pirl.models.precision).  fp32
-    # stays the default until the default job's bf16 success is measured (1.3-1.9x faster
-    # steps; docs/experiments.md#2026-12-06--mixed-precision-and-where-the-default-jobs-time-goes).
-    # A run folder whose config.yaml predates the field resumes in fp32, as it ran
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    # bf16 on CUDA or a CPU with AMX / AVX512-BF16, else fp32 (pirl.models.precision).  "auto":
+    # the default job, same seed, took 14.2 min in bf16 for 94.0% train success against fp32's
+    # 92.5% (docs/experiments.md#2026-12-06--the-default-job-in-bf16-against-fp32-on-an-idle-machine);
+    # presets measured in fp32 say so.  A run folder whose config.yaml predates the field
+    # resumes in fp32, as it ran
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     env: EnvConfig = field(default_factory=EnvConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     # hybrid Flow-SDE (RLinf's pi0 / LIBERO default): measured to learn on the tabletop, and its
