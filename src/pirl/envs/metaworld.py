@@ -24,7 +24,7 @@ quaternion (14, zero-padded), the same 18 values of the previous step (frame sta
 goal position xyz (3, the last three entries).  With ``obs_mode="rgb"`` also ``images
 [N, 1, 3, S, S]`` uint8 from one MuJoCo camera (``camera``, default ``corner``; rendered at
 ``image_size`` with MuJoCo's offscreen renderer: EGL / OSMesa, see
-:func:`pirl.envs.libero.select_mujoco_gl`).  Actions ``[N, 4]`` in ``[-1, 1]``: end-effector
+:func:`pirl.envs.pool.select_mujoco_gl`).  Actions ``[N, 4]`` in ``[-1, 1]``: end-effector
 delta xyz and gripper effort (``+1`` closes); an action of another shape is a ``ValueError``.
 
 Episodes: the initial state (object and goal positions: Meta-World's ``rand_vec``) is a function
