@@ -186,6 +186,7 @@ def eval_episode_seeds(task_index: int, n: int) -> list[int]:
 # One slot: one MuJoCo env at a time (cached per task)
 # --------------------------------------------------------------------------------------------
 
+@functools.cache  # a process-wide setting: once per process, however many slots it steps
 def _limit_heap_fragmentation() -> bool:
     """Serve allocations of 1 MB and more from their own mmap (glibc ``mallopt``); True if set.
 
