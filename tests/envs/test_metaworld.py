@@ -114,6 +114,35 @@ def test_success_flag_terminates_with_sparse_reward_and_time_limit():
 
 
 @needs_mw
+def test_dense_absorbing_reward_against_the_dense_stream():
+    """``dense_absorbing`` = the ``dense`` stream / T per step, plus (T - t) / T at the success
+    step t (1-based): checked step by step against a ``dense`` env replaying the same actions,
+    and the return of a success at step t is at least (T - t) / T and at most 1."""
+    seed = 3
+    ep = M.run_scripted("reach-v3", [seed])[0]
+    n = ep["length"]
+    big_t = n + 7
+    envs = {m: M.MetaWorldEnv(["reach-v3"], 1, reward_mode=m, max_episode_steps=big_t)
+            for m in ("dense", "dense_absorbing")}
+    for e in envs.values():
+        e.reset(episode_seeds=torch.tensor([seed]))
+    acts = torch.from_numpy(ep["actions"])
+    ret = 0.0
+    for t in range(n):
+        out = {m: e.step(acts[t][None]) for m, e in envs.items()}
+        dense = float(out["dense"].reward[0])
+        got = float(out["dense_absorbing"].reward[0])
+        success = bool(out["dense"].info["success"][0])
+        assert success == bool(out["dense_absorbing"].terminated[0]) == (t == n - 1)
+        want = dense / big_t + (big_t - (t + 1)) / big_t * success
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
+        ret += got
+    assert (big_t - n) / big_t <= ret <= 1.0
+    for e in envs.values():
+        e.close()
+
+
+@needs_mw
 def test_scripted_demos_written_and_replayed(tmp_path):
     from pirl.envs.demos import generate_demos, load_demos
 

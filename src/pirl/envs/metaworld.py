@@ -32,7 +32,13 @@ of (task, episode seed): the slot seeds the env's generator with the episode see
 reset.  ``terminated`` = ``info["success"]`` (Meta-World never terminates by itself);
 ``truncated`` = ``max_episode_steps`` (default :data:`DEFAULT_MAX_STEPS`; Meta-World's own limit
 is 500, which pirl lifts and counts itself).  Reward ``"sparse"``: 1 at the success step, else 0;
-``"dense"``: Meta-World's shaped reward divided by 10 (in ``[0, 1]``) per step.
+``"dense"``: Meta-World's shaped reward divided by 10 (in ``[0, 1]``) per step;
+``"dense_absorbing"``: Meta-World's shaped reward divided by ``10 * T`` per step (``T`` =
+``max_episode_steps``), and at the success step, which ends the episode, the remaining steps'
+maximum reward ``(T - t) / T`` (``t`` steps taken): the return of a success state that were
+absorbing at the top reward until the time limit, in ``[0, 1]``.  With plain ``"dense"`` a
+success ends the reward stream, so hovering just short of success would out-earn finishing;
+here finishing earlier never earns less.
 
 Episode seeds: training draws them from ``[0, HELDOUT_SEED_OFFSET)``; :func:`eval_episode_seeds`
 gives each task fixed evaluation seeds from ``[HELDOUT_SEED_OFFSET, 2 * HELDOUT_SEED_OFFSET)``
@@ -68,6 +74,7 @@ HELDOUT_SEED_OFFSET = 1_000_000
 #: Envs kept per slot (each ~25 MB of MuJoCo model and data); older ones are closed.
 MAX_CACHED_TASKS = 2
 ACTION_DIM = 4
+REWARD_MODES = ("sparse", "dense", "dense_absorbing")
 STATE_DIM = 39
 
 #: One short imperative instruction per v3 task (Meta-World's tasks carry no language).
@@ -234,12 +241,15 @@ class MetaWorldSlot:
 
     def __init__(self, tasks: Sequence[str], obs_mode: str = "state", image_size: int = 64,
                  camera: str = "corner", reward_mode: str = "sparse",
-                 max_cached: int = MAX_CACHED_TASKS):
+                 max_cached: int = MAX_CACHED_TASKS, max_episode_steps: int = 0):
         self.tasks = list(tasks)
         self.obs_mode = obs_mode
         self.image_size = image_size
         self.camera = camera
         self.reward_mode = reward_mode
+        # T of the "dense_absorbing" reward (the env's time limit) and the steps of this episode
+        self.max_episode_steps = int(max_episode_steps or DEFAULT_MAX_STEPS)
+        self.t = 0
         self.max_cached = max(1, int(max_cached))
         self.envs: dict[int, Any] = {}  # insertion order = least recently used first
         self.current: int | None = None
@@ -269,13 +279,23 @@ class MetaWorldSlot:
         self.current = int(task_index)
         env.seed(int(seed))
         state, _ = env.reset()
+        self.t = 0
         return self._format(state)
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool]:
         a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), -1.0, 1.0)
         state, reward, _, _, info = self.envs[self.current].step(a)
         success = bool(info["success"])
-        r = float(success) if self.reward_mode == "sparse" else float(reward) / 10.0
+        self.t += 1
+        if self.reward_mode == "sparse":
+            r = float(success)
+        elif self.reward_mode == "dense":
+            r = float(reward) / 10.0
+        else:  # dense_absorbing (module docstring)
+            big_t = self.max_episode_steps
+            r = float(reward) / (10.0 * big_t)
+            if success:
+                r += max(big_t - self.t, 0) / big_t
         return self._format(state), r, success
 
     def close(self) -> None:
@@ -351,7 +371,7 @@ class MetaWorldEnv(PoolBatchedEnv):
     tasks: a benchmark name (``mt50``, ``mt10``, ``ml10``, ``ml45``; with ``split``) or a list of
     v3 task names; slot_tasks: ``[N]`` task index of each slot (default ``i mod T``);
     obs_mode: ``"state"`` or ``"rgb"`` (also one camera image ``image_size`` px from ``camera``);
-    reward_mode: ``"sparse"`` or ``"dense"``; max_episode_steps: default
+    reward_mode: one of :data:`REWARD_MODES` (module docstring); max_episode_steps: default
     :data:`DEFAULT_MAX_STEPS`; num_workers: 0 = slots in this process, else that many worker
     processes; seed_range: training episode seeds (default by split, see module docstring).
     """
@@ -368,8 +388,9 @@ class MetaWorldEnv(PoolBatchedEnv):
             raise ValueError(f"split: must be 'train' or 'test', got {split!r}")
         if obs_mode not in ("state", "rgb"):
             raise ValueError(f"obs_mode: must be 'state' or 'rgb', got {obs_mode!r}")
-        if reward_mode not in ("sparse", "dense"):
-            raise ValueError(f"reward_mode: must be 'sparse' or 'dense', got {reward_mode!r}")
+        if reward_mode not in REWARD_MODES:
+            raise ValueError(f"reward_mode: must be one of {', '.join(REWARD_MODES)}, "
+                             f"got {reward_mode!r}")
         if num_envs < 1:
             raise ValueError(f"num_envs: must be >= 1, got {num_envs}")
         if isinstance(tasks, str):
@@ -404,7 +425,8 @@ class MetaWorldEnv(PoolBatchedEnv):
                 os.environ.setdefault("PYOPENGL_PLATFORM", gl)
         pool = GroupedSlotPool(num_envs, num_workers, env_vars=env_vars, tasks=task_list,
                                obs_mode=obs_mode, image_size=image_size, camera=camera,
-                               reward_mode=reward_mode, max_cached=max_cached)
+                               reward_mode=reward_mode, max_cached=max_cached,
+                               max_episode_steps=int(max_episode_steps or DEFAULT_MAX_STEPS))
         self.max_cached = max(1, int(max_cached))
         #: mirror of each slot's env cache (task indices, least recently used first)
         self._slot_cache: list[list[int]] = [[] for _ in range(num_envs)]
