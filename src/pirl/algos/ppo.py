@@ -279,7 +279,9 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor,
                        mask: torch.Tensor | None = None) -> torch.Tensor:
     """``1 - Var[R - V] / Var[R]`` (population variances over ``mask`` entries), a scalar tensor.
 
-    1 = perfect critic, 0 = no better than a constant, < 0 worse; NaN when ``Var[R] = 0``.
+    1 = perfect critic, 0 = no better than a constant, < 0 worse; NaN when ``Var[R] = 0``,
+    which includes a ``Var[R]`` under ``1e-12``: returns that are all equal up to rounding (GAE's
+    ``A + V`` of a rollout with no reward) would otherwise read as ~-1e15.
     """
     v = values.detach().double()
     r = returns.detach().double()
@@ -291,7 +293,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor,
         return ((x - mu).pow(2) * w).sum() / n
 
     var_r = var(r)
-    if float(n) == 0 or float(var_r) == 0.0:
+    if float(n) == 0 or float(var_r) < 1e-12:
         return torch.tensor(float("nan"))
     return (1.0 - var(r - v) / var_r).float()
 
