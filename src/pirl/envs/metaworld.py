@@ -241,14 +241,15 @@ class MetaWorldSlot:
 
     def __init__(self, tasks: Sequence[str], obs_mode: str = "state", image_size: int = 64,
                  camera: str = "corner", reward_mode: str = "sparse",
-                 max_cached: int = MAX_CACHED_TASKS, max_episode_steps: int = 0):
+                 max_cached: int = MAX_CACHED_TASKS,
+                 max_episode_steps: int = DEFAULT_MAX_STEPS):
         self.tasks = list(tasks)
         self.obs_mode = obs_mode
         self.image_size = image_size
         self.camera = camera
         self.reward_mode = reward_mode
         # T of the "dense_absorbing" reward (the env's time limit) and the steps of this episode
-        self.max_episode_steps = int(max_episode_steps or DEFAULT_MAX_STEPS)
+        self.max_episode_steps = int(max_episode_steps)
         self.t = 0
         self.max_cached = max(1, int(max_cached))
         self.envs: dict[int, Any] = {}  # insertion order = least recently used first
@@ -423,10 +424,11 @@ class MetaWorldEnv(PoolBatchedEnv):
             if num_workers == 0:
                 os.environ.setdefault("MUJOCO_GL", gl)
                 os.environ.setdefault("PYOPENGL_PLATFORM", gl)
+        max_steps = int(max_episode_steps or DEFAULT_MAX_STEPS)
         pool = GroupedSlotPool(num_envs, num_workers, env_vars=env_vars, tasks=task_list,
                                obs_mode=obs_mode, image_size=image_size, camera=camera,
                                reward_mode=reward_mode, max_cached=max_cached,
-                               max_episode_steps=int(max_episode_steps or DEFAULT_MAX_STEPS))
+                               max_episode_steps=max_steps)
         self.max_cached = max(1, int(max_cached))
         #: mirror of each slot's env cache (task indices, least recently used first)
         self._slot_cache: list[list[int]] = [[] for _ in range(num_envs)]
@@ -436,7 +438,7 @@ class MetaWorldEnv(PoolBatchedEnv):
         super().__init__(pool, task_names=task_list,
                          instructions=[TASK_INSTRUCTIONS[t] for t in task_list],
                          action_dim=ACTION_DIM, state_dim=STATE_DIM,
-                         max_episode_steps=int(max_episode_steps or DEFAULT_MAX_STEPS),
+                         max_episode_steps=max_steps,
                          auto_reset=auto_reset, seed_space=1, seed_range=seed_range)
 
     def vocabulary(self) -> list[str]:
