@@ -83,15 +83,20 @@ def _tiny_run_cfg(tmp_path, name, iterations=2, extra=()):
         "rl.eval_every=100", "checkpoint_every=1", *extra])
 
 
-@pytest.mark.parametrize("task_sampling", ["uniform", "failure", "failure+replay", "uniform+bc"])
+@pytest.mark.parametrize("task_sampling", ["uniform", "failure", "failure+replay", "uniform+bc",
+                                           "failure+2rollouts"])
 def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, task_sampling):
     from pirl.runners import train as train_mod
     from pirl.runners.checkpoint import load_checkpoint
 
     replay = task_sampling.endswith("+replay")
     bc = task_sampling.endswith("+bc")
-    task_sampling = task_sampling.removesuffix("+replay").removesuffix("+bc")
+    two = task_sampling.endswith("+2rollouts")
+    task_sampling = (task_sampling.removesuffix("+replay").removesuffix("+bc")
+                     .removesuffix("+2rollouts"))
     extra = [f"rl.task_sampling={task_sampling}"]
+    if two:  # each iteration's second rollout draws its seeds from the resumed counters
+        extra += ["rl.rollouts_per_update=2"]
     if replay:  # the resumed iteration replays the failures stored with the checkpoint
         extra += ["rl.replay_failures=0.5"]
     if bc:  # the demo loss's draws continue from the checkpointed update generator
@@ -750,3 +755,83 @@ def test_pretrain_relative_adds_the_offset_target(tmp_path):
         assert all("pretrain/error_2" in row for row in pre)
     with pytest.raises(ConfigError, match="pretrain.relative"):
         apply_overrides(TrainConfig(), ["pretrain.relative=-1"])
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_several_rollouts_per_update(algo, monkeypatch):
+    """With rl.rollouts_per_update=2 an iteration collects two rollouts with different episode
+    seeds and makes one update on all their valid chunk steps, whose advantages are each
+    rollout's own (PPO: Monte-Carlo return minus value, gamma = lambda = 1; GRPO: return minus
+    the group mean over the rollout's groups, written out here), PPO's normalised over both."""
+    pol = _policy()
+    smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
+                        config=SamplerConfig(kind="flow_sde", num_steps=3, hybrid=False))
+    over = ["rollouts_per_update=2", "train_mode=full"]
+    over += (["ppo.gamma=1.0", "ppo.gae_lambda=1.0", "ppo.truncation=terminal"]
+             if algo == "ppo" else ["grpo.group_size=4", "grpo.normalize_std=false"])
+    cfg = apply_overrides(RLConfig(algo=algo), over)
+    tr = RLTrainer(pol, smp, ReachEnv(16, max_episode_steps=4, radius=0.3), cfg, seed=0)
+    tr.action_chunk = 1  # one executed step per chunk: episodes of 1-4 chunk steps
+    tr.num_chunks = 4
+    tr.action_mask[1:] = 0.0
+    seen: dict = {"ro": [], "groups": [], "kwargs": []}
+    orig_rollout, orig_begin = tr.rollout, tr.begin_rollout
+
+    def begin():
+        kw = orig_begin()
+        seen["kwargs"].append(kw)
+        if algo == "grpo":
+            seen["groups"].append(tr._groups.clone())
+        return kw
+
+    def rollout():
+        ro = orig_rollout()
+        seen["ro"].append(ro)
+        return ro
+
+    def update(obs, chain, old_logp, adv, ret, old_values, frozen=None, sil=None):
+        seen.update(obs=obs, adv=adv)
+        return {}
+
+    monkeypatch.setattr(tr, "begin_rollout", begin)
+    monkeypatch.setattr(tr, "rollout", rollout)
+    monkeypatch.setattr(tr, "update", update)
+    m = tr.iteration()
+    ros = seen["ro"]
+    assert len(ros) == 2 and tr.iter == 1
+    s0, s1 = (kw["episode_seeds"] for kw in seen["kwargs"])
+    assert not set(s0.tolist()) & set(s1.tolist())  # fresh episodes in the second rollout
+    raw, states = [], []
+    for r, ro in enumerate(ros):
+        T, N = ro.valid.shape
+        for t in range(T):
+            for i in range(N):
+                if not ro.valid[t, i]:
+                    continue
+                states.append(ro.obs[t]["state"][i])
+                if algo == "ppo":
+                    future = sum(float(ro.rewards[u, i]) for u in range(t, T)
+                                 if ro.valid[u, i])
+                    raw.append(future - float(ro.values[t, i]))
+                else:
+                    g = seen["groups"][r]
+                    ret = ro.episode_return
+                    raw.append(float(ret[i] - ret[g == g[i]].mean()))
+    raw = torch.tensor(raw)
+    assert seen["adv"].shape == raw.shape
+    torch.testing.assert_close(seen["obs"]["state"], torch.stack(states))
+    # PPO normalises the advantages over both rollouts' rows; GRPO's are per group already
+    want = (raw - raw.mean()) / (raw.std() + 1e-8) if algo == "ppo" else raw
+    torch.testing.assert_close(seen["adv"], want, atol=1e-5, rtol=1e-5)
+    assert raw.std() > 0  # not vacuous: the rows carry different advantages
+    assert m["env_steps"] == sum(ro.env_steps for ro in ros)
+    assert m["rollout/success"] == pytest.approx(
+        float(torch.cat([ro.episode_success for ro in ros]).float().mean()))
+
+
+def test_rollouts_per_update_is_checked():
+    with pytest.raises(ValueError, match="rl.rollouts_per_update"):
+        apply_overrides(TrainConfig(), ["rl.rollouts_per_update=0"])
+    with pytest.raises(ValueError, match="rl.rollouts_per_update"):
+        apply_overrides(TrainConfig(), ["rl.rollouts_per_update=2",
+                                        "placement.mode=colocated"])

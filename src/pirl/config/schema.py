@@ -154,6 +154,10 @@ class RLConfig:
                                                              lr_schedule="cosine"))
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval_every: int = 20
+    # rollouts collected (each with fresh episode seeds) before one update on all of them, RLinf's
+    # rollout epochs: more episodes per update on the same envs and memory, for benchmarks whose
+    # envs are few and costly (LIBERO, Meta-World).  An iteration = these rollouts + one update
+    rollouts_per_update: int = 1
     reward: Literal["env", "success"] = "env"
     # "expert_only": the prefix (VLM) is frozen during RL, as in pi_RL; "full": everything trains
     train_mode: Literal["full", "expert_only"] = "expert_only"
@@ -217,6 +221,8 @@ class RLConfig:
         _check(self.action_chunk is None or self.action_chunk >= 1, "rl.action_chunk",
                "must be >= 1")
         _check(self.eval_every >= 1, "rl.eval_every", "must be >= 1")
+        _check(self.rollouts_per_update >= 1, "rl.rollouts_per_update",
+               f"must be >= 1, got {self.rollouts_per_update}")
 
 
 @dataclass
@@ -301,6 +307,9 @@ class TrainConfig:
         _check(self.rl.algo != "grpo" or self.env.num_envs % self.rl.grpo.group_size == 0,
                "rl.grpo.group_size", f"GRPO's groups split the {self.env.num_envs} envs "
                f"(env.num_envs): {self.rl.grpo.group_size} does not divide them")
+        _check(self.rl.rollouts_per_update == 1 or self.placement.mode == "local",
+               "rl.rollouts_per_update", f"several rollouts per update run with "
+               f"placement.mode=local only, got {self.placement.mode!r}")
         _check(self.precision in ("auto", "fp32", "bf16"), "precision",
                f"must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         if self.pretrain.steps > 0 and not self.model.checkpoint:

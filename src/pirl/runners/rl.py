@@ -73,6 +73,7 @@ class RLTrainer:
         self.replay = (FailureReplay(cfg.replay_capacity) if cfg.replay_failures > 0 else None)
         self._ep_seeds: torch.Tensor | None = None
         self._num_replayed = 0
+        self._round = 0  # which of the iteration's rl.rollouts_per_update rollouts is running
         self.ref = None
         if self.algo == "grpo" and cfg.grpo.kl_coef > 0:
             # frozen reference (the policy RL starts from) for GRPO's KL penalty
@@ -118,7 +119,9 @@ class RLTrainer:
     # ----------------------------------------------------------------- rollout
     def _reset_kwargs(self) -> dict[str, Any]:
         n = self.env.num_envs
-        base = self.seed * 1_000_003 + self.iter * 7919
+        # every rollout of every iteration gets its own seeds (one rollout per update: iter)
+        base = self.seed * 1_000_003 + (self.iter * self.cfg.rollouts_per_update
+                                        + self._round) * 7919
         if self.algo == "grpo":
             probs = self.curriculum.probs() if self.curriculum is not None else None
             task_ids, ep_seeds, self._groups = make_groups(
@@ -185,16 +188,31 @@ class RLTrainer:
 
     # ----------------------------------------------------------------- update
     def iteration(self) -> dict[str, float]:
-        """One rollout + update; returns metrics."""
-        t0 = time.perf_counter()
-        ro = self.rollout()
-        return self.learn(ro, time.perf_counter() - t0)
+        """``rl.rollouts_per_update`` rollouts (each with fresh reset seeds), then one update on
+        all of them; returns metrics."""
+        parts, t_roll = [], 0.0
+        for r in range(self.cfg.rollouts_per_update):
+            self._round = r
+            t0 = time.perf_counter()
+            ro = self.rollout()
+            t_roll += time.perf_counter() - t0
+            parts.append(self._prepare(ro))  # (reads this rollout's task ids and groups)
+        self._round = 0
+        return self._learn_parts(parts, t_roll)
 
     def learn(self, ro: Rollout, t_roll: float = 0.0) -> dict[str, float]:
         """Advantages + update on a collected rollout (the learner's half of :meth:`iteration`;
         distributed placements run it on the learner ranks, see
         :mod:`pirl.runners.distributed`).  ``t_roll``: the rollout's wall time, for metrics."""
-        self.env_steps += ro.env_steps
+        return self._learn_parts([self._prepare(ro)], t_roll)
+
+    def _prepare(self, ro: Rollout) -> dict[str, Any]:
+        """One rollout's learner rows: the flattened valid chunk steps ``[M]`` (obs, chains,
+        frozen prefixes, rollout log-probs), their advantages (chunk-level GAE per env for PPO,
+        group-relative over this rollout's groups for GRPO; not yet normalised), returns and
+        values, and the rollout's episode statistics.  Updates the task curriculum and the
+        failure replay with the rollout's episodes (task ids from the latest
+        :meth:`begin_rollout`)."""
         k = self._num_replayed
         if self.curriculum is not None or self.replay is not None:
             if self._task_ids is None or self._task_ids.numel() != ro.valid.shape[1]:
@@ -206,37 +224,62 @@ class RLTrainer:
         if self.replay is not None:
             self.replay.update(self._task_ids, self._ep_seeds, ro.episode_success)
         valid = ro.valid
-        flat_valid = valid.reshape(-1)
-        idx = flat_valid.nonzero().squeeze(1)
-        obs = index_batch(stack_obs(ro.obs), idx)
-        chain = cat_chains(ro.chains).index(idx)
-        frozen = index_batch(cat_batch(ro.prefixes), idx) if ro.prefixes else None
-        old_logp = self._aggregate(chain)
+        idx = valid.reshape(-1).nonzero().squeeze(1)
         rewards = self._rewards(ro)
-        metrics: dict[str, float] = {}
+        # the episode statistics of the metrics (the rollout itself is not kept: several
+        # rollouts per update would hold their observations twice)
+        p: dict[str, Any] = {"num_replayed": k, "success": ro.episode_success.float(),
+                             "return": ro.episode_return, "chunks": valid.sum(0).float(),
+                             "env_steps": ro.env_steps, "env_s": ro.env_s,
+                             "policy_s": ro.policy_s}
+        p["obs"] = index_batch(stack_obs(ro.obs), idx)
+        p["chain"] = cat_chains(ro.chains).index(idx)
+        p["frozen"] = index_batch(cat_batch(ro.prefixes), idx) if ro.prefixes else None
+        p["old_logp"] = self._aggregate(p["chain"])
         if self.algo == "ppo":
             term, trunc = ro.terminated, ro.truncated
             if self.hp.truncation == "terminal":  # the time limit ends the task's return
                 term, trunc = term | trunc, torch.zeros_like(trunc)
             adv, ret = gae(rewards, ro.values, ro.next_values, term, trunc,
                            gamma=self.hp.gamma, lam=self.hp.gae_lambda, valid=valid)
-            adv, ret = adv.reshape(-1)[idx], ret.reshape(-1)[idx]
-            old_values = ro.values.reshape(-1)[idx]
-            metrics["value/explained_variance"] = float(explained_variance(old_values, ret))
+            p["adv"], p["ret"] = adv.reshape(-1)[idx], ret.reshape(-1)[idx]
+            p["old_values"] = ro.values.reshape(-1)[idx]
         else:
             ep_ret = (rewards * valid).sum(0)
             ep_adv = group_advantages(ep_ret, self._groups, eps=self.hp.std_eps,
                                       normalize_std=self.hp.normalize_std)
+            p["ep_adv"] = ep_adv
+            p["adv"] = broadcast_over_time(ep_adv, valid).reshape(-1)[idx]
+            p["ret"] = p["old_values"] = torch.zeros_like(p["adv"])
+        # self-imitation rows: every executed chunk of an episode that succeeded
+        p["sil_w"] = (ro.episode_success[None, :].expand_as(valid).reshape(-1)[idx].float()
+                      if self.hp.sil_coef > 0 else None)
+        return p
+
+    def _learn_parts(self, parts: list[dict[str, Any]], t_roll: float) -> dict[str, float]:
+        """One update on the rows of one or more prepared rollouts (:meth:`_prepare`), with
+        the advantages normalised over all of them; returns the iteration's metrics."""
+        env_steps = sum(p["env_steps"] for p in parts)
+        self.env_steps += env_steps
+
+        def cat(key):
+            return torch.cat([p[key] for p in parts])
+
+        obs = stack_obs([p["obs"] for p in parts])
+        chain = cat_chains([p["chain"] for p in parts])
+        frozen = (cat_batch([p["frozen"] for p in parts]) if parts[0]["frozen"] is not None
+                  else None)
+        old_logp, adv, ret, old_values = cat("old_logp"), cat("adv"), cat("ret"), cat("old_values")
+        metrics: dict[str, float] = {}
+        if self.algo == "ppo":
+            metrics["value/explained_variance"] = float(explained_variance(old_values, ret))
+        else:
             # episodes with a non-zero advantage (all-equal groups carry no learning signal)
-            metrics["grpo/nonzero_adv_fraction"] = float((ep_adv != 0).float().mean())
-            adv = broadcast_over_time(ep_adv, valid).reshape(-1)[idx]
-            ret = old_values = torch.zeros_like(adv)
+            metrics["grpo/nonzero_adv_fraction"] = float((cat("ep_adv") != 0).float().mean())
         if self.hp.normalize_advantages and adv.numel() > 1:
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-        sil_w = None
-        if self.hp.sil_coef > 0:
-            # self-imitation rows: every executed chunk of an episode that succeeded
-            sil_w = ro.episode_success[None, :].expand_as(valid).reshape(-1)[idx].float()
+        sil_w = cat("sil_w") if self.hp.sil_coef > 0 else None
+        if sil_w is not None:
             metrics["sil/fraction"] = float(sil_w.mean())
         t1 = time.perf_counter()
         upd = self.update(obs, chain, old_logp, adv, ret, old_values, frozen, sil_w)
@@ -249,25 +292,30 @@ class RLTrainer:
             metrics["curriculum/task_success"] = float(self.curriculum.success_rate().mean())
             metrics["curriculum/max_prob_ratio"] = float(self.curriculum.probs().max()
                                                          * self.curriculum.num_tasks)
+        ok = cat("success")
         if self.replay is not None:
-            ok = ro.episode_success.float()
+            replayed = torch.cat([torch.arange(p["success"].numel()) < p["num_replayed"]
+                                  for p in parts])
+            k = int(replayed.sum())
             metrics["replay/envs"] = float(k)
             metrics["replay/size"] = float(len(self.replay))
             if k:
-                metrics["replay/success"] = float(ok[:k].mean())
+                metrics["replay/success"] = float(ok[replayed].mean())
             if k < ok.numel():
-                metrics["rollout/success_fresh"] = float(ok[k:].mean())
+                metrics["rollout/success_fresh"] = float(ok[~replayed].mean())
+        stoch = chain.stochastic
         metrics.update({
-            "rollout/success": float(ro.episode_success.float().mean()),
-            "rollout/return": float(ro.episode_return.mean()),
-            "rollout/episode_chunks": float(valid.sum(0).float().mean()),
-            "rollout/noise_std": float(chain.std[chain.stochastic].mean()) if bool(chain.stochastic.any()) else 0.0,
+            "rollout/success": float(ok.mean()),
+            "rollout/return": float(cat("return").mean()),
+            "rollout/episode_chunks": float(cat("chunks").mean()),
+            "rollout/noise_std": float(chain.std[stoch].mean()) if bool(stoch.any()) else 0.0,
             "rollout/noise_scale": float(getattr(self.sampler, "noise_scale", 1.0)),
-            "perf/env_steps_per_s": ro.env_steps / max(t_roll, 1e-9),
-            "perf/learner_samples_per_s": idx.numel() * self.hp.update_epochs / max(t_upd, 1e-9),
+            "perf/env_steps_per_s": env_steps / max(t_roll, 1e-9),
+            "perf/learner_samples_per_s": adv.numel() * self.hp.update_epochs / max(t_upd, 1e-9),
             "perf/rollout_s": t_roll, "perf/update_s": t_upd,
             # within the rollout: the env's steps and the policy's forwards
-            "perf/rollout_env_s": ro.env_s, "perf/rollout_policy_s": ro.policy_s,
+            "perf/rollout_env_s": sum(p["env_s"] for p in parts),
+            "perf/rollout_policy_s": sum(p["policy_s"] for p in parts),
             "env_steps": float(self.env_steps),
         })
         return metrics
