@@ -105,6 +105,22 @@ def test_make_groups_properties():
     assert not torch.equal(nxt[1], seeds)
 
 
+def test_make_groups_round_robin_keeps_each_env_on_its_task():
+    """round_robin: group g runs task g mod T in every call (env i: task (i // G) mod T), and
+    only the groups' initial states change from call to call."""
+    gen = torch.Generator().manual_seed(0)
+    n, gsize, tasks = 24, 2, 5
+    first = make_groups(n, gsize, tasks, gen, round_robin=True)
+    second = make_groups(n, gsize, tasks, gen, round_robin=True)
+    want = torch.tensor([(i // gsize) % tasks for i in range(n)])
+    assert torch.equal(first[0], want) and torch.equal(second[0], want)
+    assert torch.equal(first[2], torch.arange(n) // gsize)
+    assert not torch.equal(first[1], second[1])
+    with pytest.raises(ValueError, match="round_robin"):
+        make_groups(n, gsize, tasks, gen, task_probs=torch.ones(tasks) / tasks,
+                    round_robin=True)
+
+
 def test_make_groups_validation():
     with pytest.raises(ValueError, match="multiple of group_size"):
         make_groups(10, 4, 3)

@@ -74,13 +74,15 @@ def group_advantages(returns: torch.Tensor, group_ids: torch.Tensor, eps: float 
 
 def make_groups(num_envs: int, group_size: int, num_tasks: int,
                 generator: torch.Generator | None = None,
-                task_probs: torch.Tensor | None = None
+                task_probs: torch.Tensor | None = None, round_robin: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Assign N envs to N / G groups of G envs sharing one task and one initial state.
 
     Tasks are spread evenly: the group tasks run through random permutations of all tasks, so
     over ``num_envs / group_size`` groups every task appears ``floor`` or ``ceil`` of
-    ``groups / num_tasks`` times.  Each group draws an episode seed in ``[0, 2**31 - 1)``.
+    ``groups / num_tasks`` times; ``round_robin``: group ``g`` always runs task ``g mod T``
+    (an env keeps its task from call to call, so a simulator that rebuilds itself when its task
+    changes builds once).  Each group draws an episode seed in ``[0, 2**31 - 1)``.
     Envs of a group are contiguous: env ``i`` is in group ``i // G``.
 
     Returns:
@@ -95,7 +97,11 @@ def make_groups(num_envs: int, group_size: int, num_tasks: int,
     if num_tasks < 1:
         raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
     num_groups = num_envs // group_size
-    if task_probs is not None:
+    if round_robin and task_probs is not None:
+        raise ValueError("round_robin groups and task_probs exclude each other")
+    if round_robin:
+        group_task = torch.arange(num_groups) % num_tasks
+    elif task_probs is not None:
         if task_probs.shape != (num_tasks,):
             raise ValueError(f"task_probs must be [{num_tasks}], got {tuple(task_probs.shape)}")
         group_task = torch.multinomial(task_probs, num_groups, replacement=True,

@@ -168,7 +168,8 @@ class RLConfig:
     # draws tasks in proportion to their estimated failure rate (decayed per-task counts of the
     # rollout episodes, factor task_sampling_decay per iteration; pirl.runners.curriculum), or
     # "round_robin": env i always runs task i mod T (an env that rebuilds its simulation when
-    # its task changes, LIBERO, builds it once; every task gets the same number of episodes)
+    # its task changes, LIBERO, builds it once; every task gets the same number of episodes;
+    # GRPO: group g of rl.grpo.group_size envs always runs task g mod T)
     task_sampling: Literal["uniform", "failure", "round_robin"] = "uniform"
     task_sampling_mix: float = 0.5
     task_sampling_decay: float = 0.8

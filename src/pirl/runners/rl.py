@@ -126,7 +126,7 @@ class RLTrainer:
             probs = self.curriculum.probs() if self.curriculum is not None else None
             task_ids, ep_seeds, self._groups = make_groups(
                 n, self.hp.group_size, len(self.env.task_names), self.group_gen,
-                task_probs=probs)
+                task_probs=probs, round_robin=self.cfg.task_sampling == "round_robin")
             self._task_ids = task_ids
             return {"seed": base, "task_ids": task_ids, "episode_seeds": ep_seeds + base}
         g = torch.Generator().manual_seed(base)
