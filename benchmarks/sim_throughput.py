@@ -85,7 +85,7 @@ def libero_row(num_envs: int = 2, suite: str = "libero_spatial", steps: int = 20
 
 def maniskill_demo_row(task: str = "PickCube-v1", episodes: int = 3) -> dict[str, Any]:
     """Motion-planning demos (plan in joint space, convert to pd_ee_delta_pose, record rgb)."""
-    from pirl.envs.maniskill import generate_motionplanning_demos
+    from pirl.envs.maniskill_demos import generate_motionplanning_demos
 
     eps, st = generate_motionplanning_demos(task, episodes, seed=0, image_size=128)
     return {"sim": f"ManiSkill demos {task}", "backend": "cpu", "num_envs": 1,

@@ -116,11 +116,9 @@ def test_maniskill_env_names_dispatch_to_motion_planning(monkeypatch, tmp_path):
         calls.append((tasks, episodes_per_task, seed, kw))
         return out_dir, {}
 
-    fake_mod = types.ModuleType("pirl.envs.maniskill")
+    fake_mod = types.ModuleType("pirl.envs.maniskill_demos")
     fake_mod.generate_maniskill_demos = fake
-    fake_mod.split_config = __import__("pirl.envs.maniskill",
-                                       fromlist=["split_config"]).split_config
-    monkeypatch.setitem(sys.modules, "pirl.envs.maniskill", fake_mod)
+    monkeypatch.setitem(sys.modules, "pirl.envs.maniskill_demos", fake_mod)
     out = generate_demos("maniskill_multitask", episodes_per_task=3, out_dir=tmp_path, seed=7,
                          env_kwargs={"tasks": ["PushCube-v1"], "obs_mode": "state",
                                      "sim_backend": "cpu", "reward_mode": "sparse"})

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from pirl.envs import maniskill as M
+from pirl.envs import maniskill_demos as MD
 from pirl.envs.pool import SimulatorUnavailable
 
 HAVE_MANISKILL = importlib.util.find_spec("mani_skill") is not None
@@ -159,19 +160,19 @@ def test_motionplanning_demos_replay_in_env(tmp_path):
     ManiSkillEnv: replaying its actions from the same seed reproduces its observations and
     succeeds at its last step."""
     pytest.importorskip("mplib")
-    eps, stats = M.generate_motionplanning_demos("PickCube-v1", 1, seed=3, image_size=64)
+    eps, stats = MD.generate_motionplanning_demos("PickCube-v1", 1, seed=3, image_size=64)
     assert stats["attempts"] >= 1 and len(eps) == 1
     e = eps[0]
     t = len(e.actions)
     assert e.success and e.images.shape == (t, 1, 3, 64, 64) and e.state.shape == (t, 16)
     assert np.abs(e.actions).max() <= 1.0 + 1e-6
-    paths = M.save_demos(eps, tmp_path / "npz")
+    paths = MD.save_demos(eps, tmp_path / "npz")
     with np.load(paths[0]) as z:
         assert np.array_equal(z["actions"], e.actions) and str(z["task"]) == "PickCube-v1"
     # pirl's demo format round trip (what few-shot SFT reads)
     from pirl.envs.demos import load_demos
 
-    M.write_pirl_demos(tmp_path / "pirl", eps, ["StackCube-v1", "PickCube-v1"])
+    MD.write_pirl_demos(tmp_path / "pirl", eps, ["StackCube-v1", "PickCube-v1"])
     ds = load_demos(tmp_path / "pirl")
     assert torch.equal(ds.actions, torch.from_numpy(e.actions))
     assert torch.equal(ds.state, torch.from_numpy(e.state))

@@ -161,7 +161,7 @@ def _maniskill_demos(env_name: str, episodes_per_task: int, out: Path, seed: int
     """ManiSkill motion-planning demos (``generate_maniskill_demos``) recorded with the
     training env's observation settings (``obs_mode``, ``control_mode``, ``image_size``,
     ``wrist_camera``).  Action noise does not apply: the demos are planned."""
-    from pirl.envs.maniskill import generate_maniskill_demos
+    from pirl.envs.maniskill_demos import generate_maniskill_demos
 
     tasks = maniskill_demo_tasks(env_name, split, env_kwargs)
     kw = {k: env_kwargs[k] for k in ("obs_mode", "control_mode", "image_size", "wrist_camera")
