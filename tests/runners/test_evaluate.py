@@ -128,3 +128,48 @@ def test_fixed_init_states_follow_the_benchmark_protocol(num_envs):
     with pytest.raises(ValueError, match="episodes_per_task=6: the env has 5 fixed initial"):
         evaluate_env(pol, smp, _FixedStartsReach.make(num_envs, fixed=5), episodes_per_task=6,
                      seed=0, action_chunk=2, num_chunks=1)
+
+
+def test_evaluation_does_not_depend_on_the_number_of_envs():
+    """Every episode's initial denoising noise comes from its own seed, so the same episodes
+    give the same per-task success (here on a reach env where the noise decides success) with
+    3, 5 or 12 envs side by side; another evaluation seed draws other noise."""
+    import torch
+
+    from pirl.flow import SamplerConfig, build_sampler
+    from pirl.models import build_policy
+    from pirl.runners.evaluate import evaluate_env
+    from tests.runners.reach_env import ReachEnv
+
+    torch.manual_seed(0)
+    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
+                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"])
+    smp = build_sampler("ode", 2, pol.feature_dim, pol.action_dim,
+                        config=SamplerConfig(kind="ode", num_steps=2))
+
+    def run(n, seed=0):
+        return evaluate_env(pol, smp, ReachEnv(n, max_episode_steps=1, radius=0.5),
+                            episodes_per_task=12, seed=seed, action_chunk=1, num_chunks=1)
+
+    ref = run(12)
+    assert 0 < ref["success"] < 1  # the draws matter: not all or none succeed
+    for n in (3, 5):
+        assert run(n) == ref
+    others = [run(12, seed)["success"] for seed in (1, 2, 3)]
+    assert any(s != ref["success"] for s in others)
+
+
+def test_episode_noise_is_the_rows_own_draw():
+    """:func:`episode_noise` row i is N(0, I) from a generator seeded by (seed_i, step): the
+    same for a seed wherever it sits in the batch, different across steps."""
+    import torch
+
+    from pirl.runners.rollout import episode_noise
+
+    a = episode_noise(torch.tensor([7, 3, 11]), 2, (4, 2))
+    b = episode_noise(torch.tensor([11, 7]), 2, (4, 2))
+    assert a.shape == (3, 4, 2) and a.dtype == torch.float32
+    assert torch.equal(a[0], b[1]) and torch.equal(a[2], b[0])
+    want = torch.randn((4, 2), generator=torch.Generator().manual_seed(3 * 10_007 + 2))
+    assert torch.equal(a[1], want)
+    assert not torch.equal(episode_noise(torch.tensor([7]), 3, (4, 2))[0], a[0])

@@ -24,7 +24,9 @@ def evaluate_env(policy: FlowPolicy, sampler: Sampler, env: BatchedEnv, *, episo
 
     An env with ``fixed_init_states`` (LIBERO: 50 per task, ``init = episode_seed % 50``) is
     evaluated on the benchmark's protocol: the k-th episode of each task starts from fixed
-    initial state k (episode seed k), whatever ``seed``."""
+    initial state k (episode seed k), whatever ``seed``.  Each episode's initial denoising noise
+    comes from its own seed (``seed`` and its index; :func:`pirl.runners.rollout.episode_noise`),
+    so the result does not depend on how many envs run the episodes side by side."""
     n = env.num_envs
     tasks = list(env.task_names)
     total = episodes_per_task * len(tasks)
@@ -49,7 +51,8 @@ def evaluate_env(policy: FlowPolicy, sampler: Sampler, env: BatchedEnv, *, episo
         ro = collect(policy, sampler, chunked, num_chunks=num_chunks,
                      reset_kwargs={"seed": seed + r, "task_ids": task_ids,
                                    "episode_seeds": ep_seeds},
-                     action_chunk=action_chunk, generator=gen, with_values=False, record=record)
+                     action_chunk=action_chunk, generator=gen, with_values=False, record=record,
+                     noise_seeds=seed * 100_003 + ep)
         s = ro.episode_success.float()
         wins.index_add_(0, task_ids[keep], s[keep])
         counts.index_add_(0, task_ids[keep], torch.ones(int(keep.sum())))

@@ -53,6 +53,16 @@ def env_actions(actions: torch.Tensor, action_chunk: int, env_action_dim: int) -
     return actions[:, :action_chunk, :env_action_dim]
 
 
+def episode_noise(seeds: torch.Tensor, step: int, shape: tuple[int, ...],
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Initial denoising noise ``[N, *shape]``: row ``i`` is ``N(0, I)`` drawn from its own
+    generator seeded with ``(seeds[i], step)``, so an episode's draws do not depend on the batch
+    row that runs it or on the batch size."""
+    return torch.stack([torch.randn(shape, dtype=dtype,
+                                    generator=torch.Generator().manual_seed(s * 10_007 + step))
+                        for s in seeds.tolist()])
+
+
 @dataclass
 class Rollout:
     """T chunk steps of N envs.
@@ -97,7 +107,7 @@ class Rollout:
 def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks: int,
             reset_kwargs: dict[str, Any], action_chunk: int, generator: torch.Generator,
             with_values: bool = True, record: bool = False,
-            keep_prefix: bool = False) -> Rollout:
+            keep_prefix: bool = False, noise_seeds: torch.Tensor | None = None) -> Rollout:
     """Reset all envs (``env.reset(**reset_kwargs)``) and run ``num_chunks`` chunk steps.
 
     Envs whose episode ended are frozen by the env; rollout stops early when all are done.
@@ -107,6 +117,8 @@ def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks
     reset), 0 at the final bootstrap observation; it is stored with the observations.
     The rollout's ``env_s`` / ``policy_s`` time the env and the policy calls (on a GPU the
     policy's time includes the transfer of its values to the CPU, which waits for it).
+    ``noise_seeds [N]`` (evaluation): each env's initial denoising noise at chunk step ``t`` is
+    :func:`episode_noise` of its own seed instead of a draw from ``generator`` in batch order.
     """
     clock = time.perf_counter
     t_env = clock()
@@ -121,6 +133,11 @@ def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks
     prefixes: list[Any] | None = [] if keep_prefix else None
     steps = 0
     timed = with_values and getattr(policy, "critic_takes_time", False)
+    if noise_seeds is not None and noise_seeds.shape != (n,):
+        raise ValueError(f"noise_seeds must be [{n}] (one per env), got {tuple(noise_seeds.shape)}")
+    # chains live in float32 (float64 for a float64 policy), as the sampler's own draws
+    noise_dtype = (torch.float64 if next(policy.parameters()).dtype == torch.float64
+                   else torch.float32)
 
     def observe(o: Obs, t: int) -> Obs:  # the policy's obs at chunk step t, on its device
         p = to_device(policy_obs(o), device)
@@ -132,7 +149,9 @@ def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks
         t_pol = clock()
         pobs = observe(obs, t)
         prefix = policy.encode_prefix(pobs)
-        chain = sampler.sample(policy, prefix, generator=generator)
+        noise = (episode_noise(noise_seeds, t, (policy.action_horizon, policy.action_dim),
+                               noise_dtype).to(device) if noise_seeds is not None else None)
+        chain = sampler.sample(policy, prefix, noise=noise, generator=generator)
         v = policy.value(prefix).float().cpu() if with_values else torch.zeros(n)
         act = env_actions(policy.postprocess_actions(chain.actions), action_chunk,
                           env.action_dim).to(env.device)
