@@ -135,6 +135,9 @@ def _label_sampler_algo(cfg: dict[str, Any], precision: str | None = None) -> st
     algo = str(rl.get("algo", "?")).upper()
     chunk = rl.get("action_chunk")
     replan = f", re-plans every {chunk}" if chunk else ""
+    rounds = rl.get("rollouts_per_update") or 1
+    if rounds > 1:
+        replan += f", {rounds} rollouts per update"
     # how it ran, where that is not the default (rows that differ only there stay apart)
     mode = cfg.get("placement", {}).get("mode", "local")
     where = f", {mode} placement" if mode != "local" else ""

@@ -231,3 +231,13 @@ def test_precision_comes_from_results_and_the_command_names_it():
     assert report._command(dict(run, config=old)) == "pirl train threads=1 precision=fp32"
     assert report._label_sampler_algo(cfg, "bf16").endswith(", bf16")
     assert not report._label_sampler_algo(dict(cfg, precision="fp32")).endswith("bf16")
+
+
+def test_label_names_several_rollouts_per_update():
+    report = _report()
+    cfg = {"sampler": {"kind": "flow_sde", "hybrid": True},
+           "rl": {"algo": "ppo", "iterations": 3, "action_chunk": 4}}
+    assert report._label_sampler_algo(cfg) == "PPO + Flow-SDE (hybrid), re-plans every 4"
+    cfg["rl"]["rollouts_per_update"] = 4
+    assert report._label_sampler_algo(cfg) == \
+        "PPO + Flow-SDE (hybrid), re-plans every 4, 4 rollouts per update"
