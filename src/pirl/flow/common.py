@@ -25,6 +25,16 @@ from pirl.flow.base import Chain, Sampler
 from pirl.flow.schedule import time_grid
 from pirl.models.base import first_tensor
 
+
+def chain_dtype(prefix: Any) -> tuple[torch.dtype, torch.device]:
+    """Dtype and device of the chains sampled from ``prefix``: float32 (float64 for float64
+    policies) whatever the policy's compute dtype, since log-probs of small-std Gaussians need
+    the precision; the prefix's device."""
+    ref = first_tensor(prefix)
+    if ref is None:
+        raise ValueError("cannot infer device / dtype from the prefix cache")
+    return (torch.float64 if ref.dtype == torch.float64 else torch.float32), ref.device
+
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -99,11 +109,9 @@ class GaussianChainSampler(Sampler):
             ref = first_tensor(prefix)
             if ref is None:
                 raise ValueError("cannot infer batch size from the prefix; pass noise")
-            # chains live in float32 (float64 for float64 policies) whatever the policy's
-            # compute dtype: log-probs of small-std Gaussians need the precision
-            dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+            dtype, dev = chain_dtype(prefix)
             shape = (ref.shape[0], policy.action_horizon, policy.action_dim)
-            noise = torch.randn(shape, generator=generator, device=ref.device, dtype=dtype)
+            noise = torch.randn(shape, generator=generator, device=dev, dtype=dtype)
         b = noise.shape[0]
         dev, dtype = noise.device, noise.dtype
         grid = time_grid(self.num_steps, device=dev, dtype=dtype)

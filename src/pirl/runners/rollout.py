@@ -16,6 +16,7 @@ import torch
 
 from pirl.envs.base import ChunkedEnv
 from pirl.flow.base import Chain, Sampler
+from pirl.flow.common import chain_dtype
 from pirl.models.base import FlowPolicy, to_device
 
 Obs = dict[str, Any]
@@ -135,9 +136,6 @@ def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks
     timed = with_values and getattr(policy, "critic_takes_time", False)
     if noise_seeds is not None and noise_seeds.shape != (n,):
         raise ValueError(f"noise_seeds must be [{n}] (one per env), got {tuple(noise_seeds.shape)}")
-    # chains live in float32 (float64 for a float64 policy), as the sampler's own draws
-    noise_dtype = (torch.float64 if next(policy.parameters()).dtype == torch.float64
-                   else torch.float32)
 
     def observe(o: Obs, t: int) -> Obs:  # the policy's obs at chunk step t, on its device
         p = to_device(policy_obs(o), device)
@@ -149,8 +147,11 @@ def collect(policy: FlowPolicy, sampler: Sampler, env: ChunkedEnv, *, num_chunks
         t_pol = clock()
         pobs = observe(obs, t)
         prefix = policy.encode_prefix(pobs)
-        noise = (episode_noise(noise_seeds, t, (policy.action_horizon, policy.action_dim),
-                               noise_dtype).to(device) if noise_seeds is not None else None)
+        noise = None
+        if noise_seeds is not None:  # in the sampler's chain dtype, on the prefix's device
+            dtype, dev = chain_dtype(prefix)
+            noise = episode_noise(noise_seeds, t, (policy.action_horizon, policy.action_dim),
+                                  dtype).to(dev)
         chain = sampler.sample(policy, prefix, noise=noise, generator=generator)
         v = policy.value(prefix).float().cpu() if with_values else torch.zeros(n)
         act = env_actions(policy.postprocess_actions(chain.actions), action_chunk,

@@ -22,7 +22,8 @@ from pirl.runners.distributed.learner import (ColocatedWorker, DataParallelRLTra
                                               LearnerWorker)
 from pirl.runners.distributed.preflight import (check_cluster, check_resources,
                                                 placement_resources)
-from pirl.runners.distributed.noise import (ChainNoise, chain_dtype, draw_chain_noise,
+from pirl.flow.common import chain_dtype
+from pirl.runners.distributed.noise import (ChainNoise, draw_chain_noise,
                                             sample_with_noise)
 from pirl.runners.distributed.remote import (EnvSpec, WorkerError, WorkerSpec, cpu_state,
                                              get_all)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from pirl.flow.base import Chain, Sampler
-from pirl.models.base import FlowPolicy, first_tensor
+from pirl.models.base import FlowPolicy
 
 
 @dataclass
@@ -35,15 +35,6 @@ class ChainNoise:
         return ChainNoise(self.x0[start:stop], self.z[start:stop], self.stochastic[start:stop])
 
 
-
-
-def chain_dtype(prefix: Any) -> tuple[torch.dtype, torch.device]:
-    """Dtype and device of the chains sampled from ``prefix`` (the sampler's rule: float64 for
-    float64 policies, else float32)."""
-    ref = first_tensor(prefix)
-    if ref is None:
-        raise ValueError("cannot infer device / dtype from the prefix cache")
-    return (torch.float64 if ref.dtype == torch.float64 else torch.float32), ref.device
 
 
 def _require_gaussian_chain(sampler: Sampler) -> None:

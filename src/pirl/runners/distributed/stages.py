@@ -17,7 +17,8 @@ import torch
 from pirl.envs.base import BatchedEnv, ChunkedEnv
 from pirl.flow.base import Chain, Sampler
 from pirl.models.base import FlowPolicy, to_device
-from pirl.runners.distributed.noise import (ChainNoise, chain_dtype, draw_chain_noise,
+from pirl.flow.common import chain_dtype
+from pirl.runners.distributed.noise import (ChainNoise, draw_chain_noise,
                                             sample_with_noise)
 from pirl.runners.distributed.remote import get_all
 from pirl.runners.rollout import Rollout, cat_chains, env_actions, policy_obs, stack_obs
