@@ -777,15 +777,15 @@ def test_several_rollouts_per_update(algo, monkeypatch):
     seen: dict = {"ro": [], "groups": [], "kwargs": []}
     orig_rollout, orig_begin = tr.rollout, tr.begin_rollout
 
-    def begin():
-        kw = orig_begin()
+    def begin(round_=0):
+        kw = orig_begin(round_)
         seen["kwargs"].append(kw)
         if algo == "grpo":
             seen["groups"].append(tr._groups.clone())
         return kw
 
-    def rollout():
-        ro = orig_rollout()
+    def rollout(round_=0):
+        ro = orig_rollout(round_)
         seen["ro"].append(ro)
         return ro
 

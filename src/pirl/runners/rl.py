@@ -73,7 +73,6 @@ class RLTrainer:
         self.replay = (FailureReplay(cfg.replay_capacity) if cfg.replay_failures > 0 else None)
         self._ep_seeds: torch.Tensor | None = None
         self._num_replayed = 0
-        self._round = 0  # which of the iteration's rl.rollouts_per_update rollouts is running
         self.ref = None
         if self.algo == "grpo" and cfg.grpo.kl_coef > 0:
             # frozen reference (the policy RL starts from) for GRPO's KL penalty
@@ -117,11 +116,11 @@ class RLTrainer:
             g["lr"] = g["base_lr"] * scale
 
     # ----------------------------------------------------------------- rollout
-    def _reset_kwargs(self) -> dict[str, Any]:
+    def _reset_kwargs(self, round_: int = 0) -> dict[str, Any]:
         n = self.env.num_envs
         # every rollout of every iteration gets its own seeds (one rollout per update: iter)
         base = self.seed * 1_000_003 + (self.iter * self.cfg.rollouts_per_update
-                                        + self._round) * 7919
+                                        + round_) * 7919
         if self.algo == "grpo":
             probs = self.curriculum.probs() if self.curriculum is not None else None
             task_ids, ep_seeds, self._groups = make_groups(
@@ -153,10 +152,11 @@ class RLTrainer:
         return lr_scale(cfg.noise_schedule, self.iter, self.total_updates,
                         min_ratio=cfg.noise_final)
 
-    def begin_rollout(self) -> dict[str, Any]:
+    def begin_rollout(self, round_: int = 0) -> dict[str, Any]:
         """The trainer-state half of a rollout: set this iteration's noise scale
         (``rl.noise_schedule``) and draw the reset arguments (tasks, episode seeds, replayed
-        failed states, GRPO groups).  Ray placements run it on the learner ranks and hand the
+        failed states, GRPO groups) of the iteration's rollout number ``round_`` (of
+        ``rl.rollouts_per_update``).  Ray placements run it on the learner ranks and hand the
         result to the env / rollout workers (:mod:`pirl.runners.distributed`)."""
         self.policy.eval()
         if hasattr(self.sampler, "noise_scale"):
@@ -166,10 +166,10 @@ class RLTrainer:
                 # GRPO's KL reference too: its chain log-probs then differ from the policy's by
                 # the policy's drift only, not by the schedule
                 self.ref[1].noise_scale = scale
-        return self._reset_kwargs()
+        return self._reset_kwargs(round_)
 
-    def rollout(self) -> Rollout:
-        reset_kwargs = self.begin_rollout()
+    def rollout(self, round_: int = 0) -> Rollout:
+        reset_kwargs = self.begin_rollout(round_)
         return collect(self.policy, self.sampler, self.env, num_chunks=self.num_chunks,
                        reset_kwargs=reset_kwargs, action_chunk=self.action_chunk,
                        generator=self.sample_gen, with_values=self.algo == "ppo",
@@ -192,12 +192,10 @@ class RLTrainer:
         all of them; returns metrics."""
         parts, t_roll = [], 0.0
         for r in range(self.cfg.rollouts_per_update):
-            self._round = r
             t0 = time.perf_counter()
-            ro = self.rollout()
+            ro = self.rollout(r)
             t_roll += time.perf_counter() - t0
             parts.append(self._prepare(ro))  # (reads this rollout's task ids and groups)
-        self._round = 0
         return self._learn_parts(parts, t_roll)
 
     def learn(self, ro: Rollout, t_roll: float = 0.0) -> dict[str, float]:
