@@ -136,13 +136,12 @@ def _label_sampler_algo(cfg: dict[str, Any], precision: str | None = None) -> st
     chunk = rl.get("action_chunk")
     replan = f", re-plans every {chunk}" if chunk else ""
     rounds = rl.get("rollouts_per_update") or 1
-    if rounds > 1:
-        replan += f", {rounds} rollouts per update"
+    batched = f", {rounds} rollouts per update" if rounds > 1 else ""
     # how it ran, where that is not the default (rows that differ only there stay apart)
     mode = cfg.get("placement", {}).get("mode", "local")
     where = f", {mode} placement" if mode != "local" else ""
     bf16 = ", bf16" if precision == "bf16" else ""
-    return f"{algo} + {name}{replan}{where}{bf16}"
+    return f"{algo} + {name}{replan}{batched}{where}{bf16}"
 
 
 def _pct(values: list[float], episodes: list[int]) -> str:
