@@ -350,7 +350,7 @@ def test_mean_std_normalizer_fits_demo_statistics_and_round_trips():
     torch.testing.assert_close(pol.normalizer.state_std.double(), state.std(0, unbiased=False),
                                atol=1e-4, rtol=1e-5)
     a = acts[:4].float()
-    torch.testing.assert_close(pol.postprocess_actions(pol.normalize_actions(a)), a)
+    torch.testing.assert_close(pol.postprocess_actions(pol.preprocess_actions(a)), a)
     # the prefix of raw states == an identity-mode twin fed the standardised states
     twin = TinyVLA(**small_cfg(num_cameras=0))
     twin.load_state_dict({k: v for k, v in pol.state_dict().items()

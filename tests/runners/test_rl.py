@@ -594,6 +594,51 @@ def test_demo_loss_term_is_the_flow_matching_loss_on_demo_rows():
     # expert, which attends over the whole chunk)
 
 
+def test_demo_loss_runs_on_normalised_actions():
+    """With a mean-std normaliser (the LIBERO / Meta-World / ManiSkill presets) the demo loss is
+    the flow-matching loss on the *normalised* demo actions, as SFT's: the env-space demos go
+    through ``policy.preprocess_actions``.  Reference: the standardisation written out with
+    known statistics."""
+    from pirl.runners.rollout import cat_chains, stack_obs
+    from pirl.models.base import index_batch
+
+    torch.manual_seed(0)
+    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
+                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"],
+                       normalization="mean_std")
+    demos = _reach_demos()
+    demos.actions.mul_(10.0).add_(3.0)  # env units far from the model's
+    pol.fit_normalization(demos.obs["state"], demos.actions, demos.mask)
+    mean, std = torch.tensor([3.0, -1.0]), torch.tensor([10.0, 4.0])
+    pol.normalizer.actions_mean.copy_(mean)
+    pol.normalizer.actions_std.copy_(std)
+    smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
+                        config=SamplerConfig(kind="flow_sde", num_steps=3))
+    cfg = apply_overrides(RLConfig(algo="ppo"), ["bc_coef=0.3", "bc_batch_size=16"])
+    tr = RLTrainer(pol, smp, ReachEnv(16, max_episode_steps=2, radius=0.45), cfg, seed=0,
+                   demos=demos)
+    ro = tr.rollout()
+    idx = ro.valid.reshape(-1).nonzero().squeeze(1)
+    obs = index_batch(stack_obs(ro.obs), idx)
+    chain = cat_chains(ro.chains).index(idx)
+    old = tr._aggregate(chain)
+    zeros = torch.zeros(idx.numel())
+    g0 = tr.update_gen.get_state()
+    rows = torch.randint(0, len(demos), (16,), generator=tr.update_gen)  # _bc_inputs' draw
+    tr.update_gen.set_state(g0)
+    bc = tr._bc_inputs("cpu")
+    env_a = demos.actions[rows]
+    a = (env_a - mean) / std
+    torch.testing.assert_close(bc["actions"], a, atol=1e-5, rtol=1e-5)
+    with_bc, _ = tr.minibatch_loss(obs, chain, old, zeros, zeros, zeros, None, None, bc)
+    without, _ = tr.minibatch_loss(obs, chain, old, zeros, zeros, zeros, None, None, None)
+    eps, t, mask = bc["noise"], bc["time"], bc["mask"]
+    x_t = t[:, None, None] * eps + (1 - t[:, None, None]) * a
+    err = (pol.velocity(pol.encode_prefix(bc["obs"]), x_t, t).velocity - (eps - a)).pow(2)
+    torch.testing.assert_close(with_bc - without, 0.3 * err[mask.bool()].mean(),
+                               atol=1e-6, rtol=1e-5)
+
+
 def test_demo_loss_alone_fits_the_demos():
     """With the policy term off (a critic warm-up over the whole run) the demo loss alone still
     trains the policy towards the demos: the flow-matching loss on fixed demo draws falls, and

@@ -168,6 +168,12 @@ class FlowPolicy(nn.Module):
         stay in model space.  Default: identity."""
         return actions
 
+    def preprocess_actions(self, actions: torch.Tensor) -> torch.Tensor:
+        """An env-space chunk ``[B, H, A_env]`` -> the model's action space ``[B, H, A]``
+        (normalised, padded), the inverse of :meth:`postprocess_actions`: what a flow-matching
+        loss on env-space demo actions must see.  Default: identity."""
+        return actions
+
     def fit_normalization(self, state: torch.Tensor | None, actions: torch.Tensor,
                           mask: torch.Tensor | None = None) -> bool:
         """Set the policy's state / action normaliser from SFT data (``state [M, S]``, env-space

@@ -548,7 +548,7 @@ class TinyVLA(FlowPolicy):
             self.normalizer.state_std.copy_(std)
         return True
 
-    def normalize_actions(self, actions: torch.Tensor) -> torch.Tensor:
+    def preprocess_actions(self, actions: torch.Tensor) -> torch.Tensor:
         """Env-space ``[..., A]`` -> model space (identity without a normaliser)."""
         return actions if self.normalizer is None else self.normalizer.normalize_actions(actions)
 
@@ -560,7 +560,7 @@ class TinyVLA(FlowPolicy):
     def sft_loss(self, obs: Obs, actions: torch.Tensor, mask: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Flow-matching loss on env-space demo chunks ``[B, H, A]`` (normalised here)."""
-        a = self.normalize_actions(actions.to(self.device, self.action_in.weight.dtype))
+        a = self.preprocess_actions(actions.to(self.device, self.action_in.weight.dtype))
         return super().sft_loss(obs, a, mask=mask, generator=generator)
 
     def num_parameters(self) -> int:

@@ -373,14 +373,17 @@ class RLTrainer:
 
     def _bc_inputs(self, device) -> dict[str, Any]:
         """A minibatch of the demo loss: ``bc_batch_size`` demo rows drawn uniformly with
-        replacement (obs, actions ``[B, H, A]``, mask ``[B, H]``) and the flow-matching noise
+        replacement (obs, actions ``[B, H, A]`` in the model's action space, i.e. through
+        ``policy.preprocess_actions`` as in SFT, mask ``[B, H]``) and the flow-matching noise
         and times, all drawn from the trainer's update generator."""
         b = self.cfg.bc_batch_size
         d = index_batch(self.demos, torch.randint(0, len(self.demos), (b,),
                                                   generator=self.update_gen))
-        noise = torch.randn(d.actions.shape, generator=self.update_gen, dtype=d.actions.dtype)
-        time_ = sample_flow_time(b, generator=self.update_gen).to(d.actions.dtype)
-        return to_device({"obs": d.obs, "actions": d.actions, "mask": d.mask,
+        # the demos are env-space; the flow (and SFT's loss) runs on normalised actions
+        actions = self.policy.preprocess_actions(to_device(d.actions, device))
+        noise = torch.randn(actions.shape, generator=self.update_gen, dtype=actions.dtype)
+        time_ = sample_flow_time(b, generator=self.update_gen).to(actions.dtype)
+        return to_device({"obs": d.obs, "actions": actions, "mask": d.mask,
                           "noise": noise, "time": time_}, device)
 
     def minibatch_loss(self, o, c, old_logp, adv, ret, old_values,
