@@ -555,63 +555,13 @@ def _reach_demos(m=24, seed=0):
                    actions=actions, mask=mask)
 
 
-def test_demo_loss_term_is_the_flow_matching_loss_on_demo_rows():
-    """With ``rl.bc_coef`` the minibatch loss gains ``bc_coef * FM`` where FM is the
-    flow-matching loss of the policy on the drawn demo rows' valid steps (computed here directly
-    from the policy's velocity)."""
+def _demo_loss_case(pol, demos):
+    """A PPO trainer with ``bc_coef=0.3`` on ``demos``, one rollout, and the minibatch loss of
+    its valid rows with and without a demo minibatch.  Returns ``(trainer, bc inputs, the
+    demo rows drawn, loss with - loss without, the stats with)``."""
     from pirl.runners.rollout import cat_chains, stack_obs
     from pirl.models.base import index_batch
 
-    pol = _policy()
-    smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
-                        config=SamplerConfig(kind="flow_sde", num_steps=3))
-    cfg = apply_overrides(RLConfig(algo="ppo"), ["bc_coef=0.3", "bc_batch_size=16"])
-    demos = _reach_demos()
-    tr = RLTrainer(pol, smp, ReachEnv(16, max_episode_steps=2, radius=0.45), cfg, seed=0,
-                   demos=demos)
-    ro = tr.rollout()
-    idx = ro.valid.reshape(-1).nonzero().squeeze(1)
-    obs = index_batch(stack_obs(ro.obs), idx)
-    chain = cat_chains(ro.chains).index(idx)
-    old = tr._aggregate(chain)
-    zeros = torch.zeros(idx.numel())
-    g0 = tr.update_gen.get_state()
-    bc = tr._bc_inputs("cpu")
-    assert bc["actions"].shape == (16, 2, 2)
-    # the rows are drawn from the update generator: the same state gives the same rows
-    tr.update_gen.set_state(g0)
-    torch.testing.assert_close(tr._bc_inputs("cpu")["noise"], bc["noise"])
-    with_bc, s = tr.minibatch_loss(obs, chain, old, zeros, zeros, zeros, None, None, bc)
-    without, _ = tr.minibatch_loss(obs, chain, old, zeros, zeros, zeros, None, None, None)
-    a, eps, t, mask = bc["actions"], bc["noise"], bc["time"], bc["mask"]
-    x_t = t[:, None, None] * eps + (1 - t[:, None, None]) * a
-    err = (pol.velocity(pol.encode_prefix(bc["obs"]), x_t, t).velocity - (eps - a)).pow(2)
-    ref = err[mask.bool()].mean()  # [valid steps, A] -> mean over valid elements
-    assert 0 < float(mask.sum()) < mask.numel()  # padded steps are present
-    torch.testing.assert_close(with_bc - without, 0.3 * ref, atol=1e-6, rtol=1e-5)
-    assert s["bc/loss"] == pytest.approx(float(ref.detach()), rel=1e-5)
-    # (a padded step's error is left out, as in SFT; its noisy input x_t still reaches the
-    # expert, which attends over the whole chunk)
-
-
-def test_demo_loss_runs_on_normalised_actions():
-    """With a mean-std normaliser (the LIBERO / Meta-World / ManiSkill presets) the demo loss is
-    the flow-matching loss on the *normalised* demo actions, as SFT's: the env-space demos go
-    through ``policy.preprocess_actions``.  Reference: the standardisation written out with
-    known statistics."""
-    from pirl.runners.rollout import cat_chains, stack_obs
-    from pirl.models.base import index_batch
-
-    torch.manual_seed(0)
-    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
-                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"],
-                       normalization="mean_std")
-    demos = _reach_demos()
-    demos.actions.mul_(10.0).add_(3.0)  # env units far from the model's
-    pol.fit_normalization(demos.obs["state"], demos.actions, demos.mask)
-    mean, std = torch.tensor([3.0, -1.0]), torch.tensor([10.0, 4.0])
-    pol.normalizer.actions_mean.copy_(mean)
-    pol.normalizer.actions_std.copy_(std)
     smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
                         config=SamplerConfig(kind="flow_sde", num_steps=3))
     cfg = apply_overrides(RLConfig(algo="ppo"), ["bc_coef=0.3", "bc_batch_size=16"])
@@ -627,16 +577,59 @@ def test_demo_loss_runs_on_normalised_actions():
     rows = torch.randint(0, len(demos), (16,), generator=tr.update_gen)  # _bc_inputs' draw
     tr.update_gen.set_state(g0)
     bc = tr._bc_inputs("cpu")
-    env_a = demos.actions[rows]
-    a = (env_a - mean) / std
-    torch.testing.assert_close(bc["actions"], a, atol=1e-5, rtol=1e-5)
-    with_bc, _ = tr.minibatch_loss(obs, chain, old, zeros, zeros, zeros, None, None, bc)
+    # the rows are drawn from the update generator: the same state gives the same rows
+    tr.update_gen.set_state(g0)
+    torch.testing.assert_close(tr._bc_inputs("cpu")["noise"], bc["noise"])
+    with_bc, s = tr.minibatch_loss(obs, chain, old, zeros, zeros, zeros, None, None, bc)
     without, _ = tr.minibatch_loss(obs, chain, old, zeros, zeros, zeros, None, None, None)
+    return tr, bc, rows, with_bc - without, s
+
+
+def _fm_reference(pol, bc, a):
+    """The flow-matching loss on model-space actions ``a`` with ``bc``'s noise and times, mean
+    over the valid (unpadded) elements, from the policy's velocity."""
     eps, t, mask = bc["noise"], bc["time"], bc["mask"]
     x_t = t[:, None, None] * eps + (1 - t[:, None, None]) * a
     err = (pol.velocity(pol.encode_prefix(bc["obs"]), x_t, t).velocity - (eps - a)).pow(2)
-    torch.testing.assert_close(with_bc - without, 0.3 * err[mask.bool()].mean(),
-                               atol=1e-6, rtol=1e-5)
+    return err[mask.bool()].mean()  # [valid steps, A] -> mean over valid elements
+
+
+def test_demo_loss_term_is_the_flow_matching_loss_on_demo_rows():
+    """With ``rl.bc_coef`` the minibatch loss gains ``bc_coef * FM`` where FM is the
+    flow-matching loss of the policy on the drawn demo rows' valid steps (computed here directly
+    from the policy's velocity)."""
+    pol = _policy()
+    demos = _reach_demos()
+    _, bc, rows, diff, s = _demo_loss_case(pol, demos)
+    assert bc["actions"].shape == (16, 2, 2)
+    torch.testing.assert_close(bc["actions"], demos.actions[rows])  # no normaliser: as given
+    ref = _fm_reference(pol, bc, bc["actions"])
+    assert 0 < float(bc["mask"].sum()) < bc["mask"].numel()  # padded steps are present
+    torch.testing.assert_close(diff, 0.3 * ref, atol=1e-6, rtol=1e-5)
+    assert s["bc/loss"] == pytest.approx(float(ref.detach()), rel=1e-5)
+    # (a padded step's error is left out, as in SFT; its noisy input x_t still reaches the
+    # expert, which attends over the whole chunk)
+
+
+def test_demo_loss_runs_on_normalised_actions():
+    """With a mean-std normaliser (the LIBERO / Meta-World / ManiSkill presets) the demo loss is
+    the flow-matching loss on the *normalised* demo actions, as SFT's: the env-space demos go
+    through ``policy.preprocess_actions``.  Reference: the standardisation written out with
+    known statistics."""
+    torch.manual_seed(0)
+    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
+                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"],
+                       normalization="mean_std")
+    demos = _reach_demos()
+    demos.actions.mul_(10.0).add_(3.0)  # env units far from the model's
+    pol.fit_normalization(demos.obs["state"], demos.actions, demos.mask)
+    mean, std = torch.tensor([3.0, -1.0]), torch.tensor([10.0, 4.0])
+    pol.normalizer.actions_mean.copy_(mean)
+    pol.normalizer.actions_std.copy_(std)
+    _, bc, rows, diff, _ = _demo_loss_case(pol, demos)
+    a = (demos.actions[rows] - mean) / std
+    torch.testing.assert_close(bc["actions"], a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(diff, 0.3 * _fm_reference(pol, bc, a), atol=1e-6, rtol=1e-5)
 
 
 def test_demo_loss_alone_fits_the_demos():
