@@ -557,8 +557,8 @@ def _reach_demos(m=24, seed=0):
 
 def _demo_loss_case(pol, demos):
     """A PPO trainer with ``bc_coef=0.3`` on ``demos``, one rollout, and the minibatch loss of
-    its valid rows with and without a demo minibatch.  Returns ``(trainer, bc inputs, the
-    demo rows drawn, loss with - loss without, the stats with)``."""
+    its valid rows with and without a demo minibatch.  Returns ``(bc inputs, the demo rows
+    drawn, loss with - loss without, the stats with)``."""
     from pirl.runners.rollout import cat_chains, stack_obs
     from pirl.models.base import index_batch
 
@@ -582,7 +582,7 @@ def _demo_loss_case(pol, demos):
     torch.testing.assert_close(tr._bc_inputs("cpu")["noise"], bc["noise"])
     with_bc, s = tr.minibatch_loss(obs, chain, old, zeros, zeros, zeros, None, None, bc)
     without, _ = tr.minibatch_loss(obs, chain, old, zeros, zeros, zeros, None, None, None)
-    return tr, bc, rows, with_bc - without, s
+    return bc, rows, with_bc - without, s
 
 
 def _fm_reference(pol, bc, a):
@@ -600,7 +600,7 @@ def test_demo_loss_term_is_the_flow_matching_loss_on_demo_rows():
     from the policy's velocity)."""
     pol = _policy()
     demos = _reach_demos()
-    _, bc, rows, diff, s = _demo_loss_case(pol, demos)
+    bc, rows, diff, s = _demo_loss_case(pol, demos)
     assert bc["actions"].shape == (16, 2, 2)
     torch.testing.assert_close(bc["actions"], demos.actions[rows])  # no normaliser: as given
     ref = _fm_reference(pol, bc, bc["actions"])
@@ -626,7 +626,7 @@ def test_demo_loss_runs_on_normalised_actions():
     mean, std = torch.tensor([3.0, -1.0]), torch.tensor([10.0, 4.0])
     pol.normalizer.actions_mean.copy_(mean)
     pol.normalizer.actions_std.copy_(std)
-    _, bc, rows, diff, _ = _demo_loss_case(pol, demos)
+    bc, rows, diff, _ = _demo_loss_case(pol, demos)
     a = (demos.actions[rows] - mean) / std
     torch.testing.assert_close(bc["actions"], a, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(diff, 0.3 * _fm_reference(pol, bc, a), atol=1e-6, rtol=1e-5)

@@ -35,6 +35,7 @@ def chain_dtype(prefix: Any) -> tuple[torch.dtype, torch.device]:
         raise ValueError("cannot infer device / dtype from the prefix cache")
     return (torch.float64 if ref.dtype == torch.float64 else torch.float32), ref.device
 
+
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 

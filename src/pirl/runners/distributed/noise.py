@@ -35,8 +35,6 @@ class ChainNoise:
         return ChainNoise(self.x0[start:stop], self.z[start:stop], self.stochastic[start:stop])
 
 
-
-
 def _require_gaussian_chain(sampler: Sampler) -> None:
     from pirl.flow.common import GaussianChainSampler
 
