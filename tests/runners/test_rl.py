@@ -84,7 +84,7 @@ def _tiny_run_cfg(tmp_path, name, iterations=2, extra=()):
 
 
 @pytest.mark.parametrize("task_sampling", ["uniform", "failure", "failure+replay", "uniform+bc",
-                                           "failure+2rollouts"])
+                                           "failure+2rollouts", "uniform+silbuffer"])
 def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, task_sampling):
     from pirl.runners import train as train_mod
     from pirl.runners.checkpoint import load_checkpoint
@@ -92,8 +92,9 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, task_sampling):
     replay = task_sampling.endswith("+replay")
     bc = task_sampling.endswith("+bc")
     two = task_sampling.endswith("+2rollouts")
+    silbuf = task_sampling.endswith("+silbuffer")
     task_sampling = (task_sampling.removesuffix("+replay").removesuffix("+bc")
-                     .removesuffix("+2rollouts"))
+                     .removesuffix("+2rollouts").removesuffix("+silbuffer"))
     extra = [f"rl.task_sampling={task_sampling}"]
     if two:  # each iteration's second rollout draws its seeds from the resumed counters
         extra += ["rl.rollouts_per_update=2"]
@@ -101,6 +102,8 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, task_sampling):
         extra += ["rl.replay_failures=0.5"]
     if bc:  # the demo loss's draws continue from the checkpointed update generator
         extra += ["rl.bc_coef=0.5", "rl.bc_batch_size=4"]
+    if silbuf:  # the success buffer travels with the checkpoint
+        extra += ["rl.ppo.sil_coef=0.5", "rl.sil_buffer_per_task=2", "rl.sil_batch_size=4"]
     train_mod.run(_tiny_run_cfg(tmp_path, "a", extra=extra))
     # the same run, killed during its second RL iteration, then resumed from the checkpoint
     calls = {"n": 0}
@@ -141,6 +144,8 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, task_sampling):
     assert strip(ma) == strip(mb)
     if bc:
         assert all("bc/loss" in __import__("json").loads(r) for r in ma)
+    if silbuf:  # (the tiny run's episodes all fail: an empty buffer, checked for its key)
+        assert a["trainer"]["successes"] is not None and b["trainer"]["successes"] is not None
 
 
 def test_resume_extends_a_finished_run(tmp_path):
@@ -539,6 +544,89 @@ def test_noise_schedule_also_scales_grpo_kl_reference():
     assert ref_smp.noise_scale == pytest.approx(0.6)
     new = ref_smp.log_prob(ref_pol, ref_pol.encode_prefix(ro.obs[0]), ro.chains[0])
     torch.testing.assert_close(new.logp, ro.chains[0].logp, atol=1e-5, rtol=0)
+
+
+def test_self_imitation_from_the_success_buffer():
+    """With ``rl.sil_buffer_per_task`` the rollout's successful episodes enter the buffer
+    (newest per task), and the self-imitation term is ``sil_coef * FM`` on rows drawn from it
+    (their own observations, executed elements only), whatever the minibatch's own rows."""
+    from pirl.runners.rollout import cat_chains, stack_obs
+    from pirl.models.base import index_batch
+
+    pol = _policy()
+    smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
+                        config=SamplerConfig(kind="flow_sde", num_steps=3))
+    cfg = apply_overrides(RLConfig(algo="ppo", action_chunk=1),
+                          ["ppo.sil_coef=0.7", "sil_buffer_per_task=3", "sil_batch_size=8"])
+    tr = RLTrainer(pol, smp, ReachEnv(32, max_episode_steps=2, radius=0.45), cfg, seed=0)
+    ro = tr.rollout()
+    p = tr._prepare(ro)
+    n_ok = int(ro.episode_success.sum())
+    assert 3 < n_ok < 32 and p["sil_w"] is None
+    assert tr.successes.episodes_per_task().tolist() == [3]  # the newest 3 of one task
+    # the kept episodes are the last three successful envs, with their valid rows
+    last = ro.episode_success.nonzero().reshape(-1)[-3:].tolist()
+    all_obs, chain = stack_obs(ro.obs), cat_chains(ro.chains)
+    for (o, a), env in zip(tr.successes.episodes[0], last):
+        rows = ro.valid[:, env].nonzero().reshape(-1) * 32 + env
+        torch.testing.assert_close(o["state"], all_obs["state"][rows])
+        torch.testing.assert_close(a, chain.actions[rows])
+    sil = tr._sil_buffer_inputs("cpu")
+    assert sil["actions"].shape == (8, 2, 2)
+    idx = ro.valid.reshape(-1).nonzero().squeeze(1)
+    obs, ch = index_batch(all_obs, idx), chain.index(idx)
+    old, zeros = tr._aggregate(ch), torch.zeros(idx.numel())
+    with_sil, s = tr.minibatch_loss(obs, ch, old, zeros, zeros, zeros, None, sil)
+    without, _ = tr.minibatch_loss(obs, ch, old, zeros, zeros, zeros, None, None)
+    a, eps, t = sil["actions"], sil["noise"], sil["time"]
+    x_t = t[:, None, None] * eps + (1 - t[:, None, None]) * a
+    v = pol.velocity(pol.encode_prefix(sil["obs"]), x_t, t).velocity
+    ref = (v - (eps - a)).pow(2)[:, :1, :].mean()  # executed step 0 only
+    torch.testing.assert_close(with_sil - without, 0.7 * ref, atol=1e-6, rtol=1e-5)
+    assert s["sil/loss"] == pytest.approx(float(ref.detach()), rel=1e-5)
+    m = tr.iteration()
+    assert m["sil/buffer_episodes"] == 3 and m["sil/buffer_tasks"] == 1 and "sil/loss" in m
+    with pytest.raises(ValueError, match="sil_coef > 0"):
+        RLTrainer(pol, smp, ReachEnv(4), apply_overrides(RLConfig(), ["sil_buffer_per_task=2"]),
+                  seed=0)
+    with pytest.raises(ValueError, match="sil_buffer_per_task"):
+        apply_overrides(RLConfig(), ["sil_buffer_per_task=-1"])
+
+
+def test_success_buffer_resumes_exactly():
+    """A trainer restored from a checkpointed state (policy, sampler, trainer with a non-empty
+    success buffer, through torch.save) takes the same next iteration as one that ran on."""
+    import io
+
+    def make():
+        pol = _policy()
+        smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
+                            config=SamplerConfig(kind="flow_sde", num_steps=3))
+        cfg = apply_overrides(RLConfig(algo="ppo", action_chunk=1, iterations=3),
+                              ["ppo.sil_coef=0.7", "sil_buffer_per_task=2", "sil_batch_size=8",
+                               "ppo.num_minibatches=2", "ppo.update_epochs=1"])
+        return pol, smp, RLTrainer(pol, smp, ReachEnv(32, max_episode_steps=2, radius=0.45),
+                                   cfg, seed=0)
+
+    pol_a, _, a = make()
+    a.iteration()
+    f = io.BytesIO()
+    torch.save({"policy": pol_a.state_dict(), "trainer": a.state_dict()}, f)
+    assert len(a.successes) > 0
+    m_a = a.iteration()
+    pol_b, _, b = make()
+    f.seek(0)
+    ck = torch.load(f, weights_only=False)
+    pol_b.load_state_dict(ck["policy"])
+    b.load_state_dict(ck["trainer"])
+    m_b = b.iteration()
+    assert m_a["sil/loss"] == m_b["sil/loss"]
+    for (k, va), vb in zip(pol_a.state_dict().items(), pol_b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    sd = a.state_dict()
+    sd["successes"] = None
+    with pytest.raises(ValueError, match="sil_buffer_per_task"):
+        make()[2].load_state_dict(sd)
 
 
 def _reach_demos(m=24, seed=0):

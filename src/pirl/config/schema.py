@@ -198,6 +198,12 @@ class RLConfig:
     # (docs/experiments.md#2026-12-02--demos-in-the-rl-loss-critic-variants-80-iterations-rl-seeds)
     bc_coef: float = 0.0
     bc_batch_size: int = 64
+    # self-imitation (ppo.sil_coef / grpo.sil_coef > 0) from a buffer of the newest
+    # sil_buffer_per_task successful rollout episodes of every task, sil_batch_size chunk steps
+    # per minibatch drawn task-balanced (pirl.runners.self_imitation.SuccessBuffer); 0: the
+    # self-imitation term uses the current rollout's successful episodes only
+    sil_buffer_per_task: int = 0
+    sil_batch_size: int = 64
 
     def __post_init__(self):
         _check(self.iterations >= 0, "rl.iterations", "must be >= 0")
@@ -219,6 +225,10 @@ class RLConfig:
         _check(self.bc_coef >= 0, "rl.bc_coef", f"must be >= 0, got {self.bc_coef}")
         _check(self.bc_batch_size >= 1, "rl.bc_batch_size",
                f"must be >= 1, got {self.bc_batch_size}")
+        _check(self.sil_buffer_per_task >= 0, "rl.sil_buffer_per_task",
+               f"must be >= 0, got {self.sil_buffer_per_task}")
+        _check(self.sil_batch_size >= 1, "rl.sil_batch_size",
+               f"must be >= 1, got {self.sil_batch_size}")
         _check(self.action_chunk is None or self.action_chunk >= 1, "rl.action_chunk",
                "must be >= 1")
         _check(self.eval_every >= 1, "rl.eval_every", "must be >= 1")

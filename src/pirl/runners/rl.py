@@ -29,6 +29,7 @@ from pirl.models.base import (FlowPolicy, cat_batch, flow_matching_loss, index_b
 from pirl.config.schema import RLConfig
 from pirl.runners.curriculum import FailureCurriculum, FailureReplay
 from pirl.runners.rollout import Rollout, cat_chains, collect, stack_obs
+from pirl.runners.self_imitation import SuccessBuffer
 
 
 class RLTrainer:
@@ -73,6 +74,14 @@ class RLTrainer:
         self.replay = (FailureReplay(cfg.replay_capacity) if cfg.replay_failures > 0 else None)
         self._ep_seeds: torch.Tensor | None = None
         self._num_replayed = 0
+        # self-imitation from each task's newest successes (None: the rollout's own); part of
+        # state_dict
+        self.successes = None
+        if cfg.sil_buffer_per_task > 0:
+            if self.hp.sil_coef <= 0:
+                raise ValueError(f"rl.sil_buffer_per_task={cfg.sil_buffer_per_task} needs "
+                                 f"rl.{cfg.algo}.sil_coef > 0 (the self-imitation term)")
+            self.successes = SuccessBuffer(len(self.env.task_names), cfg.sil_buffer_per_task)
         self.ref = None
         if self.algo == "grpo" and cfg.grpo.kl_coef > 0:
             # frozen reference (the policy RL starts from) for GRPO's KL penalty
@@ -212,10 +221,11 @@ class RLTrainer:
         failure replay with the rollout's episodes (task ids from the latest
         :meth:`begin_rollout`)."""
         k = self._num_replayed
-        if self.curriculum is not None or self.replay is not None:
+        if self.curriculum is not None or self.replay is not None or self.successes is not None:
             if self._task_ids is None or self._task_ids.numel() != ro.valid.shape[1]:
-                raise RuntimeError("rl.task_sampling=failure and rl.replay_failures need the "
-                                   "rollout's task ids from this trainer's begin_rollout")
+                raise RuntimeError("rl.task_sampling=failure, rl.replay_failures and "
+                                   "rl.sil_buffer_per_task need the rollout's task ids from "
+                                   "this trainer's begin_rollout")
         if self.curriculum is not None:
             # fresh episodes only: the replayed ones are a biased draw of their tasks' states
             self.curriculum.update(self._task_ids[k:], ro.episode_success[k:])
@@ -230,8 +240,11 @@ class RLTrainer:
                              "return": ro.episode_return, "chunks": valid.sum(0).float(),
                              "env_steps": ro.env_steps, "env_s": ro.env_s,
                              "policy_s": ro.policy_s}
-        p["obs"] = index_batch(stack_obs(ro.obs), idx)
-        p["chain"] = cat_chains(ro.chains).index(idx)
+        obs, chain = stack_obs(ro.obs), cat_chains(ro.chains)
+        p["obs"] = index_batch(obs, idx)
+        p["chain"] = chain.index(idx)
+        if self.successes is not None:
+            self.successes.add(obs, chain.actions, valid, self._task_ids, ro.episode_success)
         p["frozen"] = index_batch(cat_batch(ro.prefixes), idx) if ro.prefixes else None
         p["old_logp"] = self._aggregate(p["chain"])
         if self.algo == "ppo":
@@ -249,9 +262,10 @@ class RLTrainer:
             p["ep_adv"] = ep_adv
             p["adv"] = broadcast_over_time(ep_adv, valid).reshape(-1)[idx]
             p["ret"] = p["old_values"] = torch.zeros_like(p["adv"])
-        # self-imitation rows: every executed chunk of an episode that succeeded
+        # self-imitation rows: every executed chunk of an episode that succeeded (with a success
+        # buffer the term draws its rows from the buffer instead)
         p["sil_w"] = (ro.episode_success[None, :].expand_as(valid).reshape(-1)[idx].float()
-                      if self.hp.sil_coef > 0 else None)
+                      if self.hp.sil_coef > 0 and self.successes is None else None)
         return p
 
     def _learn_parts(self, parts: list[dict[str, Any]], t_roll: float) -> dict[str, float]:
@@ -276,9 +290,13 @@ class RLTrainer:
             metrics["grpo/nonzero_adv_fraction"] = float((cat("ep_adv") != 0).float().mean())
         if self.hp.normalize_advantages and adv.numel() > 1:
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-        sil_w = cat("sil_w") if self.hp.sil_coef > 0 else None
+        sil_w = cat("sil_w") if parts[0]["sil_w"] is not None else None
         if sil_w is not None:
             metrics["sil/fraction"] = float(sil_w.mean())
+        if self.successes is not None:
+            held = self.successes.episodes_per_task()
+            metrics["sil/buffer_episodes"] = float(held.sum())
+            metrics["sil/buffer_tasks"] = float((held > 0).sum())
         t1 = time.perf_counter()
         upd = self.update(obs, chain, old_logp, adv, ret, old_values, frozen, sil_w)
         t_upd = time.perf_counter() - t1
@@ -342,7 +360,7 @@ class RLTrainer:
                         (to_device(index_batch(frozen_prefix, i), device)
                          if frozen_prefix is not None else None),
                         self._sil_inputs(c, sil_weight[i], device)
-                        if sil_weight is not None else None,
+                        if sil_weight is not None else self._sil_buffer_inputs(device),
                         self._bc_inputs(device) if self.demos is not None else None)
                 loss, s = self._loss(*args)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -371,6 +389,21 @@ class RLTrainer:
         mask = self.action_mask.to(device, actions.dtype)[None] * weight.to(device)[:, None, None]
         return {"actions": actions, "mask": mask, "noise": noise, "time": time_}
 
+    def _sil_buffer_inputs(self, device) -> dict[str, Any] | None:
+        """A self-imitation minibatch from the success buffer: ``rl.sil_batch_size`` chunk steps
+        (obs, actions ``[B, H, A]`` model units, the executed-elements mask ``[B, H, A]``) and
+        the flow-matching noise and times, drawn from the trainer's update generator; None
+        without a buffer or while it is empty."""
+        if self.successes is None or len(self.successes) == 0:
+            return None
+        b = self.cfg.sil_batch_size
+        obs, actions = self.successes.draw(b, self.update_gen)
+        noise = torch.randn(actions.shape, generator=self.update_gen, dtype=actions.dtype)
+        time_ = sample_flow_time(b, generator=self.update_gen).to(actions.dtype)
+        mask = self.action_mask[None].expand(b, -1, -1).to(actions.dtype)
+        return to_device({"obs": obs, "actions": actions, "mask": mask, "noise": noise,
+                          "time": time_}, device)
+
     def _bc_inputs(self, device) -> dict[str, Any]:
         """A minibatch of the demo loss: ``bc_batch_size`` demo rows drawn uniformly with
         replacement (obs, actions ``[B, H, A]`` in the model's action space, i.e. through
@@ -392,8 +425,9 @@ class RLTrainer:
         """Loss and stats of one minibatch (already on the device): obs ``o``, chains ``c``,
         rollout log-probs, advantages, returns and values ``[M]``; ``frozen_prefix``: the
         rollout's frozen prefix caches of these rows (else ``o`` is re-encoded); ``sil``: the
-        self-imitation inputs (:meth:`_sil_inputs`) or None; ``bc``: the demo-loss inputs
-        (:meth:`_bc_inputs`) or None."""
+        self-imitation inputs, rows of this minibatch (:meth:`_sil_inputs`) or, with their own
+        ``obs``, of the success buffer (:meth:`_sil_buffer_inputs`), or None; ``bc``: the
+        demo-loss inputs (:meth:`_bc_inputs`) or None."""
         hp = self.hp
         device = old_logp.device
         if frozen_prefix is not None:
@@ -432,7 +466,8 @@ class RLTrainer:
         if sil is not None and bool(sil["mask"].any()):
             # self-imitation (Oh et al. 2018, success as the filter): the flow-matching loss
             # on the executed part of the chunks that led to a success, averaged over them
-            fm = flow_matching_loss(self.policy, prefix, sil["actions"], noise=sil["noise"],
+            sil_prefix = self.policy.encode_prefix(sil["obs"]) if "obs" in sil else prefix
+            fm = flow_matching_loss(self.policy, sil_prefix, sil["actions"], noise=sil["noise"],
                                     time=sil["time"], mask=sil["mask"])
             loss = loss + hp.sil_coef * fm
             s["sil/loss"] = float(fm.detach())
@@ -471,7 +506,9 @@ class RLTrainer:
                 "group_gen": self.group_gen.get_state(),
                 "curriculum": (self.curriculum.state_dict() if self.curriculum is not None
                                else None),
-                "replay": self.replay.state_dict() if self.replay is not None else None}
+                "replay": self.replay.state_dict() if self.replay is not None else None,
+                "successes": (self.successes.state_dict() if self.successes is not None
+                              else None)}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.iter, self.env_steps = sd["iter"], sd["env_steps"]
@@ -490,3 +527,9 @@ class RLTrainer:
                              "config's")
         if rep is not None:
             self.replay.load_state_dict(rep)
+        suc = sd.get("successes")
+        if (suc is None) != (self.successes is None):
+            raise ValueError("the checkpoint's rl.sil_buffer_per_task (on / off) differs from "
+                             "the config's")
+        if suc is not None:
+            self.successes.load_state_dict(suc)
