@@ -196,6 +196,30 @@ def test_sft_loss_matches_manual(pi05):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pi05", [False, True])
+def test_sft_loss_takes_given_noise_and_times(pi05):
+    """With ``noise`` (model space, padded to 8 dims) and ``time`` given, sft_loss uses them
+    (RL's demo term passes the trainer's draws) and still counts only the env's 4 dims: the
+    padded dims' error is left out, whatever it is."""
+    pol = make_policy(pi05).eval()
+    obs = make_obs()
+    acts = torch.randn(3, 6, 4)
+    g = torch.Generator().manual_seed(7)
+    eps = torch.randn(3, 6, 8, generator=g)
+    t = sample_flow_time(3, generator=g)
+    loss = pol.sft_loss(obs, acts, noise=eps, time=t)
+    a = pol.preprocess_actions(acts)
+    assert a.shape == (3, 6, 8) and torch.all(a[..., 4:] == 0)
+    x_t = t[:, None, None] * eps + (1 - t[:, None, None]) * a
+    err = (pol.velocity(pol.encode_prefix(obs), x_t, t).velocity - (eps - a)).pow(2)
+    assert float(err[..., 4:].mean()) > 0.01  # the padded dims do have an error
+    torch.testing.assert_close(loss, err[..., :4].mean(), atol=1e-6, rtol=1e-5)
+    mask = torch.ones(3, 6)
+    mask[:, 4:] = 0.0  # and a padded time-step mask composes with the dims mask
+    torch.testing.assert_close(pol.sft_loss(obs, acts, mask=mask, noise=eps, time=t),
+                               err[:, :4, :4].mean(), atol=1e-6, rtol=1e-5)
+
+
 def test_pi05_state_in_prompt():
     s = torch.tensor([[-1.0, -0.999, 0.0, 0.5, 0.99999, 1.0, 1.5, -1.5]])
     expect = np.digitize(s.numpy(), bins=np.linspace(-1, 1, 257)[:-1]) - 1

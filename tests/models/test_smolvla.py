@@ -161,3 +161,26 @@ def test_frozen_prefix_stays_valid_after_an_expert_only_step():
                                                  for n in frozen)
     assert not any("lm_expert" in n or n.startswith("value_head") for n in frozen)
     check_frozen_prefix_reuse(pol, make_obs(b=3))
+
+
+def test_sft_loss_normalises_pads_and_takes_given_noise_and_times():
+    """sft_loss on env-space chunks ``[B, H, 4]``: mean-std normalised, padded to the model's 8
+    dims, the given noise / times used, and only the env's 4 dims counted (the padded dims'
+    error is left out, whatever it is); a padded time-step mask composes with it."""
+    pol = make_policy().eval()
+    obs = make_obs()
+    acts = torch.randn(3, 6, 4)
+    g = torch.Generator().manual_seed(3)
+    eps = torch.randn(3, 6, 8, generator=g)
+    t = torch.rand(3, generator=g)
+    a = F.pad((acts - 0.3) / (1.5 + 1e-6), (0, 4))  # the stats of make_policy
+    torch.testing.assert_close(pol.preprocess_actions(acts), a, atol=1e-5, rtol=1e-5)
+    x_t = t[:, None, None] * eps + (1 - t[:, None, None]) * a
+    err = (pol.velocity(pol.encode_prefix(obs), x_t, t).velocity - (eps - a)).pow(2)
+    assert float(err[..., 4:].mean()) > 0.01
+    torch.testing.assert_close(pol.sft_loss(obs, acts, noise=eps, time=t), err[..., :4].mean(),
+                               atol=1e-6, rtol=1e-5)
+    mask = torch.ones(3, 6)
+    mask[:, 3:] = 0.0
+    torch.testing.assert_close(pol.sft_loss(obs, acts, mask=mask, noise=eps, time=t),
+                               err[:, :3, :4].mean(), atol=1e-6, rtol=1e-5)

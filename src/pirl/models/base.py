@@ -182,10 +182,12 @@ class FlowPolicy(nn.Module):
         return False
 
     def sft_loss(self, obs: Obs, actions: torch.Tensor, mask: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Flow-matching loss on a batch of (obs, action chunk ``[B, H, A]``)."""
+                 generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                 time: torch.Tensor | None = None) -> torch.Tensor:
+        """Flow-matching loss on a batch of (obs, action chunk ``[B, H, A]``); ``noise``
+        (model action space ``[B, H, A]``) and ``time [B]``: drawn from ``generator`` if None."""
         return flow_matching_loss(self, self.encode_prefix(obs), actions, mask=mask,
-                                  generator=generator)
+                                  generator=generator, noise=noise, time=time)
 
 
 def index_batch(x: Any, index: torch.Tensor) -> Any:

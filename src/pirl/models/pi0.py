@@ -429,7 +429,8 @@ class Pi0Policy(FlowPolicy):
         return pad_last(self.normalizer.normalize_actions(actions.float()), self.action_dim)
 
     def sft_loss(self, obs: Obs, actions: torch.Tensor, mask: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                 time: torch.Tensor | None = None) -> torch.Tensor:
         """Flow-matching loss on env-space demo chunks ``[B, H, A_env]`` (normalised and padded
         here; only the env's dims count, as LeRobot)."""
         a = self.preprocess_actions(actions.to(self.action_in_proj.weight.device))
@@ -438,7 +439,7 @@ class Pi0Policy(FlowPolicy):
         if mask is not None:
             dims = dims * (mask.unsqueeze(-1) if mask.dim() == 2 else mask).to(dims)
         return flow_matching_loss(self, self.encode_prefix(obs), a, mask=dims,
-                                  generator=generator)
+                                  generator=generator, noise=noise, time=time)
 
 
 def _prefix_layer(layer, x, cos, sin, allowed, scale):

@@ -384,7 +384,8 @@ class SmolVLAPolicy(FlowPolicy):
         return pad_last(self.normalizer.normalize_actions(actions.float()), self.action_dim)
 
     def sft_loss(self, obs: Obs, actions: torch.Tensor, mask: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                 time: torch.Tensor | None = None) -> torch.Tensor:
         """Flow-matching loss on env-space chunks ``[B, H, A_env]`` (only env dims count)."""
         a = self.preprocess_actions(actions.to(self.state_proj.weight.device))
         dims = torch.zeros_like(a)
@@ -392,7 +393,7 @@ class SmolVLAPolicy(FlowPolicy):
         if mask is not None:
             dims = dims * (mask.unsqueeze(-1) if mask.dim() == 2 else mask).to(dims)
         return flow_matching_loss(self, self.encode_prefix(obs), a, mask=dims,
-                                  generator=generator)
+                                  generator=generator, noise=noise, time=time)
 
 
 def _self_layer(layer, x, pk, pv, cos, sin, allowed, scale):

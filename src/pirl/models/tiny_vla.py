@@ -558,10 +558,11 @@ class TinyVLA(FlowPolicy):
                 else self.normalizer.unnormalize_actions(actions))
 
     def sft_loss(self, obs: Obs, actions: torch.Tensor, mask: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                 time: torch.Tensor | None = None) -> torch.Tensor:
         """Flow-matching loss on env-space demo chunks ``[B, H, A]`` (normalised here)."""
         a = self.preprocess_actions(actions.to(self.device, self.action_in.weight.dtype))
-        return super().sft_loss(obs, a, mask=mask, generator=generator)
+        return super().sft_loss(obs, a, mask=mask, generator=generator, noise=noise, time=time)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

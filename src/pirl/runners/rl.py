@@ -406,17 +406,17 @@ class RLTrainer:
 
     def _bc_inputs(self, device) -> dict[str, Any]:
         """A minibatch of the demo loss: ``bc_batch_size`` demo rows drawn uniformly with
-        replacement (obs, actions ``[B, H, A]`` in the model's action space, i.e. through
-        ``policy.preprocess_actions`` as in SFT, mask ``[B, H]``) and the flow-matching noise
-        and times, all drawn from the trainer's update generator."""
+        replacement (obs, env-space actions ``[B, H, A_env]``, mask ``[B, H]``) and the
+        flow-matching noise (in the model's action space ``[B, H, A]``, normalised and padded
+        as ``policy.preprocess_actions`` makes it) and times, all drawn from the trainer's update
+        generator."""
         b = self.cfg.bc_batch_size
         d = index_batch(self.demos, torch.randint(0, len(self.demos), (b,),
                                                   generator=self.update_gen))
-        # the demos are env-space; the flow (and SFT's loss) runs on normalised actions
-        actions = self.policy.preprocess_actions(to_device(d.actions, device))
-        noise = torch.randn(actions.shape, generator=self.update_gen, dtype=actions.dtype)
-        time_ = sample_flow_time(b, generator=self.update_gen).to(actions.dtype)
-        return to_device({"obs": d.obs, "actions": actions, "mask": d.mask,
+        shape = self.policy.preprocess_actions(d.actions.to(device)).shape
+        noise = torch.randn(shape, generator=self.update_gen, dtype=d.actions.dtype)
+        time_ = sample_flow_time(b, generator=self.update_gen).to(d.actions.dtype)
+        return to_device({"obs": d.obs, "actions": d.actions, "mask": d.mask,
                           "noise": noise, "time": time_}, device)
 
     def minibatch_loss(self, o, c, old_logp, adv, ret, old_values,
@@ -472,11 +472,11 @@ class RLTrainer:
             loss = loss + hp.sil_coef * fm
             s["sil/loss"] = float(fm.detach())
         if bc is not None:
-            # demo-augmented RL: the SFT flow-matching loss on few-shot demo rows (weighted
-            # also during a critic warm-up: the demos are not the fresh critic's guess)
-            fm = flow_matching_loss(self.policy, self.policy.encode_prefix(bc["obs"]),
-                                    bc["actions"], noise=bc["noise"],
-                                    time=bc["time"], mask=bc["mask"])
+            # demo-augmented RL: the policy's own SFT loss on few-shot demo rows (its action
+            # normalisation and padded-dims mask as in SFT), with the trainer's noise and times
+            # (weighted also during a critic warm-up: the demos are not the fresh critic's guess)
+            fm = self.policy.sft_loss(bc["obs"], bc["actions"], mask=bc["mask"],
+                                      noise=bc["noise"], time=bc["time"])
             loss = loss + self.cfg.bc_coef * fm
             s["bc/loss"] = float(fm.detach())
         ent = hp.entropy_coef
