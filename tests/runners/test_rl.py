@@ -604,7 +604,7 @@ def test_success_buffer_resumes_exactly():
                             config=SamplerConfig(kind="flow_sde", num_steps=3))
         cfg = apply_overrides(RLConfig(algo="ppo", action_chunk=1, iterations=3),
                               ["ppo.sil_coef=0.7", "sil_buffer_per_task=2", "sil_batch_size=8",
-                               "ppo.num_minibatches=2", "ppo.update_epochs=1"])
+                               "ppo.num_minibatches=2", "ppo.update_epochs=1", "sil_steps=2"])
         return pol, smp, RLTrainer(pol, smp, ReachEnv(32, max_episode_steps=2, radius=0.45),
                                    cfg, seed=0)
 
@@ -620,13 +620,59 @@ def test_success_buffer_resumes_exactly():
     pol_b.load_state_dict(ck["policy"])
     b.load_state_dict(ck["trainer"])
     m_b = b.iteration()
-    assert m_a["sil/loss"] == m_b["sil/loss"]
+    assert m_a["sil/loss"] == m_b["sil/loss"] and m_a["sil/step_loss"] == m_b["sil/step_loss"]
     for (k, va), vb in zip(pol_a.state_dict().items(), pol_b.state_dict().values()):
         assert torch.equal(va, vb), k
     sd = a.state_dict()
     sd["successes"] = None
     with pytest.raises(ValueError, match="sil_buffer_per_task"):
         make()[2].load_state_dict(sd)
+    sd = a.state_dict()
+    sd["sil_optimizer"] = None
+    with pytest.raises(ValueError, match="sil_steps"):
+        make()[2].load_state_dict(sd)
+
+
+def test_self_imitation_steps_fit_the_buffer_and_leave_critic_and_noise():
+    """``rl.sil_steps`` supervised steps on the success buffer lower the flow-matching loss of
+    its episodes (measured on fixed noise / times) and change neither the critic nor the
+    sampler's noise net; they need the buffer."""
+    from pirl.models.base import flow_matching_loss
+
+    pol = _policy()
+    smp = build_sampler("flow_noise", 3, pol.feature_dim, pol.action_dim,
+                        config=SamplerConfig(kind="flow_noise", num_steps=3))
+    cfg = apply_overrides(RLConfig(algo="ppo", action_chunk=1),
+                          ["sil_buffer_per_task=4", "sil_batch_size=16", "sil_steps=60",
+                           "sil_lr=3e-3"])
+    tr = RLTrainer(pol, smp, ReachEnv(32, max_episode_steps=2, radius=0.45), cfg, seed=0)
+    assert tr.self_imitation_steps() == {}  # empty buffer: nothing to fit
+    tr._prepare(tr.rollout())
+    assert len(tr.successes) >= 2
+    o = {k: torch.cat([ep[0][k] for ep in tr.successes.episodes[0]]) if k == "state"
+         else sum((ep[0][k] for ep in tr.successes.episodes[0]), []) for k in ("state", "instruction")}
+    a = torch.cat([ep[1] for ep in tr.successes.episodes[0]])
+    g = torch.Generator().manual_seed(9)
+    eps, t = torch.randn(a.shape, generator=g), torch.rand(a.shape[0], generator=g)
+    mask = tr.action_mask[None].expand_as(a)
+
+    def buffer_loss():
+        with torch.no_grad():
+            return float(flow_matching_loss(pol, pol.encode_prefix(o), a, noise=eps, time=t,
+                                            mask=mask))
+
+    critic = {n: p.clone() for n, p in pol.named_parameters()
+              if n in set(pol.critic_parameter_names())}
+    noise = [p.clone() for p in smp.parameters()]
+    before = buffer_loss()
+    m = tr.self_imitation_steps()
+    assert buffer_loss() < 0.5 * before and m["sil/step_loss"] > 0
+    for n, p in pol.named_parameters():
+        if n in critic:
+            assert torch.equal(p, critic[n]), n
+    assert noise and all(torch.equal(p, q) for p, q in zip(smp.parameters(), noise))
+    with pytest.raises(ValueError, match="sil_steps"):
+        apply_overrides(RLConfig(), ["sil_steps=3"])
 
 
 def _reach_demos(m=24, seed=0):

@@ -204,6 +204,12 @@ class RLConfig:
     # self-imitation term uses the current rollout's successful episodes only
     sil_buffer_per_task: int = 0
     sil_batch_size: int = 64
+    # and / or sil_steps supervised flow-matching steps per iteration on the buffer alone, after
+    # the policy update, with their own Adam at sil_lr over the actor (not the critic or the
+    # noise net): the buffer fitted at SFT's pace, where inside the PPO minibatches the term
+    # moves at the policy lr (0: off)
+    sil_steps: int = 0
+    sil_lr: float = 1e-3
 
     def __post_init__(self):
         _check(self.iterations >= 0, "rl.iterations", "must be >= 0")
@@ -229,6 +235,10 @@ class RLConfig:
                f"must be >= 0, got {self.sil_buffer_per_task}")
         _check(self.sil_batch_size >= 1, "rl.sil_batch_size",
                f"must be >= 1, got {self.sil_batch_size}")
+        _check(self.sil_steps >= 0, "rl.sil_steps", f"must be >= 0, got {self.sil_steps}")
+        _check(self.sil_steps == 0 or self.sil_buffer_per_task > 0, "rl.sil_steps",
+               "self-imitation steps need the success buffer (rl.sil_buffer_per_task > 0)")
+        _check(self.sil_lr > 0, "rl.sil_lr", f"must be > 0, got {self.sil_lr}")
         _check(self.action_chunk is None or self.action_chunk >= 1, "rl.action_chunk",
                "must be >= 1")
         _check(self.eval_every >= 1, "rl.eval_every", "must be >= 1")

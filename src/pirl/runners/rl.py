@@ -77,11 +77,17 @@ class RLTrainer:
         # self-imitation from each task's newest successes (None: the rollout's own); part of
         # state_dict
         self.successes = None
+        self.sil_optimizer = None
         if cfg.sil_buffer_per_task > 0:
-            if self.hp.sil_coef <= 0:
+            if self.hp.sil_coef <= 0 and cfg.sil_steps == 0:
                 raise ValueError(f"rl.sil_buffer_per_task={cfg.sil_buffer_per_task} needs "
-                                 f"rl.{cfg.algo}.sil_coef > 0 (the self-imitation term)")
+                                 f"rl.{cfg.algo}.sil_coef > 0 or rl.sil_steps > 0 (a "
+                                 f"self-imitation term that reads it)")
             self.successes = SuccessBuffer(len(self.env.task_names), cfg.sil_buffer_per_task)
+        if cfg.sil_steps > 0:
+            actor = next(g for g in self.optimizer.param_groups if g["name"] == "policy")
+            self.sil_optimizer = torch.optim.Adam(actor["params"], lr=cfg.sil_lr,
+                                                  betas=tuple(self.hp.betas), eps=self.hp.eps)
         self.ref = None
         if self.algo == "grpo" and cfg.grpo.kl_coef > 0:
             # frozen reference (the policy RL starts from) for GRPO's KL penalty
@@ -300,6 +306,10 @@ class RLTrainer:
         t1 = time.perf_counter()
         upd = self.update(obs, chain, old_logp, adv, ret, old_values, frozen, sil_w)
         t_upd = time.perf_counter() - t1
+        if self.cfg.sil_steps > 0:
+            t2 = time.perf_counter()
+            upd.update(self.self_imitation_steps())
+            upd["perf/sil_s"] = time.perf_counter() - t2
         self.iter += 1
         metrics.update(upd)
         if self.curriculum is not None:
@@ -377,6 +387,30 @@ class RLTrainer:
         out = {k: sum(v) / len(v) for k, v in stats.items()}
         out["policy/lr"] = self.optimizer.param_groups[0]["lr"]
         return out
+
+    def self_imitation_steps(self) -> dict[str, float]:
+        """``rl.sil_steps`` flow-matching steps on minibatches of the success buffer
+        (:meth:`_sil_buffer_inputs`, executed elements only), with the self-imitation optimizer
+        (Adam at ``rl.sil_lr`` over the actor's parameters); nothing while the buffer is empty.
+        Returns the mean loss."""
+        if self.successes is None or len(self.successes) == 0:
+            return {}
+        self.policy.train()
+        device = next(self.policy.parameters()).device
+        params = [p for g in self.sil_optimizer.param_groups for p in g["params"]]
+        losses = []
+        for _ in range(self.cfg.sil_steps):
+            sil = self._sil_buffer_inputs(device)
+            fm = flow_matching_loss(self.policy, self.policy.encode_prefix(sil["obs"]),
+                                    sil["actions"], noise=sil["noise"], time=sil["time"],
+                                    mask=sil["mask"])
+            self.sil_optimizer.zero_grad(set_to_none=True)
+            fm.backward()
+            torch.nn.utils.clip_grad_norm_(params, self.hp.max_grad_norm)
+            self.sil_optimizer.step()
+            losses.append(float(fm.detach()))
+        self.sil_optimizer.zero_grad(set_to_none=True)
+        return {"sil/step_loss": sum(losses) / len(losses)}
 
     def _sil_inputs(self, c, weight: torch.Tensor, device) -> dict[str, torch.Tensor]:
         """The self-imitation targets of a minibatch: the sampled chunks ``c.actions [M, H, A]``
@@ -508,7 +542,9 @@ class RLTrainer:
                                else None),
                 "replay": self.replay.state_dict() if self.replay is not None else None,
                 "successes": (self.successes.state_dict() if self.successes is not None
-                              else None)}
+                              else None),
+                "sil_optimizer": (self.sil_optimizer.state_dict()
+                                  if self.sil_optimizer is not None else None)}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.iter, self.env_steps = sd["iter"], sd["env_steps"]
@@ -533,3 +569,8 @@ class RLTrainer:
                              "the config's")
         if suc is not None:
             self.successes.load_state_dict(suc)
+        so = sd.get("sil_optimizer")
+        if (so is None) != (self.sil_optimizer is None):
+            raise ValueError("the checkpoint's rl.sil_steps (on / off) differs from the config's")
+        if so is not None:
+            self.sil_optimizer.load_state_dict(so)

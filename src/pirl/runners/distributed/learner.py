@@ -79,6 +79,9 @@ class DataParallelRLTrainer(RLTrainer):
     def parallelize(self, fsdp: bool = False) -> None:
         import torch.distributed as dist
 
+        if self.cfg.sil_steps > 0:
+            raise ValueError("rl.sil_steps runs on the local trainer only (its steps are not "
+                             "data-parallel); use ppo.sil_coef with the success buffer instead")
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.fsdp = fsdp
         # object / flag collectives on CPU whatever the learner's backend
