@@ -141,7 +141,16 @@ def _label_sampler_algo(cfg: dict[str, Any], precision: str | None = None) -> st
     mode = cfg.get("placement", {}).get("mode", "local")
     where = f", {mode} placement" if mode != "local" else ""
     bf16 = ", bf16" if precision == "bf16" else ""
-    return f"{algo} + {name}{replan}{batched}{where}{bf16}"
+    # the extra loss terms, which change what the row measures
+    hp = rl.get(str(rl.get("algo", "ppo")), {}) or {}
+    extra = ""
+    if rl.get("bc_coef"):
+        extra += f" + demo loss {rl['bc_coef']}"
+    if rl.get("sil_steps"):
+        extra += f" + self-imitation ({rl['sil_steps']} steps per iteration)"
+    elif hp.get("sil_coef"):
+        extra += f" + self-imitation {hp['sil_coef']}"
+    return f"{algo} + {name}{extra}{replan}{batched}{where}{bf16}"
 
 
 def _pct(values: list[float], episodes: list[int]) -> str:
