@@ -144,6 +144,8 @@ def _label_sampler_algo(cfg: dict[str, Any], precision: str | None = None) -> st
     # the extra loss terms, which change what the row measures
     hp = rl.get(str(rl.get("algo", "ppo")), {}) or {}
     extra = ""
+    if (hp.get("lr_policy") or 1.0) < 1e-9:  # an ablation: the other terms alone
+        algo += " (policy-gradient step off)"
     if rl.get("bc_coef"):
         extra += f" + demo loss {rl['bc_coef']}"
     if rl.get("sil_steps"):
