@@ -552,25 +552,14 @@ class RLTrainer:
         self.sample_gen.set_state(sd["sample_gen"])
         self.update_gen.set_state(sd["update_gen"])
         self.group_gen.set_state(sd["group_gen"])
-        cur = sd.get("curriculum")
-        if (cur is None) != (self.curriculum is None):
-            raise ValueError("the checkpoint's rl.task_sampling differs from the config's")
-        if cur is not None:
-            self.curriculum.load_state_dict(cur)
-        rep = sd.get("replay")
-        if (rep is None) != (self.replay is None):
-            raise ValueError("the checkpoint's rl.replay_failures (on / off) differs from the "
-                             "config's")
-        if rep is not None:
-            self.replay.load_state_dict(rep)
-        suc = sd.get("successes")
-        if (suc is None) != (self.successes is None):
-            raise ValueError("the checkpoint's rl.sil_buffer_per_task (on / off) differs from "
-                             "the config's")
-        if suc is not None:
-            self.successes.load_state_dict(suc)
-        so = sd.get("sil_optimizer")
-        if (so is None) != (self.sil_optimizer is None):
-            raise ValueError("the checkpoint's rl.sil_steps (on / off) differs from the config's")
-        if so is not None:
-            self.sil_optimizer.load_state_dict(so)
+        # the optional parts: on / off must match the config, then their states load
+        for key, part, field in (("curriculum", self.curriculum, "rl.task_sampling"),
+                                 ("replay", self.replay, "rl.replay_failures"),
+                                 ("successes", self.successes, "rl.sil_buffer_per_task"),
+                                 ("sil_optimizer", self.sil_optimizer, "rl.sil_steps")):
+            state = sd.get(key)
+            if (state is None) != (part is None):
+                raise ValueError(f"the checkpoint's {field} (on / off) differs from the "
+                                 f"config's")
+            if state is not None:
+                part.load_state_dict(state)
