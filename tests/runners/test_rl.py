@@ -671,6 +671,9 @@ def test_self_imitation_steps_fit_the_buffer_and_leave_critic_and_noise():
         if n in critic:
             assert torch.equal(p, critic[n]), n
     assert noise and all(torch.equal(p, q) for p, q in zip(smp.parameters(), noise))
+    # with sil_coef 0 the buffer is read by the steps only: no term in the policy minibatches
+    m = tr.iteration()
+    assert "sil/step_loss" in m and "sil/loss" not in m
     with pytest.raises(ValueError, match="sil_steps"):
         apply_overrides(RLConfig(), ["sil_steps=3"])
 

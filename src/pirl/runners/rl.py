@@ -369,8 +369,9 @@ class RLTrainer:
                         old_values[i].to(device),
                         (to_device(index_batch(frozen_prefix, i), device)
                          if frozen_prefix is not None else None),
-                        self._sil_inputs(c, sil_weight[i], device)
-                        if sil_weight is not None else self._sil_buffer_inputs(device),
+                        self._sil_inputs(c, sil_weight[i], device) if sil_weight is not None
+                        # (a buffer read only by rl.sil_steps adds no term here)
+                        else self._sil_buffer_inputs(device) if hp.sil_coef > 0 else None,
                         self._bc_inputs(device) if self.demos is not None else None)
                 loss, s = self._loss(*args)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -400,10 +401,7 @@ class RLTrainer:
         params = [p for g in self.sil_optimizer.param_groups for p in g["params"]]
         losses = []
         for _ in range(self.cfg.sil_steps):
-            sil = self._sil_buffer_inputs(device)
-            fm = flow_matching_loss(self.policy, self.policy.encode_prefix(sil["obs"]),
-                                    sil["actions"], noise=sil["noise"], time=sil["time"],
-                                    mask=sil["mask"])
+            fm = self._sil_loss(self._sil_buffer_inputs(device))
             self.sil_optimizer.zero_grad(set_to_none=True)
             fm.backward()
             torch.nn.utils.clip_grad_norm_(params, self.hp.max_grad_norm)
@@ -412,14 +410,28 @@ class RLTrainer:
         self.sil_optimizer.zero_grad(set_to_none=True)
         return {"sil/step_loss": sum(losses) / len(losses)}
 
+    def _sil_loss(self, sil: dict[str, Any], prefix=None) -> torch.Tensor:
+        """The self-imitation flow-matching loss of :meth:`_sil_inputs` (on the minibatch's
+        ``prefix``) or :meth:`_sil_buffer_inputs` (buffer rows: their own ``obs`` encoded)."""
+        if "obs" in sil:
+            prefix = self.policy.encode_prefix(sil["obs"])
+        return flow_matching_loss(self.policy, prefix, sil["actions"], noise=sil["noise"],
+                                  time=sil["time"], mask=sil["mask"])
+
+    def _flow_draws(self, shape: torch.Size, dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flow-matching noise ``shape`` and times ``[shape[0]]`` of an extra loss term, drawn
+        (in that order) from the trainer's update generator."""
+        noise = torch.randn(shape, generator=self.update_gen, dtype=dtype)
+        return noise, sample_flow_time(shape[0], generator=self.update_gen).to(dtype)
+
     def _sil_inputs(self, c, weight: torch.Tensor, device) -> dict[str, torch.Tensor]:
         """The self-imitation targets of a minibatch: the sampled chunks ``c.actions [M, H, A]``
         (model units), the loss mask ``[M, H, A]`` (executed elements of successful rows) and
         the flow-matching noise and times, drawn from the trainer's update generator."""
         actions = c.actions.detach()
-        m = actions.shape[0]
-        noise = torch.randn(actions.shape, generator=self.update_gen).to(device, actions.dtype)
-        time_ = sample_flow_time(m, generator=self.update_gen).to(device, actions.dtype)
+        noise, time_ = (x.to(device, actions.dtype)
+                        for x in self._flow_draws(actions.shape, torch.float32))
         mask = self.action_mask.to(device, actions.dtype)[None] * weight.to(device)[:, None, None]
         return {"actions": actions, "mask": mask, "noise": noise, "time": time_}
 
@@ -432,8 +444,7 @@ class RLTrainer:
             return None
         b = self.cfg.sil_batch_size
         obs, actions = self.successes.draw(b, self.update_gen)
-        noise = torch.randn(actions.shape, generator=self.update_gen, dtype=actions.dtype)
-        time_ = sample_flow_time(b, generator=self.update_gen).to(actions.dtype)
+        noise, time_ = self._flow_draws(actions.shape, actions.dtype)
         mask = self.action_mask[None].expand(b, -1, -1).to(actions.dtype)
         return to_device({"obs": obs, "actions": actions, "mask": mask, "noise": noise,
                           "time": time_}, device)
@@ -447,9 +458,9 @@ class RLTrainer:
         b = self.cfg.bc_batch_size
         d = index_batch(self.demos, torch.randint(0, len(self.demos), (b,),
                                                   generator=self.update_gen))
+        # the noise lives in the model's action space (normalised, padded): its shape
         shape = self.policy.preprocess_actions(d.actions.to(device)).shape
-        noise = torch.randn(shape, generator=self.update_gen, dtype=d.actions.dtype)
-        time_ = sample_flow_time(b, generator=self.update_gen).to(d.actions.dtype)
+        noise, time_ = self._flow_draws(shape, d.actions.dtype)
         return to_device({"obs": d.obs, "actions": d.actions, "mask": d.mask,
                           "noise": noise, "time": time_}, device)
 
@@ -500,9 +511,7 @@ class RLTrainer:
         if sil is not None and bool(sil["mask"].any()):
             # self-imitation (Oh et al. 2018, success as the filter): the flow-matching loss
             # on the executed part of the chunks that led to a success, averaged over them
-            sil_prefix = self.policy.encode_prefix(sil["obs"]) if "obs" in sil else prefix
-            fm = flow_matching_loss(self.policy, sil_prefix, sil["actions"], noise=sil["noise"],
-                                    time=sil["time"], mask=sil["mask"])
+            fm = self._sil_loss(sil, prefix)
             loss = loss + hp.sil_coef * fm
             s["sil/loss"] = float(fm.detach())
         if bc is not None:
