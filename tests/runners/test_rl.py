@@ -1010,3 +1010,53 @@ def test_rollouts_per_update_is_checked():
     with pytest.raises(ValueError, match="rl.rollouts_per_update"):
         apply_overrides(TrainConfig(), ["rl.rollouts_per_update=2",
                                         "placement.mode=colocated"])
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_rollouts_start_from_the_chosen_fixed_init_states(algo):
+    """rl.init_states on an env with F fixed initial states (init = episode seed % F): every
+    rollout seed lands on one of the chosen states, seeds that were equal stay equal (GRPO's
+    groups share their start), the chosen states are all used, and the rest of each seed is kept
+    (seed // F)."""
+    F = 50
+    states = [0, 3, 7]
+    pol = _policy()
+    smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
+                        config=SamplerConfig(kind="flow_sde", num_steps=3, hybrid=False))
+    over = [f"init_states={states}"] + (["grpo.group_size=4"] if algo == "grpo" else [])
+    cfg = apply_overrides(RLConfig(algo=algo), over)
+    env = ReachEnv(16, max_episode_steps=2)
+    env.fixed_init_states = F
+    tr = RLTrainer(pol, smp, env, cfg, seed=0)
+    free = RLTrainer(pol, smp, ReachEnv(16, max_episode_steps=2),
+                     apply_overrides(RLConfig(algo=algo),
+                                     ["grpo.group_size=4"] if algo == "grpo" else []), seed=0)
+    seen = set()
+    for it in range(4):
+        tr.iter = free.iter = it
+        got = tr._reset_kwargs()["episode_seeds"]
+        raw = free._reset_kwargs()["episode_seeds"]
+        assert set((got % F).tolist()) <= set(states)
+        torch.testing.assert_close(got // F, raw // F)
+        for i in range(len(raw)):
+            for j in range(len(raw)):
+                if raw[i] == raw[j]:
+                    assert got[i] == got[j]
+        seen |= set((got % F).tolist())
+    assert seen == set(states)
+
+
+def test_init_states_are_checked():
+    pol = _policy()
+    smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
+                        config=SamplerConfig(kind="flow_sde", num_steps=3, hybrid=False))
+    with pytest.raises(ValueError, match="no fixed initial states"):
+        RLTrainer(pol, smp, ReachEnv(4), apply_overrides(RLConfig(), ["init_states=[0,1]"]), seed=0)
+    env = ReachEnv(4)
+    env.fixed_init_states = 50
+    with pytest.raises(ValueError, match=r"\[50\] out of range"):
+        RLTrainer(pol, smp, env, apply_overrides(RLConfig(), ["init_states=[0,50]"]), seed=0)
+    from pirl.config.loading import ConfigError
+
+    with pytest.raises(ConfigError, match="rl.init_states"):
+        apply_overrides(TrainConfig(), ["rl.init_states=[]"])

@@ -210,6 +210,11 @@ class RLConfig:
     # moves at the policy lr (0: off)
     sil_steps: int = 0
     sil_lr: float = 1e-3
+    # envs with fixed initial states (LIBERO: 50 per task): the ones RL's rollouts start from
+    # (None: all of them).  LIBERO's protocol trains and evaluates on the same fixed states
+    # (RLinf resets to them); evaluation's k-th episode of a task starts from state k, so
+    # [0, ..., 9] are the states of a 10-episode-per-task evaluation
+    init_states: list[int] | None = None
 
     def __post_init__(self):
         _check(self.iterations >= 0, "rl.iterations", "must be >= 0")
@@ -239,6 +244,10 @@ class RLConfig:
         _check(self.sil_steps == 0 or self.sil_buffer_per_task > 0, "rl.sil_steps",
                "self-imitation steps need the success buffer (rl.sil_buffer_per_task > 0)")
         _check(self.sil_lr > 0, "rl.sil_lr", f"must be > 0, got {self.sil_lr}")
+        _check(self.init_states is None or (len(self.init_states) > 0
+                                            and min(self.init_states) >= 0),
+               "rl.init_states", f"must be a non-empty list of indices >= 0, got "
+               f"{self.init_states}")
         _check(self.action_chunk is None or self.action_chunk >= 1, "rl.action_chunk",
                "must be >= 1")
         _check(self.eval_every >= 1, "rl.eval_every", "must be >= 1")

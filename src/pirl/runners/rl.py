@@ -74,6 +74,18 @@ class RLTrainer:
         self.replay = (FailureReplay(cfg.replay_capacity) if cfg.replay_failures > 0 else None)
         self._ep_seeds: torch.Tensor | None = None
         self._num_replayed = 0
+        # rollouts start from these fixed initial states only (None: the env's own draw)
+        self.init_states = None
+        if cfg.init_states is not None:
+            fixed = int(getattr(env, "fixed_init_states", 0) or 0)
+            if not fixed:
+                raise ValueError("rl.init_states: the env has no fixed initial states (only "
+                                 "envs such as LIBERO, whose episode seed picks one, take it)")
+            bad = [i for i in cfg.init_states if not 0 <= i < fixed]
+            if bad:
+                raise ValueError(f"rl.init_states {bad} out of range: the env has {fixed} "
+                                 f"fixed initial states per task (0..{fixed - 1})")
+            self.init_states = (torch.tensor(cfg.init_states), fixed)
         # self-imitation from each task's newest successes (None: the rollout's own); part of
         # state_dict
         self.successes = None
@@ -142,7 +154,8 @@ class RLTrainer:
                 n, self.hp.group_size, len(self.env.task_names), self.group_gen,
                 task_probs=probs, round_robin=self.cfg.task_sampling == "round_robin")
             self._task_ids = task_ids
-            return {"seed": base, "task_ids": task_ids, "episode_seeds": ep_seeds + base}
+            return {"seed": base, "task_ids": task_ids,
+                    "episode_seeds": self._on_init_states(ep_seeds + base)}
         g = torch.Generator().manual_seed(base)
         # the first k envs restart from replayed failed states, the others draw fresh ones
         k = 0
@@ -155,11 +168,20 @@ class RLTrainer:
             task_ids = torch.arange(k, n) % len(self.env.task_names)
         else:
             task_ids = torch.randint(0, len(self.env.task_names), (n - k,), generator=g)
-        ep_seeds = base + torch.arange(k, n)
+        ep_seeds = self._on_init_states(base + torch.arange(k, n))
         if k:
             task_ids, ep_seeds = torch.cat([r_tasks, task_ids]), torch.cat([r_seeds, ep_seeds])
         self._task_ids, self._ep_seeds, self._num_replayed = task_ids, ep_seeds, k
         return {"seed": base, "task_ids": task_ids, "episode_seeds": ep_seeds}
+
+    def _on_init_states(self, seeds: torch.Tensor) -> torch.Tensor:
+        """Episode seeds ``[N]`` moved onto ``rl.init_states``: an env with F fixed initial
+        states starts from state ``seed % F``; seed s becomes ``s - s % F + init_states[s % m]``
+        (m of them), so equal seeds stay equal (GRPO's groups) and the rest of s is kept."""
+        if self.init_states is None:
+            return seeds
+        states, fixed = self.init_states
+        return seeds - seeds % fixed + states[seeds % len(states)]
 
     def noise_scale(self) -> float:
         """The sampler's noise multiplier at the current iteration (``rl.noise_schedule``)."""
