@@ -125,9 +125,36 @@ def test_fixed_init_states_follow_the_benchmark_protocol(num_envs):
                 total += 1
         assert {t: sorted(s) for t, s in starts.items()} == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3],
                                                             2: [0, 1, 2, 3]}
-    with pytest.raises(ValueError, match="episodes_per_task=6: the env has 5 fixed initial"):
+    with pytest.raises(ValueError, match="episodes_per_task=6 from initial state 0: the env "
+                                         "has 5 fixed initial"):
         evaluate_env(pol, smp, _FixedStartsReach.make(num_envs, fixed=5), episodes_per_task=6,
                      seed=0, action_chunk=2, num_chunks=1)
+
+
+def test_evaluation_from_a_later_fixed_init_state():
+    """eval.first_init_state=f: the k-th episode of every task starts from fixed state f + k;
+    past the env's last state, or on an env without fixed states, it is an error."""
+    from pirl.flow import SamplerConfig, build_sampler
+    from pirl.models import build_policy
+    from pirl.runners.evaluate import evaluate_env
+    from tests.runners.reach_env import ReachEnv
+
+    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
+                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"])
+    smp = build_sampler("ode", 2, pol.feature_dim, pol.action_dim,
+                        config=SamplerConfig(kind="ode", num_steps=2))
+    env = _FixedStartsReach.make(6, fixed=5)
+    res = evaluate_env(pol, smp, env, episodes_per_task=2, seed=0, action_chunk=2, num_chunks=1,
+                       first_init_state=3)
+    assert res["episodes"] == 6
+    tasks, seeds = env.resets[0]
+    assert sorted(zip(tasks, seeds)) == [(t, s) for t in range(3) for s in (3, 4)]
+    with pytest.raises(ValueError, match="episodes_per_task=2 from initial state 4"):
+        evaluate_env(pol, smp, _FixedStartsReach.make(6, fixed=5), episodes_per_task=2, seed=0,
+                     action_chunk=2, num_chunks=1, first_init_state=4)
+    with pytest.raises(ValueError, match="no fixed initial states"):
+        evaluate_env(pol, smp, ReachEnv(4), episodes_per_task=1, seed=0, action_chunk=2,
+                     num_chunks=1, first_init_state=1)
 
 
 def test_evaluation_does_not_depend_on_the_number_of_envs():

@@ -275,9 +275,15 @@ class EvalConfig:
     # action_chunk) chunk steps.  Re-planning more often than in training is a deployment
     # choice (openpi / LeRobot's n_action_steps); evaluate the start and the end alike
     action_chunk: int | None = None
+    # envs with fixed initial states (LIBERO): the k-th episode of a task starts from state
+    # first_init_state + k (0: the benchmark's protocol; e.g. 10 to read states that RL with
+    # rl.init_states=[0..9] never started from)
+    first_init_state: int = 0
 
     def __post_init__(self):
         _check(self.episodes_per_task >= 1, "eval.episodes_per_task", "must be >= 1")
+        _check(self.first_init_state >= 0, "eval.first_init_state",
+               f"must be >= 0, got {self.first_init_state}")
         _check(self.intermediate_episodes_per_task is None
                or self.intermediate_episodes_per_task >= 1,
                "eval.intermediate_episodes_per_task",

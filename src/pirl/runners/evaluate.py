@@ -17,14 +17,15 @@ from pirl.runners.rollout import collect
 
 def evaluate_env(policy: FlowPolicy, sampler: Sampler, env: BatchedEnv, *, episodes_per_task: int,
                  seed: int, action_chunk: int, num_chunks: int,
-                 video_path: str | Path | None = None, video_episodes: int = 8) -> dict[str, Any]:
+                 video_path: str | Path | None = None, video_episodes: int = 8,
+                 first_init_state: int = 0) -> dict[str, Any]:
     """Run ``episodes_per_task`` episodes of every task of ``env`` (tasks spread over the N envs,
     several rounds if needed); return ``{"success": mean, "per_task": {name: rate},
     "episodes": count}``.  Sampling is driven by ``sampler`` (an ODE sampler for evaluation).
 
     An env with ``fixed_init_states`` (LIBERO: 50 per task, ``init = episode_seed % 50``) is
     evaluated on the benchmark's protocol: the k-th episode of each task starts from fixed
-    initial state k (episode seed k), whatever ``seed``.  Each episode's initial denoising noise
+    initial state ``first_init_state + k`` (that episode seed), whatever ``seed``.  Each episode's initial denoising noise
     comes from its own seed (``seed`` and its index; :func:`pirl.runners.rollout.episode_noise`),
     so the result does not depend on how many envs run the episodes side by side."""
     n = env.num_envs
@@ -35,9 +36,13 @@ def evaluate_env(policy: FlowPolicy, sampler: Sampler, env: BatchedEnv, *, episo
     counts = torch.zeros(len(tasks))
     chunked = ChunkedEnv(env)
     fixed = int(getattr(env, "fixed_init_states", 0) or 0)
-    if fixed and episodes_per_task > fixed:
-        raise ValueError(f"episodes_per_task={episodes_per_task}: the env has {fixed} fixed "
-                         "initial states per task (one episode each on the benchmark protocol)")
+    if fixed and first_init_state + episodes_per_task > fixed:
+        raise ValueError(f"episodes_per_task={episodes_per_task} from initial state "
+                         f"{first_init_state}: the env has {fixed} fixed initial states per "
+                         "task (one episode each on the benchmark protocol)")
+    if not fixed and first_init_state:
+        raise ValueError(f"first_init_state={first_init_state}: the env has no fixed initial "
+                         "states")
     gen = torch.Generator().manual_seed(seed)
     was_training = policy.training
     policy.eval()
@@ -47,7 +52,7 @@ def evaluate_env(policy: FlowPolicy, sampler: Sampler, env: BatchedEnv, *, episo
         keep = ep < total
         record = video_path is not None and r == 0
         # the k-th episode of a task: ep // len(tasks) (task_ids = ep mod len(tasks))
-        ep_seeds = ep // len(tasks) if fixed else seed * 100_003 + ep
+        ep_seeds = first_init_state + ep // len(tasks) if fixed else seed * 100_003 + ep
         ro = collect(policy, sampler, chunked, num_chunks=num_chunks,
                      reset_kwargs={"seed": seed + r, "task_ids": task_ids,
                                    "episode_seeds": ep_seeds},

@@ -163,7 +163,8 @@ class Run:
                                       episodes_per_task=episodes_per_task,
                                       seed=10_000 + cfg.seed, action_chunk=action_chunk,
                                       num_chunks=num_chunks, video_path=vid,
-                                      video_episodes=cfg.eval.videos)
+                                      video_episodes=cfg.eval.videos,
+                                      first_init_state=cfg.eval.first_init_state)
         self.results[tag] = out
         self.add_time("eval", time.perf_counter() - t0)
         self.write_results()
