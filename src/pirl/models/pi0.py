@@ -47,10 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pirl.models.base import FlowPolicy, Obs, VelocityOut, flow_matching_loss
+from pirl.models.base import FlowPolicy, Obs, VelocityOut
 from pirl.models.lora import apply_lora
-from pirl.models.vla_common import (Normalizer, TrainConfig, ValueHead, VLAPrefix,
-                                    clean_instruction, discretize_state, images_to_model)
+from pirl.models.vla_common import (Normalizer, PaddedActions, TrainConfig, ValueHead,
+                                    VLAPrefix, clean_instruction, discretize_state, images_to_model)
 from pirl.models.vla_layers import (DecoderConfig, DecoderStack, VisionConfig, VisionTransformer,
                                     apply_rope, attention, make_att_2d_masks, maybe_checkpoint,
                                     pad_last, rope_cos_sin, sinusoidal_time_embedding)
@@ -209,7 +209,7 @@ class PaliGemmaWithExpert(nn.Module):
         return self.gemma_expert.model
 
 
-class Pi0Policy(FlowPolicy):
+class Pi0Policy(PaddedActions, FlowPolicy):
     """pi0 / pi0.5 flow policy.  See the module docstring.
 
     obs: ``images [B, C, 3, H, W]`` uint8 (C <= num_cameras; optional ``image_masks [B, C]``
@@ -423,23 +423,6 @@ class Pi0Policy(FlowPolicy):
     def postprocess_actions(self, actions: torch.Tensor) -> torch.Tensor:
         """Model-space chunk ``[B, H, A]`` -> env actions ``[B, H, env_action_dim]``."""
         return self.normalizer.unnormalize_actions(actions[..., : self.env_action_dim])
-
-    def preprocess_actions(self, actions: torch.Tensor) -> torch.Tensor:
-        """Env-space chunk ``[B, H, A_env]`` -> normalised, zero-padded ``[B, H, A]``."""
-        return pad_last(self.normalizer.normalize_actions(actions.float()), self.action_dim)
-
-    def sft_loss(self, obs: Obs, actions: torch.Tensor, mask: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-                 time: torch.Tensor | None = None) -> torch.Tensor:
-        """Flow-matching loss on env-space demo chunks ``[B, H, A_env]`` (normalised and padded
-        here; only the env's dims count, as LeRobot)."""
-        a = self.preprocess_actions(actions.to(self.action_in_proj.weight.device))
-        dims = torch.zeros_like(a)
-        dims[..., : actions.shape[-1]] = 1.0
-        if mask is not None:
-            dims = dims * (mask.unsqueeze(-1) if mask.dim() == 2 else mask).to(dims)
-        return flow_matching_loss(self, self.encode_prefix(obs), a, mask=dims,
-                                  generator=generator, noise=noise, time=time)
 
 
 def _prefix_layer(layer, x, cos, sin, allowed, scale):

@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pirl.models.base import FlowPolicy, Obs, VelocityOut, flow_matching_loss
+from pirl.models.base import FlowPolicy, Obs, VelocityOut
 from pirl.models.lora import apply_lora
-from pirl.models.vla_common import (Normalizer, TrainConfig, ValueHead, VLAPrefix,
-                                    images_to_model)
+from pirl.models.vla_common import (Normalizer, PaddedActions, TrainConfig, ValueHead,
+                                    VLAPrefix, images_to_model)
 from pirl.models.vla_layers import (DecoderConfig, DecoderStack, VisionConfig, VisionTransformer,
                                     apply_rope, attention, make_att_2d_masks, maybe_checkpoint,
                                     pad_last, rope_cos_sin, sinusoidal_time_embedding)
@@ -184,7 +184,7 @@ class SmolVLMWithExpert(nn.Module):
         return self.vlm.model.text_model
 
 
-class SmolVLAPolicy(FlowPolicy):
+class SmolVLAPolicy(PaddedActions, FlowPolicy):
     """SmolVLA flow policy (obs as :class:`pirl.models.pi0.Pi0Policy`)."""
 
     def __init__(self, cfg: SmolVLAConfig, tokenizer: TextTokenizer,
@@ -378,22 +378,6 @@ class SmolVLAPolicy(FlowPolicy):
     def postprocess_actions(self, actions: torch.Tensor) -> torch.Tensor:
         """Model-space ``[B, H, A]`` -> env actions ``[B, H, env_action_dim]``."""
         return self.normalizer.unnormalize_actions(actions[..., : self.env_action_dim])
-
-    def preprocess_actions(self, actions: torch.Tensor) -> torch.Tensor:
-        """Env-space ``[B, H, A_env]`` -> normalised, padded ``[B, H, A]``."""
-        return pad_last(self.normalizer.normalize_actions(actions.float()), self.action_dim)
-
-    def sft_loss(self, obs: Obs, actions: torch.Tensor, mask: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-                 time: torch.Tensor | None = None) -> torch.Tensor:
-        """Flow-matching loss on env-space chunks ``[B, H, A_env]`` (only env dims count)."""
-        a = self.preprocess_actions(actions.to(self.state_proj.weight.device))
-        dims = torch.zeros_like(a)
-        dims[..., : actions.shape[-1]] = 1.0
-        if mask is not None:
-            dims = dims * (mask.unsqueeze(-1) if mask.dim() == 2 else mask).to(dims)
-        return flow_matching_loss(self, self.encode_prefix(obs), a, mask=dims,
-                                  generator=generator, noise=noise, time=time)
 
 
 def _self_layer(layer, x, pk, pv, cos, sin, allowed, scale):

@@ -10,7 +10,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from pirl.models.vla_layers import resize_with_pad
+from pirl.models.base import Obs, flow_matching_loss
+from pirl.models.vla_layers import pad_last, resize_with_pad
 
 TrainMode = Literal["full", "expert_only", "vision_frozen", "lora"]
 ValuePlacement = Literal["expert", "prefix"]
@@ -178,3 +179,28 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     autocast_bf16: bool = False
     extra: dict = field(default_factory=dict)
+
+
+class PaddedActions:
+    """Actions of pi0 / SmolVLA (a mixin before :class:`~pirl.models.base.FlowPolicy`): the model
+    acts in ``action_dim`` (32) dims; env-space chunks ``[B, H, A_env]`` are normalised with
+    ``self.normalizer`` and zero-padded, and the flow-matching loss counts the env's dims only,
+    as LeRobot's."""
+
+    def preprocess_actions(self, actions: torch.Tensor) -> torch.Tensor:
+        """Env-space chunk ``[B, H, A_env]`` -> normalised, zero-padded ``[B, H, A]``."""
+        return pad_last(self.normalizer.normalize_actions(actions.float()), self.action_dim)
+
+    def sft_loss(self, obs: Obs, actions: torch.Tensor, mask: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                 time: torch.Tensor | None = None) -> torch.Tensor:
+        """Flow-matching loss on env-space demo chunks ``[B, H, A_env]``; ``mask`` ``[B, H]``
+        or ``[B, H, A]`` weights chunk steps / dims, ``noise`` ``[B, H, A]`` and ``time``
+        ``[B]`` are the draws to use (None: drawn from ``generator``)."""
+        a = self.preprocess_actions(actions.to(next(self.parameters()).device))
+        dims = torch.zeros_like(a)
+        dims[..., : actions.shape[-1]] = 1.0
+        if mask is not None:
+            dims = dims * (mask.unsqueeze(-1) if mask.dim() == 2 else mask).to(dims)
+        return flow_matching_loss(self, self.encode_prefix(obs), a, mask=dims,
+                                  generator=generator, noise=noise, time=time)
