@@ -152,6 +152,13 @@ def _label_sampler_algo(cfg: dict[str, Any], precision: str | None = None) -> st
         extra += f" + self-imitation ({rl['sil_steps']} steps per iteration)"
     elif hp.get("sil_coef"):
         extra += f" + self-imitation {hp['sil_coef']}"
+    if rl.get("noise_schedule", "constant") != "constant":
+        extra += f", sampler noise {rl['noise_schedule']} to x{rl.get('noise_final', 1.0):g}"
+    states = rl.get("init_states")
+    if states:
+        span = (f"{min(states)}-{max(states)}" if sorted(states) == list(
+            range(min(states), max(states) + 1)) else ", ".join(map(str, states)))
+        extra += f", rollouts from init states {span}"
     return f"{algo} + {name}{extra}{replan}{batched}{where}{bf16}"
 
 

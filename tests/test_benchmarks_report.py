@@ -241,3 +241,15 @@ def test_label_names_several_rollouts_per_update():
     cfg["rl"]["rollouts_per_update"] = 4
     assert report._label_sampler_algo(cfg) == \
         "PPO + Flow-SDE (hybrid), re-plans every 4, 4 rollouts per update"
+
+
+def test_label_names_the_noise_schedule_and_the_rollouts_init_states():
+    report = _report()
+    cfg = {"sampler": {"kind": "flow_sde", "hybrid": True},
+           "rl": {"algo": "ppo", "iterations": 3, "noise_schedule": "cosine", "noise_final": 0.4,
+                  "init_states": [0, 1, 2, 3]}}
+    assert report._label_sampler_algo(cfg) == ("PPO + Flow-SDE (hybrid), sampler noise cosine "
+                                               "to x0.4, rollouts from init states 0-3")
+    cfg["rl"].update(noise_schedule="constant", init_states=[0, 5])
+    assert report._label_sampler_algo(cfg) == \
+        "PPO + Flow-SDE (hybrid), rollouts from init states 0, 5"
