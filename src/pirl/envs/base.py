@@ -74,6 +74,13 @@ class BatchedEnv:
         pass
 
 
+def fixed_init_states(env: Any) -> int:
+    """How many fixed initial states per task ``env`` has, 0 if none: an env with F of them
+    (its ``fixed_init_states`` attribute; LIBERO: 50) starts an episode with seed s from state
+    ``s % F``."""
+    return int(getattr(env, "fixed_init_states", 0) or 0)
+
+
 @dataclass
 class ChunkStep:
     """Result of executing one action chunk.

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from pirl.envs.base import BatchedEnv, ChunkedEnv
+from pirl.envs.base import BatchedEnv, ChunkedEnv, fixed_init_states
 from pirl.flow.base import Sampler
 from pirl.models.base import FlowPolicy
 from pirl.runners.rollout import collect
@@ -25,9 +25,10 @@ def evaluate_env(policy: FlowPolicy, sampler: Sampler, env: BatchedEnv, *, episo
 
     An env with ``fixed_init_states`` (LIBERO: 50 per task, ``init = episode_seed % 50``) is
     evaluated on the benchmark's protocol: the k-th episode of each task starts from fixed
-    initial state ``first_init_state + k`` (that episode seed), whatever ``seed``.  Each episode's initial denoising noise
-    comes from its own seed (``seed`` and its index; :func:`pirl.runners.rollout.episode_noise`),
-    so the result does not depend on how many envs run the episodes side by side."""
+    initial state ``first_init_state + k`` (that episode seed), whatever ``seed``.  Each
+    episode's initial denoising noise comes from its own seed (``seed`` and its index;
+    :func:`pirl.runners.rollout.episode_noise`), so the result does not depend on how many envs
+    run the episodes side by side."""
     n = env.num_envs
     tasks = list(env.task_names)
     total = episodes_per_task * len(tasks)
@@ -35,7 +36,7 @@ def evaluate_env(policy: FlowPolicy, sampler: Sampler, env: BatchedEnv, *, episo
     wins = torch.zeros(len(tasks))
     counts = torch.zeros(len(tasks))
     chunked = ChunkedEnv(env)
-    fixed = int(getattr(env, "fixed_init_states", 0) or 0)
+    fixed = fixed_init_states(env)
     if fixed and first_init_state + episodes_per_task > fixed:
         raise ValueError(f"episodes_per_task={episodes_per_task} from initial state "
                          f"{first_init_state}: the env has {fixed} fixed initial states per "

@@ -22,7 +22,7 @@ from pirl.algos.grpo import broadcast_over_time, group_advantages, make_groups
 from pirl.algos.ppo import (aggregate_logp, approx_kl, explained_variance, level_mask, lr_scale,
                             policy_loss, value_loss)
 from pirl.algos.sft import SFTData
-from pirl.envs.base import BatchedEnv, ChunkedEnv
+from pirl.envs.base import BatchedEnv, ChunkedEnv, fixed_init_states
 from pirl.flow.base import Sampler
 from pirl.models.base import (FlowPolicy, cat_batch, flow_matching_loss, index_batch,
                               sample_flow_time, to_device)
@@ -77,7 +77,7 @@ class RLTrainer:
         # rollouts start from these fixed initial states only (None: the env's own draw)
         self.init_states = None
         if cfg.init_states is not None:
-            fixed = int(getattr(env, "fixed_init_states", 0) or 0)
+            fixed = fixed_init_states(env)
             if not fixed:
                 raise ValueError("rl.init_states: the env has no fixed initial states (only "
                                  "envs such as LIBERO, whose episode seed picks one, take it)")
