@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.runners.tiny_run import TINY_RUN_OVERRIDES
 
@@ -79,3 +80,33 @@ def test_rl_recipe_runs_a_tiny_recipe_with_a_preset(tmp_path, capsys):
     run2 = json.loads((out / "grpo_flow_sde" / "results.json").read_text())
     cfg2 = yaml.safe_load((out / "grpo_flow_sde" / "config.yaml").read_text())
     assert cfg2["eval"]["action_chunk"] == 2 and rows2[0][1] == run2["sft"]
+
+
+@pytest.mark.parametrize("kind,opts", [("ode", {}), ("flow_sde", {"hybrid": False}),
+                                       ("flow_sde", {"hybrid": True})])
+def test_sampler_spread_matches_the_closed_form_chain(kind, opts):
+    """benchmarks/sampler_spread.py's chunk spread (std over sampler calls at one observation)
+    on the analytic Gaussian flow: the exact std of the discrete chain's final sample, written
+    out per dimension (tests/flow/test_sde_marginal.py's moments; a hybrid chain's is the
+    mixture over its one stochastic step, drawn once per call)."""
+    from pirl.flow import build_sampler
+    from tests.flow.conftest import GaussianFlow
+    from tests.flow.test_sde_marginal import MU, S, chain_moments, mixture
+
+    spread = _load("sampler_spread")
+    k, a = 4, 0.5
+    pol = GaussianFlow(MU, S)
+    sampler = build_sampler(kind, num_steps=k, feature_dim=pol.feature_dim,
+                            action_dim=pol.action_dim, noise_level=a, **opts)
+    # (the analytic flow reads no observation: its prefix is a [B, 1] placeholder)
+    got = spread.chunk_spread(pol, sampler, torch.zeros(2, 1), samples=3000)
+    if kind == "ode":
+        var = [chain_moments(k, a, [False] * k, m, s)[-1][1] for m, s in zip(MU, S)]
+    elif not opts["hybrid"]:
+        var = [chain_moments(k, a, [True] * k, m, s)[-1][1] for m, s in zip(MU, S)]
+    else:
+        var = [mixture([chain_moments(k, a, [j == i for j in range(k)], m, s)[-1]
+                        for i in range(k)])[1] for m, s in zip(MU, S)]
+    want = sum(v ** 0.5 for v in var) / len(var)
+    # 3000 draws at 2 observations x 2 dims: the std's standard error is ~0.7%
+    assert abs(got - want) < 0.04 * want, (got, want)
