@@ -45,7 +45,7 @@ def test_rl_recipe_runs_a_tiny_recipe_with_a_preset(tmp_path, capsys):
             "threads=1", *TINY_RUN_OVERRIDES, "rl.iterations=1"]
     rows = recipe.main(argv)
     assert [r[0] for r in rows] == ["ppo_flow_sde"]
-    name, start, final, steps, wall = rows[0]
+    _name, start, final, steps, wall = rows[0]
     sft = json.loads((out / "sft" / "results.json").read_text())["sft"]
     run = json.loads((out / "ppo_flow_sde" / "results.json").read_text())
     assert final == run["final"] and set(final) == set(sft) == {"train"}
