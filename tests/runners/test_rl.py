@@ -591,6 +591,13 @@ def test_self_imitation_from_the_success_buffer():
                   seed=0)
     with pytest.raises(ValueError, match="sil_buffer_per_task"):
         apply_overrides(RLConfig(), ["sil_buffer_per_task=-1"])
+    # rl.sil_buffer_keep reaches the buffer; an unknown rule is a config error
+    kept = RLTrainer(pol, smp, ReachEnv(4), apply_overrides(
+        RLConfig(), ["ppo.sil_coef=0.7", "sil_buffer_per_task=2", "sil_buffer_keep=shortest"]),
+        seed=0)
+    assert kept.successes.keep == "shortest" and tr.successes.keep == "newest"
+    with pytest.raises(ValueError, match="sil_buffer_keep"):
+        apply_overrides(RLConfig(), ["sil_buffer_keep=longest"])
 
 
 def test_success_buffer_resumes_exactly():

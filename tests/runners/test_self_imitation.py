@@ -45,6 +45,26 @@ def test_capacity_keeps_each_tasks_newest_episodes():
     assert [float(o["state"][0, 0]) for o, _ in buf.episodes[1]] == [11.0, 21.0]
 
 
+def test_shortest_keeps_each_tasks_shortest_episodes_newest_first_among_equals():
+    """keep="shortest": a full task keeps its episodes with the fewest chunk steps; of two of
+    the same length the later one; the kept ones stay in the order they came."""
+    buf = SuccessBuffer(num_tasks=1, capacity_per_task=2, keep="shortest")
+    # four rollouts of one env each; episode lengths 3, 1, 2, 1 chunk steps
+    for k, length in enumerate([3, 1, 2, 1]):
+        obs, actions = _rollout(3, 1, offset=10.0 * k)
+        valid = (torch.arange(3) < length)[:, None]
+        buf.add(obs, actions, valid, torch.tensor([0]), torch.tensor([True]))
+        lengths = [a.shape[0] for _, a in buf.episodes[0]]
+        assert lengths == [[3], [3, 1], [1, 2], [1, 1]][k]
+    # the two one-step episodes, the second rollout's then the fourth's
+    assert [float(o["state"][0, 0]) for o, _ in buf.episodes[0]] == [10.0, 30.0]
+    newest = SuccessBuffer(num_tasks=1, capacity_per_task=2)
+    with pytest.raises(ValueError, match="kept its shortest episodes, not the newest"):
+        newest.load_state_dict(buf.state_dict())
+    with pytest.raises(ValueError, match="keep must be one of"):
+        SuccessBuffer(num_tasks=1, capacity_per_task=2, keep="longest")
+
+
 def test_draws_are_balanced_over_tasks_not_episodes():
     """Task 0 holds 5 one-step episodes, task 1 one: each task is drawn with probability 1/2
     (4000 draws: standard error 0.008), and within task 0 every episode about equally."""

@@ -204,6 +204,9 @@ class RLConfig:
     # self-imitation term uses the current rollout's successful episodes only
     sil_buffer_per_task: int = 0
     sil_batch_size: int = 64
+    # which episodes a full task keeps: its newest successes, or its shortest (the fewest chunk
+    # steps; a success that wandered to the time limit is a poor demo)
+    sil_buffer_keep: Literal["newest", "shortest"] = "newest"
     # and / or sil_steps supervised flow-matching steps per iteration on the buffer alone, after
     # the policy update, with their own Adam at sil_lr over the actor (not the critic or the
     # noise net): the buffer fitted at SFT's pace, where inside the PPO minibatches the term

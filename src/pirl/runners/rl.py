@@ -95,7 +95,8 @@ class RLTrainer:
                 raise ValueError(f"rl.sil_buffer_per_task={cfg.sil_buffer_per_task} needs "
                                  f"rl.{cfg.algo}.sil_coef > 0 or rl.sil_steps > 0 (a "
                                  f"self-imitation term that reads it)")
-            self.successes = SuccessBuffer(len(self.env.task_names), cfg.sil_buffer_per_task)
+            self.successes = SuccessBuffer(len(self.env.task_names), cfg.sil_buffer_per_task,
+                                           keep=cfg.sil_buffer_keep)
         if cfg.sil_steps > 0:
             actor = next(g for g in self.optimizer.param_groups if g["name"] == "policy")
             self.sil_optimizer = torch.optim.Adam(actor["params"], lr=cfg.sil_lr,

@@ -19,22 +19,30 @@ import torch
 
 from pirl.models.base import cat_batch, index_batch
 
+# which successful episodes a full task keeps (SuccessBuffer)
+KEEP = ("newest", "shortest")
+
 
 class SuccessBuffer:
-    """The newest ``capacity_per_task`` successful episodes of each of ``num_tasks`` tasks.
+    """``capacity_per_task`` successful episodes of each of ``num_tasks`` tasks.
 
     An episode is its valid chunk steps: observation rows (a batched obs dict ``[T_e, ...]``)
     and the executed action chunks ``[T_e, H, A]`` (the sampler's output, model units).
+    ``keep`` says which episodes a full task keeps: ``"newest"`` (the latest policy's), or
+    ``"shortest"`` (the fewest chunk steps; among equal lengths the newest): a success that
+    wandered for most of the time limit is a poor demo of the task.
     :meth:`draw` picks a task uniformly among those with an episode, then an episode of it, then
     a chunk step of that episode, so a task's weight does not grow with its success rate.
     """
 
-    def __init__(self, num_tasks: int, capacity_per_task: int):
+    def __init__(self, num_tasks: int, capacity_per_task: int, keep: str = "newest"):
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
         if capacity_per_task < 1:
             raise ValueError(f"capacity_per_task must be >= 1, got {capacity_per_task}")
-        self.num_tasks, self.capacity = num_tasks, capacity_per_task
+        if keep not in KEEP:
+            raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
+        self.num_tasks, self.capacity, self.keep = num_tasks, capacity_per_task, keep
         self.episodes: list[list[tuple[dict[str, torch.Tensor], torch.Tensor]]] = [
             [] for _ in range(num_tasks)]
 
@@ -69,9 +77,19 @@ class SuccessBuffer:
             if rows.numel() == 0:
                 continue
             ep = (index_batch(obs, rows), actions[rows].detach().float().cpu())
-            self.episodes[task] = (self.episodes[task] + [ep])[-self.capacity:]
+            self.episodes[task] = self._kept(self.episodes[task] + [ep])
             added += 1
         return added
+
+    def _kept(self, eps: list) -> list:
+        """The episodes of a task that stay (oldest first)."""
+        if len(eps) <= self.capacity:
+            return eps
+        if self.keep == "newest":
+            return eps[-self.capacity:]
+        # the shortest; a later episode beats an earlier one of the same length
+        order = sorted(range(len(eps)), key=lambda i: (eps[i][1].shape[0], -i))
+        return [eps[i] for i in sorted(order[:self.capacity])]
 
     def draw(self, b: int, generator: torch.Generator | None = None
              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -90,13 +108,16 @@ class SuccessBuffer:
         return cat_batch(obs), torch.cat(acts)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"num_tasks": self.num_tasks, "capacity": self.capacity,
+        return {"num_tasks": self.num_tasks, "capacity": self.capacity, "keep": self.keep,
                 "episodes": [[(dict(o), a.clone()) for o, a in e] for e in self.episodes]}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         if sd["num_tasks"] != self.num_tasks:
             raise ValueError(f"success buffer of {sd['num_tasks']} tasks does not fit "
                              f"{self.num_tasks} tasks")
+        if sd.get("keep", "newest") != self.keep:
+            raise ValueError(f"success buffer kept its {sd.get('keep', 'newest')} episodes, "
+                             f"not the {self.keep}")
         if any(len(e) > self.capacity for e in sd["episodes"]):
             raise ValueError(f"success buffer holds more than capacity_per_task="
                              f"{self.capacity} episodes of a task")
