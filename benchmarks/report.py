@@ -152,6 +152,8 @@ def _label_sampler_algo(cfg: dict[str, Any], precision: str | None = None) -> st
         extra += f" + self-imitation ({rl['sil_steps']} steps per iteration)"
     elif hp.get("sil_coef"):
         extra += f" + self-imitation {hp['sil_coef']}"
+    if rl.get("sil_buffer_per_task") and rl.get("sil_buffer_keep", "newest") != "newest":
+        extra += f" of the {rl['sil_buffer_keep']} successes"
     if rl.get("noise_schedule", "constant") != "constant":
         extra += f", sampler noise {rl['noise_schedule']} to x{rl.get('noise_final', 1.0):g}"
     states = rl.get("init_states")

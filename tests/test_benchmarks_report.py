@@ -243,7 +243,7 @@ def test_label_names_several_rollouts_per_update():
         "PPO + Flow-SDE (hybrid), re-plans every 4, 4 rollouts per update"
 
 
-def test_label_names_the_noise_schedule_and_the_rollouts_init_states():
+def test_label_names_the_noise_schedule_the_rollouts_init_states_and_the_buffer_rule():
     report = _report()
     cfg = {"sampler": {"kind": "flow_sde", "hybrid": True},
            "rl": {"algo": "ppo", "iterations": 3, "noise_schedule": "cosine", "noise_final": 0.4,
@@ -253,3 +253,11 @@ def test_label_names_the_noise_schedule_and_the_rollouts_init_states():
     cfg["rl"].update(noise_schedule="constant", init_states=[0, 5])
     assert report._label_sampler_algo(cfg) == \
         "PPO + Flow-SDE (hybrid), rollouts from init states 0, 5"
+    # the success buffer's rule, where it is not the default (newest)
+    cfg["rl"].update(init_states=None, sil_buffer_per_task=20, sil_steps=200,
+                     sil_buffer_keep="shortest")
+    assert report._label_sampler_algo(cfg) == ("PPO + Flow-SDE (hybrid) + self-imitation (200 "
+                                               "steps per iteration) of the shortest successes")
+    cfg["rl"]["sil_buffer_keep"] = "newest"
+    assert report._label_sampler_algo(cfg) == \
+        "PPO + Flow-SDE (hybrid) + self-imitation (200 steps per iteration)"
