@@ -12,7 +12,8 @@ the part its log-likelihood can credit.
         runs/metaworld_mt50_seed0/checkpoints/sft.pt
 
 LIBERO checkpoints need the simulator venv (``.venv-sim/bin/python``).  Measured numbers:
-docs/experiments.md (entry "Meta-World and LIBERO: how far Flow-SDE explores").
+docs/experiments.md, entry "What Meta-World's success buffer is worth, joint Flow-SDE chains
+and GRPO groups on LIBERO states"; docs/method.md (Samplers).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ SETTINGS: list[tuple[str, str, dict[str, Any]]] = [
     ("Flow-SDE joint a=0.25", "flow_sde", {"noise_level": 0.25, "hybrid": False}),
     ("Flow-SDE joint a=0.5", "flow_sde", {"noise_level": 0.5, "hybrid": False}),
     ("Flow-SDE joint a=1.0", "flow_sde", {"noise_level": 1.0, "hybrid": False}),
-    ("Flow-Noise (untrained net, std 0.08-0.16)", "flow_noise", {}),
+    # a fresh noise net (its std bounded to [sampler.min_std, sampler.max_std]); a trained one
+    # lives in an RL checkpoint's sampler state, which this script does not load
+    ("Flow-Noise, untrained net", "flow_noise", {}),
 ]
 
 
@@ -73,6 +76,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for label, kind, opts in SETTINGS:
         cfg_s = apply_overrides(cfg, [f"sampler.{k}={v}" for k, v in opts.items()])
         sampler = make_sampler(cfg_s, policy, kind=kind)
+        if kind == "flow_noise":
+            label += f", std {cfg_s.sampler.min_std:g}-{cfg_s.sampler.max_std:g}"
         rows.append({"sampler": label,
                      "spread": chunk_spread(policy, sampler, obs, args.samples)})
     ode = rows[0]["spread"]
