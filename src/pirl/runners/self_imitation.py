@@ -1,10 +1,10 @@
-"""Self-imitation from a buffer of each task's newest successful rollout episodes.
+"""Self-imitation from a buffer of each task's successful rollout episodes.
 
 With ``ppo.sil_coef`` (or ``grpo.sil_coef``) alone, the self-imitation term fits the successful
 episodes of the current rollout only: on a multi-task benchmark those come mostly from the tasks
 the policy already solves, and a half-solved task contributes an episode every few iterations
-that is forgotten at the next update.  :class:`SuccessBuffer` keeps the newest
-``capacity_per_task`` successful episodes of every task (their observations and the executed
+that is forgotten at the next update.  :class:`SuccessBuffer` keeps ``capacity_per_task``
+successful episodes of every task (the newest or the shortest; their observations and the executed
 action chunks, in the model's action units) and draws task-balanced minibatches from them, so
 every task the stochastic policy has solved at least once keeps being imitated: Oh et al.
 (2018)'s replayed self-imitation with success as the filter.  The data are the policy's own
