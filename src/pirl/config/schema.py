@@ -18,6 +18,7 @@ from pirl.algos.ppo import LRSchedule, PPOConfig
 from pirl.envs import env_key
 from pirl.flow import SamplerConfig
 from pirl.runners.placement import PlacementConfig
+from pirl.runners.self_imitation import BufferKeep
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -206,7 +207,7 @@ class RLConfig:
     sil_batch_size: int = 64
     # which episodes a full task keeps: its newest successes, or its shortest (the fewest chunk
     # steps; a success that wandered to the time limit is a poor demo)
-    sil_buffer_keep: Literal["newest", "shortest"] = "newest"
+    sil_buffer_keep: BufferKeep = "newest"
     # and / or sil_steps supervised flow-matching steps per iteration on the buffer alone, after
     # the policy update, with their own Adam at sil_lr over the actor (not the critic or the
     # noise net): the buffer fitted at SFT's pace, where inside the PPO minibatches the term

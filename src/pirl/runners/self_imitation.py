@@ -13,14 +13,15 @@ rollouts and their rewards only (no demos).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 from pirl.models.base import cat_batch, index_batch
 
-# which successful episodes a full task keeps (SuccessBuffer)
-KEEP = ("newest", "shortest")
+# which successful episodes a full task keeps (SuccessBuffer; rl.sil_buffer_keep)
+BufferKeep = Literal["newest", "shortest"]
+KEEP = get_args(BufferKeep)
 
 
 class SuccessBuffer:
@@ -35,7 +36,7 @@ class SuccessBuffer:
     a chunk step of that episode, so a task's weight does not grow with its success rate.
     """
 
-    def __init__(self, num_tasks: int, capacity_per_task: int, keep: str = "newest"):
+    def __init__(self, num_tasks: int, capacity_per_task: int, keep: BufferKeep = "newest"):
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
         if capacity_per_task < 1:
