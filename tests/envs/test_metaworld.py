@@ -284,3 +284,50 @@ def test_slots_switching_tasks_keep_memory_flat():
                                                      "OMP_NUM_THREADS": "1"})
     growth = float(out.stdout.strip().splitlines()[-1])
     assert growth < 100, f"memory grew {growth:.0f} MB over 8 resets"
+
+
+@needs_mw
+def test_hindsight_episode_is_a_success_for_its_goal():
+    """A failed push episode (the scripted policy steered to a goal shifted by 12 cm) comes back
+    as the states of a success for the goal where the puck went: the goal lies in the task's
+    goal space, at least HINDSIGHT_MIN_MOVE from the puck's start, and an independent replay of
+    the episode's first K chunks with that goal succeeds in the K-th chunk, through the same
+    states.  No free goal, no movement: None."""
+    tasks, chunk = ["push-v3", "button-press-v3"], 4
+    slot = M.MetaWorldSlot(tasks)
+    policy = M.scripted_policy("push-v3")
+    state, acts, seed = slot.reset(0, 0, 3)["state"], [], 3
+    for _ in range(200):
+        steered = state.copy()
+        steered[36:39] += np.array([0.12, 0.0, 0.0])
+        acts.append(np.clip(policy.get_action(steered), -1, 1))
+        obs, _, success = slot.step(acts[-1])
+        assert not success
+        state = obs["state"]
+    acts = np.stack(acts)
+    env = M.MetaWorldEnv(tasks, 2)
+    states = env.hindsight_episode(0, seed, acts, chunk)
+    assert states is not None and states.shape[1] == M.STATE_DIM
+    k = len(states)
+    goal = states[0, 36:39].astype(np.float64)
+    assert np.allclose(states[:, 36:39], goal)
+    raw = slot.envs[0]
+    start = slot.reset(0, 0, seed)["state"]
+    assert np.all(goal >= raw.goal_space.low) and np.all(goal <= raw.goal_space.high)
+    assert np.linalg.norm(goal - start[4:7]) >= M.HINDSIGHT_MIN_MOVE
+    raw._target_pos = goal.copy()
+    replay, first = [np.asarray(raw._get_obs(), np.float32)], None
+    for j, a in enumerate(acts):
+        obs, _, success = slot.step(a)
+        if success:
+            first = j + 1
+            break
+        replay.append(obs["state"])
+    assert first is not None and (k - 1) * chunk < first <= k * chunk
+    np.testing.assert_allclose(states, np.stack(replay[::chunk]), atol=1e-6)
+    assert env.hindsight_episode(1, seed, acts, chunk) is None  # button press: no free goal
+    assert env.hindsight_episode(0, seed, np.zeros((200, 4)), chunk) is None  # puck unmoved
+    with pytest.raises(ValueError, match="task_index"):
+        env.hindsight_episode(2, seed, acts, chunk)
+    env.close()
+    slot.close()

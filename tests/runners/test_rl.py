@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -598,6 +599,66 @@ def test_self_imitation_from_the_success_buffer():
     assert kept.successes.keep == "shortest" and tr.successes.keep == "newest"
     with pytest.raises(ValueError, match="sil_buffer_keep"):
         apply_overrides(RLConfig(), ["sil_buffer_keep=longest"])
+
+
+class _HindsightReach(ReachEnv):
+    """ReachEnv whose failed episodes relabel to the point of their last action: the episode
+    ends at the first action within ``radius`` of it.  It records the actions every env
+    executed and the hindsight calls."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.executed, self.calls = [], []
+
+    def step(self, action):
+        self.executed.append(action.clone())
+        return super().step(action)
+
+    def hindsight_episode(self, task_index, seed, actions, action_chunk):
+        self.calls.append((task_index, seed, actions.copy(), action_chunk))
+        goal = actions[-1]
+        first = int(np.nonzero(np.linalg.norm(actions - goal, axis=1) < self.radius)[0][0])
+        return np.repeat(goal[None].astype(np.float32), first // action_chunk + 1, axis=0)
+
+
+def test_hindsight_relabelled_failures_enter_the_buffer():
+    """``rl.sil_hindsight``: every failed episode goes to the env's ``hindsight_episode`` with
+    its task, episode seed and the env actions it executed; what comes back enters the success
+    buffer as states + the episode's first action chunks, before the rollout's real successes;
+    an env without relabelling and a run without the buffer are errors."""
+    pol = _policy()
+    smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
+                        config=SamplerConfig(kind="flow_sde", num_steps=3))
+    cfg = apply_overrides(RLConfig(algo="ppo", action_chunk=1),
+                          ["ppo.sil_coef=0.7", "sil_buffer_per_task=64", "sil_batch_size=8",
+                           "sil_hindsight=true"])
+    env = _HindsightReach(32, max_episode_steps=2, radius=0.45)
+    tr = RLTrainer(pol, smp, env, cfg, seed=0)
+    ro = tr.rollout()
+    p = tr._prepare(ro)
+    failed = (~ro.episode_success).nonzero().reshape(-1).tolist()
+    n_ok = 32 - len(failed)
+    assert 3 < len(failed) < 32 and p["hindsight"] == len(env.calls) == len(failed)
+    from pirl.runners.rollout import cat_chains, stack_obs
+
+    executed = torch.stack(env.executed)  # [steps, N, 2]
+    all_obs, chain = stack_obs(ro.obs), cat_chains(ro.chains)
+    eps = tr.successes.episodes[0]
+    assert len(eps) == len(failed) + n_ok
+    for (task, seed, acts, chunk), i, (o, a) in zip(env.calls, failed, eps):
+        rows = ro.valid[:, i].nonzero().reshape(-1)
+        assert task == 0 and chunk == 1 and seed == int(tr._ep_seeds[i])
+        np.testing.assert_allclose(acts, executed[rows, i].double().numpy(), rtol=0, atol=1e-6)
+        k = o["state"].shape[0]
+        assert torch.equal(o["state"], torch.from_numpy(acts[-1]).float().expand(k, 2))
+        torch.testing.assert_close(a, chain.actions[rows[:k] * 32 + i])
+        assert o["instruction"] == [all_obs["instruction"][r] for r in (rows[:k] * 32 + i)]
+    m = tr.iteration()
+    assert m["sil/hindsight_added"] > 0
+    with pytest.raises(ValueError, match="hindsight"):
+        RLTrainer(pol, smp, ReachEnv(4), cfg, seed=0)
+    with pytest.raises(ValueError, match="sil_hindsight"):
+        apply_overrides(RLConfig(), ["sil_hindsight=true"])
 
 
 def test_success_buffer_resumes_exactly():

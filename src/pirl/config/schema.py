@@ -214,6 +214,10 @@ class RLConfig:
     # moves at the policy lr (0: off)
     sil_steps: int = 0
     sil_lr: float = 1e-3
+    # hindsight relabelling: each failed episode of a task whose goal is a free point (the env's
+    # hindsight_episode; Meta-World's reach / push / pick-place tasks) also enters the buffer as
+    # the success it is for the goal where its hand / object went, replayed in the simulator
+    sil_hindsight: bool = False
     # envs with fixed initial states (LIBERO: 50 per task): the ones RL's rollouts start from
     # (None: all of them).  LIBERO's protocol trains and evaluates on the same fixed states
     # (RLinf resets to them); evaluation's k-th episode of a task starts from state k, so
@@ -248,6 +252,8 @@ class RLConfig:
         _check(self.sil_steps == 0 or self.sil_buffer_per_task > 0, "rl.sil_steps",
                "self-imitation steps need the success buffer (rl.sil_buffer_per_task > 0)")
         _check(self.sil_lr > 0, "rl.sil_lr", f"must be > 0, got {self.sil_lr}")
+        _check(not self.sil_hindsight or self.sil_buffer_per_task > 0, "rl.sil_hindsight",
+               "relabelled episodes go to the success buffer (rl.sil_buffer_per_task > 0)")
         _check(self.init_states is None or (len(self.init_states) > 0
                                             and min(self.init_states) >= 0),
                "rl.init_states", f"must be a non-empty list of indices >= 0, got "

@@ -76,6 +76,19 @@ MAX_CACHED_TASKS = 2
 ACTION_DIM = 4
 REWARD_MODES = ("sparse", "dense", "dense_absorbing")
 STATE_DIM = 39
+#: Tasks whose goal (``_target_pos``, the state's last 3 entries) is a free point in space,
+#: with no body at it, that the task must bring the hand (state ``[0:3]``) or the object
+#: (``[4:7]``) to: a failed episode of one is a success for the goal where that point went
+#: (:meth:`MetaWorldEnv.hindsight_episode`).  Goals tied to a body (a shelf, a basket, a coffee
+#: machine, a hole) move physics with them and are left out.
+HINDSIGHT_TASKS: dict[str, slice] = {
+    "reach-v3": slice(0, 3), "reach-wall-v3": slice(0, 3),
+    "push-v3": slice(4, 7), "push-wall-v3": slice(4, 7), "push-back-v3": slice(4, 7),
+    "pick-place-v3": slice(4, 7), "pick-place-wall-v3": slice(4, 7),
+}
+#: A relabelled goal lies at least this far (m) from where the hand / object started (twice
+#: the tasks' success radii of 0.05-0.07), so that its episode has to move it there
+HINDSIGHT_MIN_MOVE = 0.10
 
 #: One short imperative instruction per v3 task (Meta-World's tasks carry no language).
 TASK_INSTRUCTIONS: dict[str, str] = {
@@ -505,6 +518,63 @@ class MetaWorldEnv(PoolBatchedEnv):
             raise ValueError(f"action: Meta-World takes actions of shape [num_envs, 4] = "
                              f"[{self.num_envs}, 4] (delta xyz, gripper), got {list(shape)}")
         return super().step(action)
+
+    def hindsight_episode(self, task_index: int, seed: int, actions: np.ndarray,
+                          action_chunk: int) -> np.ndarray | None:
+        """Hindsight relabelling of a failed episode of a :data:`HINDSIGHT_TASKS` task.
+
+        ``actions [S, 4]``: the env actions the episode executed from its reset with episode
+        ``seed`` (``action_chunk`` per chunk step).  The episode is replayed on a private env of
+        this process: the new goal is the last point the hand / object reached that lies in the
+        task's goal space (within its success radius) and at least :data:`HINDSIGHT_MIN_MOVE`
+        from its start; then the episode is replayed again with that goal as ``_target_pos``
+        (the goal moves no body of these tasks, so the replay's physics is the episode's) until
+        Meta-World's own ``info["success"]``.  Returns the replay's states ``[K, 39]`` (goal
+        entries = the new goal) at the starts of the ``K`` chunk steps up to that success: with
+        the episode's first ``K`` action chunks, a successful episode of the same task.  None
+        if the task has no free goal, no reached point qualifies or the second replay does not
+        succeed.
+        """
+        if not 0 <= int(task_index) < len(self.tasks):
+            raise ValueError(f"task_index {task_index} outside [0, {len(self.tasks)})")
+        part = HINDSIGHT_TASKS.get(self.tasks[int(task_index)])
+        acts = np.asarray(actions, dtype=np.float64).reshape(-1, ACTION_DIM)
+        acts = acts[:self.max_episode_steps]
+        if part is None or len(acts) == 0:
+            return None
+        if getattr(self, "_replay", None) is None:
+            # state only, one cached env per free-goal task
+            self._replay = MetaWorldSlot(self.tasks, max_cached=len(HINDSIGHT_TASKS),
+                                         max_episode_steps=self.max_episode_steps)
+        slot, task = self._replay, int(task_index)
+        points = [slot.reset(task, 0, int(seed))["state"][part]]
+        points += [slot.step(a)[0]["state"][part] for a in acts]
+        pts = np.stack(points).astype(np.float64)
+        env = slot.envs[task]
+        low, high = env.goal_space.low, env.goal_space.high
+        radius = 0.05
+        ok = (np.all((pts >= low - radius) & (pts <= high + radius), axis=1)
+              & (np.linalg.norm(pts - pts[0], axis=1) >= HINDSIGHT_MIN_MOVE))
+        if not ok.any():
+            return None
+        goal = np.clip(pts[int(np.nonzero(ok)[0][-1])], low, high)
+        slot.reset(task, 0, int(seed))
+        env._target_pos = goal.copy()
+        env.model.site("goal").pos = goal  # (the goal marker; no physics)
+        states = [np.asarray(env._get_obs(), dtype=np.float32)]
+        for a in acts:
+            obs, _, success = slot.step(a)
+            if success:
+                k = -(-(len(states)) // action_chunk)  # chunk steps up to the success step
+                return np.stack(states[::action_chunk][:k])
+            states.append(obs["state"])
+        return None
+
+    def close(self) -> None:
+        if getattr(self, "_replay", None) is not None:
+            self._replay.close()
+            self._replay = None
+        super().close()
 
     def render(self) -> torch.Tensor:
         """Camera frames ``[N, 3, S, S]`` uint8 (``obs_mode="rgb"`` only)."""

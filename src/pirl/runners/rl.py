@@ -28,7 +28,7 @@ from pirl.models.base import (FlowPolicy, cat_batch, flow_matching_loss, index_b
                               sample_flow_time, to_device)
 from pirl.config.schema import RLConfig
 from pirl.runners.curriculum import FailureCurriculum, FailureReplay
-from pirl.runners.rollout import Rollout, cat_chains, collect, stack_obs
+from pirl.runners.rollout import Rollout, cat_chains, collect, env_actions, stack_obs
 from pirl.runners.self_imitation import SuccessBuffer
 
 
@@ -97,6 +97,9 @@ class RLTrainer:
                                  f"self-imitation term that reads it)")
             self.successes = SuccessBuffer(len(self.env.task_names), cfg.sil_buffer_per_task,
                                            keep=cfg.sil_buffer_keep)
+        if cfg.sil_hindsight and getattr(self.env, "hindsight_episode", None) is None:
+            raise ValueError(f"rl.sil_hindsight: {type(env).__name__} has no hindsight "
+                             f"relabelling (an env's hindsight_episode; Meta-World has one)")
         if cfg.sil_steps > 0:
             actor = next(g for g in self.optimizer.param_groups if g["name"] == "policy")
             self.sil_optimizer = torch.optim.Adam(actor["params"], lr=cfg.sil_lr,
@@ -155,8 +158,8 @@ class RLTrainer:
                 n, self.hp.group_size, len(self.env.task_names), self.group_gen,
                 task_probs=probs, round_robin=self.cfg.task_sampling == "round_robin")
             self._task_ids = task_ids
-            return {"seed": base, "task_ids": task_ids,
-                    "episode_seeds": self._on_init_states(ep_seeds + base)}
+            self._ep_seeds = self._on_init_states(ep_seeds + base)
+            return {"seed": base, "task_ids": task_ids, "episode_seeds": self._ep_seeds}
         g = torch.Generator().manual_seed(base)
         # the first k envs restart from replayed failed states, the others draw fresh ones
         k = 0
@@ -273,6 +276,9 @@ class RLTrainer:
         p["obs"] = index_batch(obs, idx)
         p["chain"] = chain.index(idx)
         if self.successes is not None:
+            # (relabelled failures first: a full task then keeps its real successes, the newer)
+            p["hindsight"] = (self._add_hindsight(obs, chain.actions, valid, ro.episode_success)
+                              if self.cfg.sil_hindsight else 0)
             self.successes.add(obs, chain.actions, valid, self._task_ids, ro.episode_success)
         p["frozen"] = index_batch(cat_batch(ro.prefixes), idx) if ro.prefixes else None
         p["old_logp"] = self._aggregate(p["chain"])
@@ -296,6 +302,36 @@ class RLTrainer:
         p["sil_w"] = (ro.episode_success[None, :].expand_as(valid).reshape(-1)[idx].float()
                       if self.hp.sil_coef > 0 and self.successes is None else None)
         return p
+
+    def _add_hindsight(self, obs: dict[str, Any], actions: torch.Tensor, valid: torch.Tensor,
+                       success: torch.Tensor) -> int:
+        """Hindsight relabelling (``rl.sil_hindsight``): each failed episode is replayed by the
+        env's ``hindsight_episode`` (task, episode seed, executed env actions), and what it gives
+        back, the states of a success for another goal, goes to the success buffer with the
+        episode's first action chunks.  ``obs`` / ``actions [T * N, H, A]`` rows as
+        :meth:`SuccessBuffer.add` takes them; returns the episodes added."""
+        t, n = valid.shape
+        device = next(self.policy.parameters()).device
+        with torch.no_grad():
+            env_acts = env_actions(self.policy.postprocess_actions(actions.to(device)),
+                                   self.action_chunk, self.env.action_dim).cpu()
+        added = 0
+        for i in (~success.bool()).nonzero().reshape(-1).tolist():
+            rows = valid[:, i].nonzero().reshape(-1) * n + i
+            if rows.numel() == 0:
+                continue
+            task = int(self._task_ids[i])
+            states = self.env.hindsight_episode(
+                task, int(self._ep_seeds[i]), env_acts[rows].reshape(-1, self.env.action_dim)
+                .double().numpy(), self.action_chunk)
+            if states is None:
+                continue
+            rows = rows[:len(states)]
+            ep = index_batch(obs, rows)
+            ep["state"] = torch.as_tensor(states, dtype=ep["state"].dtype)
+            self.successes.add_episode(task, ep, actions[rows])
+            added += 1
+        return added
 
     def _learn_parts(self, parts: list[dict[str, Any]], t_roll: float) -> dict[str, float]:
         """One update on the rows of one or more prepared rollouts (:meth:`_prepare`), with
@@ -326,6 +362,8 @@ class RLTrainer:
             held = self.successes.episodes_per_task()
             metrics["sil/buffer_episodes"] = float(held.sum())
             metrics["sil/buffer_tasks"] = float((held > 0).sum())
+            if self.cfg.sil_hindsight:
+                metrics["sil/hindsight_added"] = float(sum(p["hindsight"] for p in parts))
         t1 = time.perf_counter()
         upd = self.update(obs, chain, old_logp, adv, ret, old_values, frozen, sil_w)
         t_upd = time.perf_counter() - t1

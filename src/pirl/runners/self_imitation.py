@@ -77,10 +77,23 @@ class SuccessBuffer:
             rows = (valid[:, i].nonzero().reshape(-1) * n + i).cpu()
             if rows.numel() == 0:
                 continue
-            ep = (index_batch(obs, rows), actions[rows].detach().float().cpu())
-            self.episodes[task] = self._kept(self.episodes[task] + [ep])
+            self.add_episode(task, index_batch(obs, rows), actions[rows])
             added += 1
         return added
+
+    def add_episode(self, task: int, obs: dict[str, torch.Tensor], actions: torch.Tensor) -> None:
+        """Add one successful episode of ``task``: observation rows ``[T_e, ...]`` and its
+        executed action chunks ``[T_e, H, A]``."""
+        if not 0 <= task < self.num_tasks:
+            raise ValueError(f"task id {task} outside [0, {self.num_tasks})")
+        if actions.ndim != 3 or actions.shape[0] == 0:
+            raise ValueError(f"an episode's actions must be [T_e >= 1, H, A], got "
+                             f"{tuple(actions.shape)}")
+        for k, v in obs.items():
+            if len(v) != actions.shape[0]:
+                raise ValueError(f"obs[{k!r}] has {len(v)} rows for {actions.shape[0]} chunks")
+        ep = (obs, actions.detach().float().cpu())
+        self.episodes[task] = self._kept(self.episodes[task] + [ep])
 
     def _kept(self, eps: list) -> list:
         """The episodes of a task that stay (oldest first)."""
