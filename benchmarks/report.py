@@ -130,8 +130,10 @@ def _label_sampler_algo(cfg: dict[str, Any], precision: str | None = None) -> st
     if not rl.get("iterations"):
         return "few-shot SFT only"
     name = SAMPLERS.get(s.get("kind"), s.get("kind", "?"))
-    if s.get("kind") == "flow_sde" and s.get("hybrid"):
-        name += " (hybrid)"
+    if s.get("kind") == "flow_sde":
+        # and its noise level a (the presets differ: 1.0 on the tabletop, 0.5 on LIBERO)
+        hybrid = "hybrid, " if s.get("hybrid") else ""
+        name += f" ({hybrid}a = {s.get('noise_level', 0.5):g})"
     algo = str(rl.get("algo", "?")).upper()
     chunk = rl.get("action_chunk")
     replan = f", re-plans every {chunk}" if chunk else ""
@@ -154,6 +156,8 @@ def _label_sampler_algo(cfg: dict[str, Any], precision: str | None = None) -> st
         extra += f" + self-imitation {hp['sil_coef']}"
     if rl.get("sil_buffer_per_task") and rl.get("sil_buffer_keep", "newest") != "newest":
         extra += f" of the {rl['sil_buffer_keep']} successes"
+    if rl.get("sil_buffer_per_task") and rl.get("sil_hindsight"):
+        extra += " and hindsight-relabelled failures"
     if rl.get("noise_schedule", "constant") != "constant":
         extra += f", sampler noise {rl['noise_schedule']} to x{rl.get('noise_final', 1.0):g}"
     states = rl.get("init_states")

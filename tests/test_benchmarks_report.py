@@ -82,7 +82,7 @@ def test_report_writes_the_row_of_a_tiny_run_between_the_markers(tiny_record, tm
     rows = [line for line in text.splitlines() if line.startswith("| tabletop")]
     assert len(rows) == 1
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
-    assert cells[1:3] == ["tiny", "PPO + Flow-SDE (hybrid), re-plans every 4"]
+    assert cells[1:3] == ["tiny", "PPO + Flow-SDE (hybrid, a = 1), re-plans every 4"]
     # start -> end per split, with the binomial standard error, from results.json
     res = json.loads((results / "tabletop_tiny_seed0" / "results.json").read_text())
 
@@ -145,8 +145,8 @@ def test_runs_that_differ_only_in_the_seed_make_one_row(tiny_record, tmp_path):
     assert _run(report, both, readme) == 0
     rows = [line for line in readme.read_text().splitlines() if line.startswith("| tabletop")]
     assert [r.split("|")[3].strip() for r in rows][1:] == [
-        "PPO + Flow-SDE (hybrid), re-plans every 4",
-        "PPO + Flow-SDE (hybrid), re-plans every 4, disaggregated placement"]
+        "PPO + Flow-SDE (hybrid, a = 1), re-plans every 4",
+        "PPO + Flow-SDE (hybrid, a = 1), re-plans every 4, disaggregated placement"]
 
 
 def test_a_records_conditions_stand_beside_its_wall_clock(tiny_record, tmp_path):
@@ -237,10 +237,11 @@ def test_label_names_several_rollouts_per_update():
     report = _report()
     cfg = {"sampler": {"kind": "flow_sde", "hybrid": True},
            "rl": {"algo": "ppo", "iterations": 3, "action_chunk": 4}}
-    assert report._label_sampler_algo(cfg) == "PPO + Flow-SDE (hybrid), re-plans every 4"
+    assert report._label_sampler_algo(cfg) == \
+        "PPO + Flow-SDE (hybrid, a = 0.5), re-plans every 4"
     cfg["rl"]["rollouts_per_update"] = 4
     assert report._label_sampler_algo(cfg) == \
-        "PPO + Flow-SDE (hybrid), re-plans every 4, 4 rollouts per update"
+        "PPO + Flow-SDE (hybrid, a = 0.5), re-plans every 4, 4 rollouts per update"
 
 
 def test_label_names_the_noise_schedule_the_rollouts_init_states_and_the_buffer_rule():
@@ -248,16 +249,26 @@ def test_label_names_the_noise_schedule_the_rollouts_init_states_and_the_buffer_
     cfg = {"sampler": {"kind": "flow_sde", "hybrid": True},
            "rl": {"algo": "ppo", "iterations": 3, "noise_schedule": "cosine", "noise_final": 0.4,
                   "init_states": [0, 1, 2, 3]}}
-    assert report._label_sampler_algo(cfg) == ("PPO + Flow-SDE (hybrid), sampler noise cosine "
-                                               "to x0.4, rollouts from init states 0-3")
+    assert report._label_sampler_algo(cfg) == ("PPO + Flow-SDE (hybrid, a = 0.5), sampler noise "
+                                               "cosine to x0.4, rollouts from init states 0-3")
     cfg["rl"].update(noise_schedule="constant", init_states=[0, 5])
     assert report._label_sampler_algo(cfg) == \
-        "PPO + Flow-SDE (hybrid), rollouts from init states 0, 5"
+        "PPO + Flow-SDE (hybrid, a = 0.5), rollouts from init states 0, 5"
     # the success buffer's rule, where it is not the default (newest)
     cfg["rl"].update(init_states=None, sil_buffer_per_task=20, sil_steps=200,
                      sil_buffer_keep="shortest")
-    assert report._label_sampler_algo(cfg) == ("PPO + Flow-SDE (hybrid) + self-imitation (200 "
-                                               "steps per iteration) of the shortest successes")
+    assert report._label_sampler_algo(cfg) == ("PPO + Flow-SDE (hybrid, a = 0.5) + self-imitation "
+                                               "(200 steps per iteration) of the shortest "
+                                               "successes")
     cfg["rl"]["sil_buffer_keep"] = "newest"
     assert report._label_sampler_algo(cfg) == \
-        "PPO + Flow-SDE (hybrid) + self-imitation (200 steps per iteration)"
+        "PPO + Flow-SDE (hybrid, a = 0.5) + self-imitation (200 steps per iteration)"
+    # hindsight relabelling into the buffer, and another noise level
+    cfg["rl"]["sil_hindsight"] = True
+    cfg["sampler"]["noise_level"] = 1.0
+    assert report._label_sampler_algo(cfg) == (
+        "PPO + Flow-SDE (hybrid, a = 1) + self-imitation (200 steps per iteration) and "
+        "hindsight-relabelled failures")
+    cfg["sampler"].update(hybrid=False, noise_level=0.5)
+    assert report._label_sampler_algo(cfg).startswith(
+        "PPO + Flow-SDE (a = 0.5) + self-imitation")
