@@ -9,7 +9,9 @@ through pirl's own preprocessing: its tokenizer from the folder's ``tokenizer.js
 format, its normaliser from the processor files, ``resize_with_pad`` (45x56 images to 32x32),
 two cameras given and the third masked as missing, the 5-dim state padded to 8.
 
-float32: every stage within 1e-5 absolute (observed maxima in docs/models.md).  bf16 autocast:
+float32: every stage within 1e-5 absolute plus 4 float32 ulps relative (observed maxima in
+docs/models.md; the relative part matters only for the loss elements, squared errors up to ~270,
+whose last bit differs between CPUs).  bf16 autocast:
 within the tolerances below (measured maxima x ~3).
 """
 
@@ -35,6 +37,9 @@ torch.set_num_threads(1)
 ART = Path(__file__).resolve().parents[1] / "artifacts" / "parity"
 KINDS = ["pi0", "pi05", "smolvla"]
 ATOL = 1e-5
+# 4 ulps of float32 (eps 1.19e-7): on an Intel Xeon pi0's loss element of ~200 came out 3.05e-5
+# (1.5e-7 relative, 1-2 ulps) from LeRobot's value computed on an AMD EPYC
+RTOL = 4 * torch.finfo(torch.float32).eps
 # bf16 autocast against LeRobot's float32 outputs (max abs measured on these artifacts, see
 # docs/models.md): prefix / expert in bf16, so differences are bf16 rounding of O(1) values
 BF16_ATOL = {"velocity_t1": 0.03, "actions_3": 0.025, "actions_10": 0.025, "env_actions_10": 0.02,
@@ -123,7 +128,8 @@ def test_float32_stages_match(case):
     kind, _, pol, ref, meta = case
     got = stage_outputs(pol, ref, meta)
     for name, value in got.items():
-        torch.testing.assert_close(value, ref[name], atol=ATOL, rtol=0, msg=lambda m: f"{kind} {name}: {m}")
+        torch.testing.assert_close(value, ref[name], atol=ATOL, rtol=RTOL,
+                                   msg=lambda m: f"{kind} {name}: {m}")
 
 
 def test_image_masks_match(case):
