@@ -601,6 +601,16 @@ def test_self_imitation_from_the_success_buffer():
         apply_overrides(RLConfig(), ["sil_buffer_keep=longest"])
 
 
+def _one_step_trainer(kind, overrides, env):
+    """``(policy, sampler, RLTrainer)``: the tiny reach policy, a 3-step ``kind`` sampler and
+    PPO executing one action per chunk, with ``overrides`` of the RL config."""
+    pol = _policy()
+    smp = build_sampler(kind, 3, pol.feature_dim, pol.action_dim,
+                        config=SamplerConfig(kind=kind, num_steps=3))
+    cfg = apply_overrides(RLConfig(algo="ppo", action_chunk=1), overrides)
+    return pol, smp, RLTrainer(pol, smp, env, cfg, seed=0)
+
+
 class _HindsightReach(ReachEnv):
     """ReachEnv whose failed episodes relabel to the point of their last action: the episode
     ends at the first action within ``radius`` of it.  It records the actions every env
@@ -626,14 +636,9 @@ def test_hindsight_relabelled_failures_enter_the_buffer():
     its task, episode seed and the env actions it executed; what comes back enters the success
     buffer as states + the episode's first action chunks, before the rollout's real successes;
     an env without relabelling and a run without the buffer are errors."""
-    pol = _policy()
-    smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
-                        config=SamplerConfig(kind="flow_sde", num_steps=3))
-    cfg = apply_overrides(RLConfig(algo="ppo", action_chunk=1),
-                          ["ppo.sil_coef=0.7", "sil_buffer_per_task=64", "sil_batch_size=8",
-                           "sil_hindsight=true"])
     env = _HindsightReach(32, max_episode_steps=2, radius=0.45)
-    tr = RLTrainer(pol, smp, env, cfg, seed=0)
+    pol, smp, tr = _one_step_trainer("flow_sde", ["ppo.sil_coef=0.7", "sil_buffer_per_task=64",
+                                                  "sil_batch_size=8", "sil_hindsight=true"], env)
     ro = tr.rollout()
     p = tr._prepare(ro)
     failed = (~ro.episode_success).nonzero().reshape(-1).tolist()
@@ -656,7 +661,7 @@ def test_hindsight_relabelled_failures_enter_the_buffer():
     m = tr.iteration()
     assert m["sil/hindsight_added"] > 0
     with pytest.raises(ValueError, match="hindsight"):
-        RLTrainer(pol, smp, ReachEnv(4), cfg, seed=0)
+        RLTrainer(pol, smp, ReachEnv(4), tr.cfg, seed=0)
     with pytest.raises(ValueError, match="sil_hindsight"):
         apply_overrides(RLConfig(), ["sil_hindsight=true"])
 
@@ -707,13 +712,9 @@ def test_self_imitation_steps_fit_the_buffer_and_leave_critic_and_noise():
     sampler's noise net; they need the buffer."""
     from pirl.models.base import flow_matching_loss
 
-    pol = _policy()
-    smp = build_sampler("flow_noise", 3, pol.feature_dim, pol.action_dim,
-                        config=SamplerConfig(kind="flow_noise", num_steps=3))
-    cfg = apply_overrides(RLConfig(algo="ppo", action_chunk=1),
-                          ["sil_buffer_per_task=4", "sil_batch_size=16", "sil_steps=60",
-                           "sil_lr=3e-3"])
-    tr = RLTrainer(pol, smp, ReachEnv(32, max_episode_steps=2, radius=0.45), cfg, seed=0)
+    pol, smp, tr = _one_step_trainer(
+        "flow_noise", ["sil_buffer_per_task=4", "sil_batch_size=16", "sil_steps=60",
+                       "sil_lr=3e-3"], ReachEnv(32, max_episode_steps=2, radius=0.45))
     assert tr.self_imitation_steps() == {}  # empty buffer: nothing to fit
     tr._prepare(tr.rollout())
     assert len(tr.successes) >= 2
