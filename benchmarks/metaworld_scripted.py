@@ -17,7 +17,8 @@ import time
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from pirl.envs.metaworld import MT50_TASKS, scripted_success_table
+    from pirl.envs.metaworld import MT50_TASKS
+    from pirl.envs.metaworld_scripted import scripted_success_table
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--episodes", type=int, default=10, help="seeds per task")

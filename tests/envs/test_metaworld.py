@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from pirl.envs import metaworld as M
+from pirl.envs import metaworld_scripted as S
 from pirl.envs.pool import SimulatorUnavailable
 
 HAVE_MW = importlib.util.find_spec("metaworld") is not None
@@ -56,7 +57,7 @@ def test_task_names_match_metaworld():
     assert M.benchmark_tasks("mt10") == list(MT10_V3)
     train, test = M.benchmark_tasks("ml10", "train"), M.benchmark_tasks("ml10", "test")
     assert len(train) == 10 and len(test) == 5 and not set(train) & set(test)
-    assert M.demo_tasks("metaworld/ml45", split="test") == M.benchmark_tasks("ml45", "test")
+    assert S.demo_tasks("metaworld/ml45", split="test") == M.benchmark_tasks("ml45", "test")
 
 
 @needs_mw
@@ -95,7 +96,7 @@ def test_wrong_action_shape_names_the_shape():
 @needs_mw
 def test_success_flag_terminates_with_sparse_reward_and_time_limit():
     seed = 3
-    ep = M.run_scripted("reach-v3", [seed])[0]
+    ep = S.run_scripted("reach-v3", [seed])[0]
     assert ep["success"] and ep["length"] < M.DEFAULT_MAX_STEPS
     env = M.MetaWorldEnv(["reach-v3"], 2, max_episode_steps=ep["length"] + 5)
     env.reset(episode_seeds=torch.tensor([seed, seed]))
@@ -119,7 +120,7 @@ def test_dense_absorbing_reward_against_the_dense_stream():
     step t (1-based): checked step by step against a ``dense`` env replaying the same actions,
     and the return of a success at step t is at least (T - t) / T and at most 1."""
     seed = 3
-    ep = M.run_scripted("reach-v3", [seed])[0]
+    ep = S.run_scripted("reach-v3", [seed])[0]
     n = ep["length"]
     big_t = n + 7
     envs = {m: M.MetaWorldEnv(["reach-v3"], 1, reward_mode=m, max_episode_steps=big_t)
@@ -181,10 +182,10 @@ def test_demo_for_task_without_scripted_policy(monkeypatch, tmp_path):
     from metaworld import policies
 
     with pytest.raises(ValueError, match="no scripted policy for Meta-World task 'reach-v2'"):
-        M.scripted_policy("reach-v2")
+        S.scripted_policy("reach-v2")
     monkeypatch.delitem(policies.ENV_POLICY_MAP, "push-v3")
     with pytest.raises(ValueError, match="no scripted policy for Meta-World task 'push-v3'"):
-        M.generate_metaworld_demos(["reach-v3", "push-v3"], 1, tmp_path)
+        S.generate_metaworld_demos(["reach-v3", "push-v3"], 1, tmp_path)
     assert not (tmp_path / "meta").exists()  # checked before recording anything
 
 
@@ -295,7 +296,7 @@ def test_hindsight_episode_is_a_success_for_its_goal():
     states.  No free goal, no movement: None."""
     tasks, chunk = ["push-v3", "button-press-v3"], 4
     slot = M.MetaWorldSlot(tasks)
-    policy = M.scripted_policy("push-v3")
+    policy = S.scripted_policy("push-v3")
     state, acts, seed = slot.reset(0, 0, 3)["state"], [], 3
     for _ in range(200):
         steered = state.copy()

@@ -177,7 +177,8 @@ def _metaworld_demos(env_name: str, episodes_per_task: int, out: Path, seed: int
     """Meta-World scripted-policy demos (``generate_metaworld_demos``) recorded with the
     training env's observation settings (``obs_mode``, ``image_size``, ``camera``) and time
     limit.  Action noise does not apply: the scripted policies act as they are."""
-    from pirl.envs.metaworld import DEFAULT_MAX_STEPS, demo_tasks, generate_metaworld_demos
+    from pirl.envs.metaworld import DEFAULT_MAX_STEPS
+    from pirl.envs.metaworld_scripted import demo_tasks, generate_metaworld_demos
 
     tasks = demo_tasks(env_name, env_kwargs, split)
     kw = {k: env_kwargs[k] for k in ("obs_mode", "image_size", "camera") if k in env_kwargs}
