@@ -142,6 +142,9 @@ def _label_sampler_algo(cfg: dict[str, Any], precision: str | None = None) -> st
     # how it ran, where that is not the default (rows that differ only there stay apart)
     mode = cfg.get("placement", {}).get("mode", "local")
     where = f", {mode} placement" if mode != "local" else ""
+    env_kw = cfg.get("env", {}).get("kwargs", {}) or {}
+    if env_kw.get("processes") is True:  # LIBERO's slots in worker processes, not a loop
+        where += ", envs in worker processes"
     bf16 = ", bf16" if precision == "bf16" else ""
     # the extra loss terms, which change what the row measures
     hp = rl.get(str(rl.get("algo", "ppo")), {}) or {}
@@ -158,6 +161,9 @@ def _label_sampler_algo(cfg: dict[str, Any], precision: str | None = None) -> st
         extra += f" of the {rl['sil_buffer_keep']} successes"
     if rl.get("sil_buffer_per_task") and rl.get("sil_hindsight"):
         extra += " and hindsight-relabelled failures"
+    reward = env_kw.get("reward_mode", "sparse")
+    if reward != "sparse":  # a shaped reward changes what PPO's advantages see
+        extra += f", {reward} reward"
     if rl.get("noise_schedule", "constant") != "constant":
         extra += f", sampler noise {rl['noise_schedule']} to x{rl.get('noise_final', 1.0):g}"
     states = rl.get("init_states")

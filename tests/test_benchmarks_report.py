@@ -272,3 +272,14 @@ def test_label_names_the_noise_schedule_the_rollouts_init_states_and_the_buffer_
     cfg["sampler"].update(hybrid=False, noise_level=0.5)
     assert report._label_sampler_algo(cfg).startswith(
         "PPO + Flow-SDE (a = 0.5) + self-imitation")
+
+
+def test_label_names_a_shaped_reward_and_envs_in_worker_processes():
+    report = _report()
+    cfg = {"sampler": {"kind": "flow_sde", "hybrid": True},
+           "rl": {"algo": "ppo", "iterations": 3},
+           "env": {"kwargs": {"reward_mode": "sparse", "processes": False}}}
+    assert report._label_sampler_algo(cfg) == "PPO + Flow-SDE (hybrid, a = 0.5)"
+    cfg["env"]["kwargs"] = {"reward_mode": "dense_absorbing", "processes": True}
+    assert report._label_sampler_algo(cfg) == (
+        "PPO + Flow-SDE (hybrid, a = 0.5), dense_absorbing reward, envs in worker processes")
