@@ -60,7 +60,7 @@ def maniskill_row(num_envs: int = 1, obs_mode: str = "rgb", vectorization: str =
 
 
 def libero_row(num_envs: int = 2, suite: str = "libero_spatial", steps: int = 20,
-               image_size: int = 224, processes: bool = True,
+               image_size: int = 224, processes: bool | int = True,
                obs_mode: str = "image") -> dict[str, Any]:
     """LIBERO suite, one process per env (or all in this process).  ``image``: agent-view +
     wrist rendered at 256 px and resized to ``image_size``; ``state``: no rendering, robot state
@@ -69,7 +69,9 @@ def libero_row(num_envs: int = 2, suite: str = "libero_spatial", steps: int = 20
 
     gl = L.select_mujoco_gl() if obs_mode == "image" else "none"
     base = {"sim": f"LIBERO {suite}", "backend": f"cpu (MuJoCo, {gl})",
-            "num_envs": num_envs, "vectorization": "process" if processes else "loop",
+            "num_envs": num_envs,
+            "vectorization": ("loop" if not processes else "process" if processes is True
+                              else f"{processes} processes"),
             "obs": (f"rgb 2x{image_size}px" if obs_mode == "image"
                     else f"state {L.suite_state_dim(suite)}-D")}
     t0 = time.perf_counter()
@@ -145,6 +147,9 @@ ROWS: dict[str, Callable[[], dict[str, Any]]] = {
     "libero_2": lambda: libero_row(2),
     "libero_state_1": lambda: libero_row(1, processes=False, obs_mode="state", steps=300),
     "libero_state_2": lambda: libero_row(2, obs_mode="state", steps=300),
+    # the libero_spatial_state preset's 20 envs: in this process, and in 2 worker processes
+    "libero_state_20": lambda: libero_row(20, processes=False, obs_mode="state", steps=30),
+    "libero_state_20x2": lambda: libero_row(20, processes=2, obs_mode="state", steps=30),
     "metaworld_state_loop": lambda: metaworld_row(8, "state", 0),
     "metaworld_state_pool2": lambda: metaworld_row(8, "state", 2),
     "metaworld_rgb_loop": lambda: metaworld_row(2, "rgb", 0, steps=20),

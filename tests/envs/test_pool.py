@@ -181,3 +181,45 @@ def test_dead_worker_stops_the_pool():
         env.step(torch.ones(2, 1))
 
 
+
+
+def test_grouped_pool_blocks_of_slots_per_worker():
+    import functools
+
+    pool = P.GroupedSlotPool(functools.partial(FakeSlotForPoolTests, 3.0), 5, 2,
+                             start_method="fork")
+    try:
+        pids = pool.call("getpid")
+        # contiguous blocks: slots 0-2 in one worker, 3-4 in the other, neither this process
+        assert len(set(pids)) == 2 and os.getpid() not in pids
+        assert pids[0] == pids[1] == pids[2] != pids[3] == pids[4]
+        outs = pool.call("reset", args=[(0, i, i) for i in range(5)])
+        assert [o["state"][0] for o in outs] == [0.0, 1.0, 2.0, 3.0, 4.0]
+        # a subset across both workers comes back in the order asked for
+        outs = pool.call("step", args=[(np.array([10.0]),), (np.array([20.0]),)],
+                         indices=[4, 1])
+        assert [o[0]["state"][0] for o in outs] == [14.0, 21.0]
+        # the batched env over it: stacked observations, one row per slot
+        env = P.PoolBatchedEnv(pool, task_names=["a"], instructions=["do a"], action_dim=1,
+                               state_dim=1, max_episode_steps=5, seed_space=1000)
+        obs = env.reset(task_ids=torch.zeros(5, dtype=torch.long),
+                        episode_seeds=torch.arange(5))
+        assert obs["state"][:, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+        step = env.step(torch.full((5, 1), 2.5))
+        assert step.obs["state"][:, 0].tolist() == [2.5, 3.5, 4.5, 5.5, 6.5]
+    finally:
+        pool.close()
+    with pytest.raises(ValueError, match="num_workers >= 0"):
+        P.GroupedSlotPool(functools.partial(FakeSlotForPoolTests, 3.0), 2, -1)
+
+
+def test_grouped_pool_dead_worker_stops_it():
+    import functools
+
+    pool = P.GroupedSlotPool(functools.partial(DyingSlotForPoolTests, 3.0), 4, 2,
+                             start_method="fork")
+    pool.call("reset", args=[(0, 0, 0)] * 4)
+    with pytest.raises(RuntimeError, match=r"env worker 0 .*died \(exit code 3\)"):
+        pool.call("step", args=[(np.array([1.0]),)] * 4)
+    with pytest.raises(RuntimeError, match="pool is closed"):
+        pool.call("step", args=[(np.array([1.0]),)] * 4)

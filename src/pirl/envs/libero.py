@@ -45,6 +45,7 @@ import torch
 
 from pirl.envs.pool import (
     EGL_APT,
+    GroupedSlotPool,
     PoolBatchedEnv,
     SimulatorUnavailable,
     SubprocEnvPool,
@@ -523,7 +524,10 @@ class LiberoEnv(PoolBatchedEnv):
     (default all; :attr:`task_names` lists them in that order and ``task_id`` indexes it);
     image_size: side of the preprocessed square images (224 as in openpi); render_size: side of
     the raw MuJoCo render (256 as in openpi's LIBERO example); max_episode_steps: defaults to
-    :data:`MAX_STEPS` of the suite; processes: ``False`` runs the slots in this process.
+    :data:`MAX_STEPS` of the suite; processes: ``True`` runs each slot in its own worker
+    process (the GPU machines' image mode), ``False`` (or 0) all slots in this process, an int
+    ``k >= 1`` the slots in ``k`` worker processes of contiguous blocks (for CPUs: a worker's
+    imports hold ~1.6 GB, an env ~0.3 GB, so 20 one-slot workers do not fit 24 GB).
     assets_dir: LIBERO's assets folder (default: ``$PIRL_LIBERO_ASSETS``, else the installed
     asset package, else LIBERO's own folder; :func:`resolve_assets`);
     allow_download: let LIBERO download missing assets from its hub (off: pirl never downloads).
@@ -545,7 +549,7 @@ class LiberoEnv(PoolBatchedEnv):
     def __init__(self, suite: str = "libero_spatial", num_envs: int = 1,
                  task_indices: Sequence[int] | None = None, image_size: int = 224,
                  render_size: int = 256, max_episode_steps: int | None = None,
-                 auto_reset: bool = False, processes: bool = True,
+                 auto_reset: bool = False, processes: bool | int = True,
                  mujoco_gl: str | None = None, allow_download: bool = False,
                  assets_dir: str | os.PathLike | None = None, obs_mode: str = "image",
                  split: str = "train"):
@@ -584,8 +588,15 @@ class LiberoEnv(PoolBatchedEnv):
         factory = functools.partial(LiberoSubEnv, suite=suite, image_size=image_size,
                                     render_size=render_size, allow_download=allow_download,
                                     assets=assets, obs_mode=obs_mode, state_dim=state_dim)
-        pool = SubprocEnvPool([factory] * num_envs, in_process=not processes,
-                              env_vars={"MUJOCO_GL": gl, "PYOPENGL_PLATFORM": gl} if gl else {})
+        env_vars = {"MUJOCO_GL": gl, "PYOPENGL_PLATFORM": gl} if gl else {}
+        if isinstance(processes, bool) or int(processes) == 0:
+            pool = SubprocEnvPool([factory] * num_envs, in_process=not processes,
+                                  env_vars=env_vars)
+        else:
+            if int(processes) < 0:
+                raise ValueError(f"processes must be True, False or a worker count >= 0, "
+                                 f"got {processes}")
+            pool = GroupedSlotPool(factory, num_envs, int(processes), env_vars=env_vars)
         super().__init__(pool, task_names=[t.name for t in sel],
                          instructions=[t.instruction for t in sel], action_dim=7,
                          state_dim=state_dim,

@@ -16,7 +16,7 @@ possible (an episode depends only on its task and seed, not on the slot), so RL'
 draws rebuild few envs.  ``reset()`` without ``task_ids`` runs ``slot_tasks`` (default
 ``i mod T``: ``num_envs`` a multiple of ``T`` spreads the tasks evenly).  Slots run in this
 process (``num_workers=0``) or split over ``num_workers`` worker processes, each stepping its
-slots in a loop (:class:`SlotGroup`).
+slots in a loop (:class:`pirl.envs.pool.SlotGroup`).
 
 Observations: ``state [N, 39]`` float32 is Meta-World's own observation with the goal exposed
 (its "goal-observable" mode): hand xyz (3), gripper opening (1), up to two objects' xyz +
@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from pirl.envs.base import Obs, Step
-from pirl.envs.pool import PoolBatchedEnv, SimulatorUnavailable, SubprocEnvPool
+from pirl.envs.pool import GroupedSlotPool, PoolBatchedEnv, SimulatorUnavailable
 
 METAWORLD_INSTALL = "pip install 'pirl[metaworld]'"
 #: Default time limit.  Meta-World's scripted policies succeed (10 fixed seeds per task,
@@ -314,63 +314,6 @@ class MetaWorldSlot:
         self.envs.clear()
 
 
-class SlotGroup:
-    """Several :class:`MetaWorldSlot` in one process: ``call(method, items)`` runs
-    ``slot[j].method(*args)`` for each ``(j, args)`` of ``items`` in a loop."""
-
-    def __init__(self, num_slots: int, **slot_kw: Any):
-        self.slots = [MetaWorldSlot(**slot_kw) for _ in range(num_slots)]
-
-    def call(self, method: str, items: Sequence[tuple[int, tuple]]) -> list[Any]:
-        return [getattr(self.slots[j], method)(*a) for j, a in items]
-
-    def close(self) -> None:
-        for s in self.slots:
-            s.close()
-
-
-class GroupedSlotPool:
-    """The ``call`` / ``size`` / ``close`` interface of :class:`SubprocEnvPool` over
-    ``num_slots`` slots held by ``num_workers`` :class:`SlotGroup` s (contiguous blocks).
-    ``num_workers=0``: one group in this process.  A call sends one message per worker (its
-    slots' arguments together), so the workers step their blocks in parallel."""
-
-    def __init__(self, num_slots: int, num_workers: int, env_vars: dict[str, str] | None = None,
-                 **slot_kw: Any):
-        self.size = num_slots
-        parts = max(1, min(num_workers, num_slots))
-        blocks = np.array_split(np.arange(num_slots), parts)
-        self.owner = np.concatenate([np.full(len(b), w) for w, b in enumerate(blocks)])
-        self.local = np.concatenate([np.arange(len(b)) for b in blocks])
-        factories = [functools.partial(SlotGroup, len(b), **slot_kw) for b in blocks]
-        self.pool = SubprocEnvPool(factories, in_process=num_workers == 0, env_vars=env_vars)
-        #: which slot serves each row (``call``'s indices are rows); set by the env at reset
-        self.slot_of_row = np.arange(num_slots)
-
-    def call(self, method: str, args: Sequence[tuple] | None = None,
-             indices: Sequence[int] | None = None) -> list[Any]:
-        rows = range(self.size) if indices is None else indices
-        idx = [int(self.slot_of_row[int(i)]) for i in rows]
-        args = [()] * len(idx) if args is None else list(args)
-        per_worker: dict[int, list[tuple[int, tuple]]] = {}
-        where: dict[int, list[int]] = {}
-        for k, (i, a) in enumerate(zip(idx, args)):
-            w = int(self.owner[i])
-            per_worker.setdefault(w, []).append((int(self.local[i]), tuple(a)))
-            where.setdefault(w, []).append(k)
-        workers = sorted(per_worker)
-        outs = self.pool.call("call", args=[(method, per_worker[w]) for w in workers],
-                              indices=workers)
-        result: list[Any] = [None] * len(idx)
-        for w, out in zip(workers, outs):
-            for k, o in zip(where[w], out):
-                result[k] = o
-        return result
-
-    def close(self) -> None:
-        self.pool.close()
-
-
 # --------------------------------------------------------------------------------------------
 # The batched env
 # --------------------------------------------------------------------------------------------
@@ -434,10 +377,10 @@ class MetaWorldEnv(PoolBatchedEnv):
                 os.environ.setdefault("MUJOCO_GL", gl)
                 os.environ.setdefault("PYOPENGL_PLATFORM", gl)
         max_steps = int(max_episode_steps or DEFAULT_MAX_STEPS)
-        pool = GroupedSlotPool(num_envs, num_workers, env_vars=env_vars, tasks=task_list,
-                               obs_mode=obs_mode, image_size=image_size, camera=camera,
-                               reward_mode=reward_mode, max_cached=max_cached,
-                               max_episode_steps=max_steps)
+        slot = functools.partial(MetaWorldSlot, tasks=task_list, obs_mode=obs_mode,
+                                 image_size=image_size, camera=camera, reward_mode=reward_mode,
+                                 max_cached=max_cached, max_episode_steps=max_steps)
+        pool = GroupedSlotPool(slot, num_envs, num_workers, env_vars=env_vars)
         self.max_cached = max(1, int(max_cached))
         #: mirror of each slot's env cache (task indices, least recently used first)
         self._slot_cache: list[list[int]] = [[] for _ in range(num_envs)]

@@ -5,6 +5,8 @@ bookkeeping over them.
   a method on all of them at once (send to every worker, then gather: the simulators step in
   parallel); ``in_process=True`` runs the same objects in a loop in this process.  A dead worker
   closes the whole pool and raises, naming it: no call goes on with partial results.
+- :class:`GroupedSlotPool`: the same interface with several slots per worker process
+  (contiguous blocks), where a worker's imports cost more memory than its env.
 - :class:`PoolBatchedEnv` turns a pool of *slots* into a :class:`~pirl.envs.base.BatchedEnv`:
   stacked observations, step counting against ``max_episode_steps``, auto-reset or
   frozen-when-done, episode seeds mapped onto each slot's start (``seed % seed_space``).
@@ -18,6 +20,7 @@ Used by the LIBERO, Meta-World and ManiSkill adapters (:mod:`pirl.envs.libero`,
 from __future__ import annotations
 
 import ctypes.util
+import functools
 import multiprocessing as mp
 import os
 import traceback
@@ -183,6 +186,75 @@ class SubprocEnvPool:
             self.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+# --------------------------------------------------------------------------------------------
+# Several slots per worker process
+# --------------------------------------------------------------------------------------------
+
+class SlotGroup:
+    """``num_slots`` objects made by ``slot_factory``, in one process: ``call(method, items)``
+    runs ``slot[j].method(*args)`` for each ``(j, args)`` of ``items`` in a loop."""
+
+    def __init__(self, slot_factory: Callable[[], Any], num_slots: int):
+        self.slots = [slot_factory() for _ in range(num_slots)]
+
+    def call(self, method: str, items: Sequence[tuple[int, tuple]]) -> list[Any]:
+        return [getattr(self.slots[j], method)(*a) for j, a in items]
+
+    def close(self) -> None:
+        for s in self.slots:
+            if hasattr(s, "close"):
+                s.close()
+
+
+class GroupedSlotPool:
+    """The ``call`` / ``size`` / ``close`` interface of :class:`SubprocEnvPool` over
+    ``num_slots`` slots held by ``num_workers`` :class:`SlotGroup` s (contiguous blocks), for
+    simulators whose worker process costs more memory than its env (a LIBERO worker holds ~1.6
+    GB of imports against ~0.3 GB per env: 20 one-slot workers do not fit 24 GB).
+    ``num_workers=0``: one group in this process.  A call sends one message per worker (its
+    slots' arguments together), so the workers step their blocks in parallel; a dead worker
+    closes the pool and raises, as in :class:`SubprocEnvPool`."""
+
+    def __init__(self, slot_factory: Callable[[], Any], num_slots: int, num_workers: int,
+                 env_vars: dict[str, str] | None = None, start_method: str = "spawn"):
+        if num_slots < 1 or num_workers < 0:
+            raise ValueError(f"need num_slots >= 1 and num_workers >= 0, got {num_slots}, "
+                             f"{num_workers}")
+        self.size = num_slots
+        parts = max(1, min(num_workers, num_slots))
+        blocks = np.array_split(np.arange(num_slots), parts)
+        self.owner = np.concatenate([np.full(len(b), w) for w, b in enumerate(blocks)])
+        self.local = np.concatenate([np.arange(len(b)) for b in blocks])
+        factories = [functools.partial(SlotGroup, slot_factory, len(b)) for b in blocks]
+        self.pool = SubprocEnvPool(factories, in_process=num_workers == 0, env_vars=env_vars,
+                                   start_method=start_method)
+        #: which slot serves each row (``call``'s indices are rows; Meta-World remaps them)
+        self.slot_of_row = np.arange(num_slots)
+
+    def call(self, method: str, args: Sequence[tuple] | None = None,
+             indices: Sequence[int] | None = None) -> list[Any]:
+        rows = range(self.size) if indices is None else indices
+        idx = [int(self.slot_of_row[int(i)]) for i in rows]
+        args = [()] * len(idx) if args is None else list(args)
+        per_worker: dict[int, list[tuple[int, tuple]]] = {}
+        where: dict[int, list[int]] = {}
+        for k, (i, a) in enumerate(zip(idx, args)):
+            w = int(self.owner[i])
+            per_worker.setdefault(w, []).append((int(self.local[i]), tuple(a)))
+            where.setdefault(w, []).append(k)
+        workers = sorted(per_worker)
+        outs = self.pool.call("call", args=[(method, per_worker[w]) for w in workers],
+                              indices=workers)
+        result: list[Any] = [None] * len(idx)
+        for w, out in zip(workers, outs):
+            for k, o in zip(where[w], out):
+                result[k] = o
+        return result
+
+    def close(self) -> None:
+        self.pool.close()
 
 
 # --------------------------------------------------------------------------------------------
