@@ -348,6 +348,29 @@ def test_real_task0_state_mode(suite):
 
 
 @pytest.mark.sim
+def test_real_envs_in_two_worker_processes_match_this_process():
+    """``processes=2``: 3 envs in 2 workers of contiguous blocks step the same simulation as
+    the same envs in this process (same init states, same actions -> the same states)."""
+    pytest.importorskip("libero")
+    tasks, seeds = torch.tensor([0, 1, 0]), torch.tensor([3, 4, 5])
+    act = torch.tensor([[0.2, 0.0, 0.5, 0, 0, 0, -1.0]]).repeat(3, 1)
+    states = []
+    for processes in (2, False):
+        env = L.LiberoEnv("libero_spatial", 3, task_indices=[0, 1], obs_mode="state",
+                          processes=processes)
+        try:
+            obs = env.reset(task_ids=tasks, episode_seeds=seeds)
+            for _ in range(5):
+                out = env.step(act)
+            states.append((obs["state"], out.obs["state"]))
+        finally:
+            env.close()
+    assert torch.equal(states[0][0], states[1][0])
+    assert torch.allclose(states[0][1], states[1][1], atol=1e-6)
+    assert not torch.equal(states[0][0][0], states[0][0][1])  # two tasks: two starts
+
+
+@pytest.mark.sim
 @pytest.mark.parametrize("suite", FOUR_SUITES)
 def test_real_task0_image_mode(suite):
     """Task 0 of each evaluation suite with both cameras rendered (in this process)."""
