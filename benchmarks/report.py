@@ -143,8 +143,11 @@ def _label_sampler_algo(cfg: dict[str, Any], precision: str | None = None) -> st
     mode = cfg.get("placement", {}).get("mode", "local")
     where = f", {mode} placement" if mode != "local" else ""
     env_kw = cfg.get("env", {}).get("kwargs", {}) or {}
-    if env_kw.get("processes") is True:  # LIBERO's slots in worker processes, not a loop
+    procs = env_kw.get("processes")  # LIBERO's slots in worker processes, not a loop
+    if procs is True:
         where += ", envs in worker processes"
+    elif not isinstance(procs, bool) and isinstance(procs, int) and procs > 0:
+        where += f", envs in {procs} worker processes"
     bf16 = ", bf16" if precision == "bf16" else ""
     # the extra loss terms, which change what the row measures
     hp = rl.get(str(rl.get("algo", "ppo")), {}) or {}
