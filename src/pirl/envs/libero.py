@@ -16,8 +16,9 @@ benchmark of 130 language-conditioned tasks.  pirl exposes the four evaluation s
 - success from the environment (``env.check_success()`` via the step's ``done``); the reward is
   sparse: 1 on the success step.
 
-Each env slot lives in its own worker process (:class:`SubprocEnvPool`, ``spawn`` context):
-MuJoCo stepping and rendering run in parallel across processes.  Rendering is headless:
+By default each env slot lives in its own worker process (``spawn`` context; ``processes=k``:
+k workers of slot blocks, :class:`GroupedSlotPool`): MuJoCo stepping and rendering run in
+parallel across processes.  Rendering is headless:
 ``MUJOCO_GL=egl`` where an EGL library loads, else ``osmesa`` (:func:`select_mujoco_gl`).
 
 LIBERO asks an interactive question on first import unless its config file exists;
@@ -588,15 +589,13 @@ class LiberoEnv(PoolBatchedEnv):
         factory = functools.partial(LiberoSubEnv, suite=suite, image_size=image_size,
                                     render_size=render_size, allow_download=allow_download,
                                     assets=assets, obs_mode=obs_mode, state_dim=state_dim)
-        env_vars = {"MUJOCO_GL": gl, "PYOPENGL_PLATFORM": gl} if gl else {}
-        if isinstance(processes, bool) or int(processes) == 0:
-            pool = SubprocEnvPool([factory] * num_envs, in_process=not processes,
-                                  env_vars=env_vars)
-        else:
-            if int(processes) < 0:
-                raise ValueError(f"processes must be True, False or a worker count >= 0, "
-                                 f"got {processes}")
-            pool = GroupedSlotPool(factory, num_envs, int(processes), env_vars=env_vars)
+        # True: one worker per slot; False / 0: this process; k: k workers of slot blocks
+        workers = num_envs if processes is True else int(processes)
+        if workers < 0:
+            raise ValueError(f"processes must be True, False or a worker count >= 0, "
+                             f"got {processes}")
+        pool = GroupedSlotPool(factory, num_envs, workers,
+                               env_vars={"MUJOCO_GL": gl, "PYOPENGL_PLATFORM": gl} if gl else {})
         super().__init__(pool, task_names=[t.name for t in sel],
                          instructions=[t.instruction for t in sel], action_dim=7,
                          state_dim=state_dim,
