@@ -286,3 +286,8 @@ def test_label_names_a_shaped_reward_and_envs_in_worker_processes():
     cfg["env"]["kwargs"] = {"processes": 2}  # an int: that many workers of blocks of slots
     assert report._label_sampler_algo(cfg) == \
         "PPO + Flow-SDE (hybrid, a = 0.5), envs in 2 worker processes"
+    cfg["env"]["kwargs"] = {"state_features": "relative"}
+    assert report._label_sampler_algo(cfg) == \
+        "PPO + Flow-SDE (hybrid, a = 0.5), relative state features"
+    cfg["env"]["kwargs"] = {"state_features": "raw"}
+    assert report._label_sampler_algo(cfg) == "PPO + Flow-SDE (hybrid, a = 0.5)"

@@ -284,6 +284,29 @@ def test_privileged_state_layout():
         L.privileged_state(raw, ["bowl", "plate"], 15)
 
 
+def test_relative_offsets_against_a_loop():
+    """The 9 entries ``relative_offsets`` appends (object - gripper, target - gripper, target -
+    object), each against the slots they come from (float64), for one vector and a batch; the
+    width per suite and the refused combination with the image mode."""
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=(3, 8 + 7 * 4)).astype(np.float32)
+    out = L.relative_offsets(v)
+    assert out.shape == (3, v.shape[1] + L.RELATIVE_DIM) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[:, :v.shape[1]], v)
+    for i in range(3):
+        x = v[i].astype(np.float64)
+        eef, obj, target = x[0:3], x[8:11], x[15:18]
+        np.testing.assert_allclose(out[i, v.shape[1]:],
+                                   np.concatenate([obj - eef, target - eef, target - obj]),
+                                   atol=1e-6)
+    np.testing.assert_array_equal(L.relative_offsets(v[0]), out[0])
+    with pytest.raises(ValueError, match="needs obs_mode='state'"):
+        L.state_size("libero_spatial", "image", "relative")
+    with pytest.raises(ValueError, match="state_features must be one of"):
+        L.state_size("libero_spatial", "state", "offsets")
+    assert L.state_size("libero_spatial", "image") == L.ROBOT_STATE_DIM
+
+
 # ----------------------------------------------------------------------------- real LIBERO
 
 
@@ -555,6 +578,38 @@ def test_expert_succeeds_and_writes_demos(suite, tmp_path: Path):
     samples = ds.sft_samples(horizon=4)
     assert samples.obs["state"].shape[-1] == L.suite_state_dim(suite)
     assert samples.actions.shape[-1] == 7 and samples.actions.abs().max() <= 1.0
+
+
+@pytest.mark.sim
+def test_relative_state_features_in_env_and_demos(tmp_path: Path):
+    """``state_features="relative"``: the env's state is the raw state-mode vector followed by
+    ``relative_offsets``, step after step, and the expert's demos record the same width (the
+    expert reads the raw observation, so the demo's actions are the raw one's)."""
+    pytest.importorskip("libero")
+    from pirl.envs.demos import load_demos
+    from pirl.envs.libero_expert import generate_libero_demos
+
+    act = torch.tensor([[0.3, -0.2, 0.1, 0, 0, 0, -1.0]]).repeat(2, 1)
+    got = {}
+    for feats in ("raw", "relative"):
+        env = L.LiberoEnv("libero_spatial", 2, obs_mode="state", processes=False,
+                          state_features=feats)
+        try:
+            assert env.state_dim == L.state_size("libero_spatial", "state", feats)
+            obs = env.reset(task_ids=torch.tensor([0, 3]), episode_seeds=torch.tensor([2, 7]))
+            got[feats] = [obs["state"], env.step(act).obs["state"]]
+        finally:
+            env.close()
+    for raw, rel in zip(got["raw"], got["relative"]):
+        assert rel.shape[1] == raw.shape[1] + L.RELATIVE_DIM
+        np.testing.assert_allclose(rel.numpy(), L.relative_offsets(raw.numpy()), atol=1e-6)
+    kw = dict(episodes_per_task=1, tasks=[0], processes=0)
+    d_raw = load_demos(generate_libero_demos("libero_spatial", out_dir=tmp_path / "a", **kw))
+    d_rel = load_demos(generate_libero_demos("libero_spatial", out_dir=tmp_path / "b",
+                                             state_features="relative", **kw))
+    assert d_rel.state.shape[1] == d_raw.state.shape[1] + L.RELATIVE_DIM
+    torch.testing.assert_close(d_rel.state[:, :d_raw.state.shape[1]], d_raw.state)
+    torch.testing.assert_close(d_rel.actions, d_raw.actions)
 
 
 @pytest.mark.sim

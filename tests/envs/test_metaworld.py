@@ -332,3 +332,69 @@ def test_hindsight_episode_is_a_success_for_its_goal():
         env.hindsight_episode(2, seed, acts, chunk)
     env.close()
     slot.close()
+
+
+def test_relative_state_against_a_loop():
+    """The 12 offsets ``relative_state`` appends, entry by entry against a plain loop (float64),
+    and a task without a second object (its 7 entries zero) gets a zero object-2 offset."""
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(5, M.STATE_DIM)).astype(np.float32)
+    s[1, 11:18] = 0.0  # no second object
+    out = M.relative_state(s)
+    assert out.shape == (5, M.STATE_DIM + M.RELATIVE_DIM) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[:, :M.STATE_DIM], s)
+    for i in range(5):
+        x = s[i].astype(np.float64)
+        hand, o1, o2, goal = x[0:3], x[4:7], x[11:14], x[36:39]
+        want = np.concatenate([o1 - hand, (o2 - hand) if i != 1 else np.zeros(3),
+                               goal - hand, goal - o1])
+        np.testing.assert_allclose(out[i, M.STATE_DIM:], want, atol=1e-6)
+    np.testing.assert_array_equal(M.relative_state(s[2]), out[2])  # one state [39] too
+    assert M.state_dim("raw") == 39 and M.state_dim("relative") == 51
+    with pytest.raises(ValueError, match="state_features: must be one of raw, relative"):
+        M.state_dim("offsets")
+
+
+@needs_mw
+def test_relative_state_features_in_env_demos_and_hindsight(tmp_path):
+    """``state_features="relative"``: the env's ``state [N, 51]`` is its raw state followed by
+    ``relative_state``'s offsets; scripted demos record the same 51 entries (the policy reads
+    the first 39, so the demo is the raw one's) and replay through the relative env; a
+    hindsight replay returns states of the same width.  A bad value names the field."""
+    from pirl.envs.demos import generate_demos, load_demos
+
+    tasks = ["push-v3", "pick-place-wall-v3"]
+    raw = M.MetaWorldEnv(tasks, 2)
+    rel = M.MetaWorldEnv(tasks, 2, state_features="relative")
+    assert rel.state_dim == 51 and raw.state_dim == 39
+    seeds = torch.tensor([4, 9])
+    o_raw, o_rel = raw.reset(episode_seeds=seeds), rel.reset(episode_seeds=seeds)
+    assert o_rel["state"].shape == (2, 51)
+    torch.testing.assert_close(o_rel["state"][:, :39], o_raw["state"])
+    np.testing.assert_allclose(o_rel["state"].numpy(), M.relative_state(o_raw["state"].numpy()))
+    a = torch.full((2, 4), 0.3)
+    torch.testing.assert_close(rel.step(a).obs["state"][:, :39], raw.step(a).obs["state"])
+    raw.close()
+
+    kw = {"tasks": tasks, "max_episode_steps": 150}
+    d_raw = load_demos(generate_demos("metaworld", 1, tmp_path / "raw", seed=1, env_kwargs=kw))
+    d_rel = load_demos(generate_demos("metaworld", 1, tmp_path / "rel", seed=1,
+                                      env_kwargs=kw | {"state_features": "relative"}))
+    assert d_rel.state.shape[1] == 51 and d_rel.info["state_features"] == "relative"
+    torch.testing.assert_close(d_rel.state[:, :39], d_raw.state)
+    torch.testing.assert_close(d_rel.actions, d_raw.actions)
+
+    policy, slot = S.scripted_policy("push-v3"), M.MetaWorldSlot(tasks)
+    state, acts = slot.reset(0, 0, 3)["state"], []
+    for _ in range(150):  # steered 12 cm off the goal: a failure to relabel
+        steered = state.copy()
+        steered[36:39] += np.array([0.12, 0.0, 0.0])
+        acts.append(np.clip(policy.get_action(steered), -1, 1))
+        state = slot.step(acts[-1])[0]["state"]
+    slot.close()
+    states = rel.hindsight_episode(0, 3, np.stack(acts), 4)
+    assert states is not None and states.shape[1] == 51
+    np.testing.assert_allclose(states, M.relative_state(states[:, :39]), atol=1e-6)
+    rel.close()
+    with pytest.raises(ValueError, match="state_features"):
+        M.MetaWorldEnv(tasks, 2, state_features="offsets")

@@ -175,13 +175,15 @@ def _maniskill_demos(env_name: str, episodes_per_task: int, out: Path, seed: int
 def _metaworld_demos(env_name: str, episodes_per_task: int, out: Path, seed: int, split: str,
                      env_kwargs: dict[str, Any]) -> Path:
     """Meta-World scripted-policy demos (``generate_metaworld_demos``) recorded with the
-    training env's observation settings (``obs_mode``, ``image_size``, ``camera``) and time
+    training env's observation settings (``obs_mode``, ``image_size``, ``camera``,
+    ``state_features``) and time
     limit.  Action noise does not apply: the scripted policies act as they are."""
     from pirl.envs.metaworld import DEFAULT_MAX_STEPS
     from pirl.envs.metaworld_scripted import demo_tasks, generate_metaworld_demos
 
     tasks = demo_tasks(env_name, env_kwargs, split)
-    kw = {k: env_kwargs[k] for k in ("obs_mode", "image_size", "camera") if k in env_kwargs}
+    kw = {k: env_kwargs[k] for k in ("obs_mode", "image_size", "camera", "state_features")
+          if k in env_kwargs}
     kw["max_episode_steps"] = env_kwargs.get("max_episode_steps") or DEFAULT_MAX_STEPS
     path, _ = generate_metaworld_demos(tasks, episodes_per_task, out, seed=seed, **kw)
     return Path(path)
@@ -214,7 +216,8 @@ def _libero_demos(env_name: str, episodes_per_task: int, out: Path, seed: int,
                                  processes=2 if kw.get("processes", True) else 0,
                                  init_offset=seed % NUM_INIT_STATES,
                                  max_attempts_per_task=10,
-                                 min_episodes_per_task=0, counts=counts)
+                                 min_episodes_per_task=0, counts=counts,
+                                 state_features=kw.get("state_features", "raw"))
     short = {t: c for t, c in counts.items() if c < episodes_per_task}
     print(f"libero demos {suite}: {sum(counts.values())} episodes, per task {counts}"
           + (f"; fewer than {episodes_per_task} for tasks {sorted(short)}" if short else ""))

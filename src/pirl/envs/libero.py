@@ -374,6 +374,11 @@ OBS_MODES = ("image", "state")
 #: slot after it: position 3 + quaternion 4 (robosuite's xyzw).
 ROBOT_STATE_DIM = 8
 OBJECT_SLOT_DIM = 7
+STATE_FEATURES = ("raw", "relative")
+#: Entries ``state_features="relative"`` appends to the ``state``-mode vector: the object of
+#: interest minus the end effector, the target minus the end effector, the target minus the
+#: object (xyz each).
+RELATIVE_DIM = 9
 
 
 def task_objects(task: LiberoTask) -> list[str]:
@@ -424,6 +429,35 @@ def privileged_state(raw: dict[str, np.ndarray], objects: Sequence[str],
     return np.pad(v, (0, dim - v.shape[0]))
 
 
+def relative_offsets(state: np.ndarray) -> np.ndarray:
+    """``state [..., D]`` (:func:`privileged_state`) -> ``[..., D + 9]``: the vector followed by
+    the :data:`RELATIVE_DIM` offsets between end effector, object of interest (slot 0) and
+    target (slot 1), float32.
+
+    A few demos per task place the bowl and the plate at a few spots, so how the action depends
+    on where they are is barely in the data; as offsets from the gripper it is, because the
+    gripper moves through every demo (docs/benchmarks/libero.md, "Relative state features")."""
+    s = np.asarray(state, dtype=np.float32)
+    eef = s[..., 0:3]
+    o = ROBOT_STATE_DIM
+    obj, target = s[..., o:o + 3], s[..., o + OBJECT_SLOT_DIM:o + OBJECT_SLOT_DIM + 3]
+    return np.concatenate([s, obj - eef, target - eef, target - obj], axis=-1).astype(np.float32)
+
+
+def state_size(suite: str, obs_mode: str = "state", state_features: str = "raw") -> int:
+    """Width of a suite's ``state`` observation: 8 in ``image`` mode; in ``state`` mode
+    :func:`suite_state_dim`, plus :data:`RELATIVE_DIM` with ``state_features="relative"``."""
+    if state_features not in STATE_FEATURES:
+        raise ValueError(f"state_features must be one of {STATE_FEATURES}, got "
+                         f"{state_features!r}")
+    if obs_mode != "state":
+        if state_features != "raw":
+            raise ValueError("state_features='relative' needs obs_mode='state' (the image "
+                             "mode's state is the robot's 8 entries)")
+        return ROBOT_STATE_DIM
+    return suite_state_dim(suite) + (RELATIVE_DIM if state_features == "relative" else 0)
+
+
 class LiberoSubEnv:
     """One LIBERO env slot: rebuilds its env when the task changes.
 
@@ -432,14 +466,18 @@ class LiberoSubEnv:
     ``obs_mode="state"``: a ``ControlEnv`` with the offscreen renderer off and no camera
     observables; returns ``state [state_dim]`` float32 = :func:`privileged_state` (robot state +
     the task's object poses, :func:`task_objects` order, zero-padded to ``state_dim``, default
-    :func:`suite_state_dim`).
+    :func:`suite_state_dim`), followed by :func:`relative_offsets` with
+    ``state_features="relative"``.
     """
 
     def __init__(self, suite: str, image_size: int = 224, render_size: int = 256,
                  allow_download: bool = False, assets: str | None = None,
-                 obs_mode: str = "image", state_dim: int | None = None):
+                 obs_mode: str = "image", state_dim: int | None = None,
+                 state_features: str = "raw"):
         if obs_mode not in OBS_MODES:
             raise ValueError(f"obs_mode must be one of {OBS_MODES}, got {obs_mode!r}")
+        state_size(suite, obs_mode, state_features)  # checks the combination
+        self.state_features = state_features
         import_libero()
         if not allow_download:
             # the parent resolved the folder already (LiberoEnv); a slot built on its own
@@ -482,7 +520,8 @@ class LiberoSubEnv:
     def _format(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.raw = raw
         if self.obs_mode == "state":
-            return {"state": privileged_state(raw, self.objects, self.state_dim)}
+            v = privileged_state(raw, self.objects, self.state_dim)
+            return {"state": relative_offsets(v) if self.state_features == "relative" else v}
         images = np.stack([preprocess_image(raw["agentview_image"], self.image_size),
                            preprocess_image(raw["robot0_eye_in_hand_image"], self.image_size)])
         return {"images": images, "state": libero_state(raw)}
@@ -536,7 +575,8 @@ class LiberoEnv(PoolBatchedEnv):
     obs_mode: ``"image"`` (default, for real VLAs on GPU machines): ``images [N, 2, 3, S, S]``
     uint8 (agent view, wrist), ``state [N, 8]``; ``"state"`` (no rendering at all, for CPUs):
     ``state [N, suite_state_dim(suite)]`` = robot state + the task's object poses, zero-padded
-    (:func:`privileged_state`), no ``images``.  Both add ``instruction``, ``task_id``.
+    (:func:`privileged_state`), no ``images``; with ``state_features="relative"`` 9 more
+    entries (:func:`relative_offsets`).  Both add ``instruction``, ``task_id``.
     Actions ``[N, 7]``.
 
     split: only ``"train"`` (what ``pirl train`` passes; LIBERO has no held-out split).
@@ -553,7 +593,7 @@ class LiberoEnv(PoolBatchedEnv):
                  auto_reset: bool = False, processes: bool | int = True,
                  mujoco_gl: str | None = None, allow_download: bool = False,
                  assets_dir: str | os.PathLike | None = None, obs_mode: str = "image",
-                 split: str = "train"):
+                 split: str = "train", state_features: str = "raw"):
         if split != "train":
             raise ValueError(f"split: LIBERO has one set of fixed initial states per task "
                              f"(split 'train'), not {split!r}")
@@ -588,7 +628,9 @@ class LiberoEnv(PoolBatchedEnv):
         state_dim = suite_state_dim(suite) if obs_mode == "state" else ROBOT_STATE_DIM
         factory = functools.partial(LiberoSubEnv, suite=suite, image_size=image_size,
                                     render_size=render_size, allow_download=allow_download,
-                                    assets=assets, obs_mode=obs_mode, state_dim=state_dim)
+                                    assets=assets, obs_mode=obs_mode, state_dim=state_dim,
+                                    state_features=state_features)
+        state_dim = state_size(suite, obs_mode, state_features)
         # True: one worker per slot; False / 0: this process; k: k workers of slot blocks
         workers = num_envs if processes is True else int(processes)
         if workers < 0:

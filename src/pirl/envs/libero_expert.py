@@ -449,9 +449,11 @@ class LiberoExpertSubEnv(L.LiberoSubEnv):
         return out
 
 
-def _pool(suite: str, processes: int, assets_dir=None) -> L.SubprocEnvPool:
+def _pool(suite: str, processes: int, assets_dir=None,
+          state_features: str = "raw") -> L.SubprocEnvPool:
     assets = str(L.resolve_assets(assets_dir))
-    factory = functools.partial(LiberoExpertSubEnv, suite, assets=assets)
+    factory = functools.partial(LiberoExpertSubEnv, suite, assets=assets,
+                                state_features=state_features)
     return L.SubprocEnvPool([factory] * max(processes, 1), in_process=processes <= 0)
 
 
@@ -509,7 +511,8 @@ def generate_libero_demos(suite: str = "libero_spatial", episodes_per_task: int 
                           init_offset: int = 0, noise: float = 0.0,
                           max_attempts_per_task: int = 10,
                           min_episodes_per_task: int | None = None,
-                          counts: dict[int, int] | None = None) -> Path:
+                          counts: dict[int, int] | None = None,
+                          state_features: str = "raw") -> Path:
     """Successful expert episodes in pirl's demo format (:mod:`pirl.envs.demos`): per task
     ``episodes_per_task`` episodes from fixed init states ``init_offset, init_offset + 1, ...``
     (failed ones are skipped), ``state``-mode observations exactly as ``LiberoEnv(suite,
@@ -518,7 +521,8 @@ def generate_libero_demos(suite: str = "libero_spatial", episodes_per_task: int 
     ``task_id`` when it runs all tasks).  A task with fewer than ``min_episodes_per_task``
     (None: ``episodes_per_task``) successes in ``max_attempts_per_task`` attempts is an error;
     above that it keeps what it got.  ``counts`` (a dict) receives the episodes kept per task.
-    Returns ``out_dir``."""
+    ``state_features``: as the training env's (``"relative"`` appends
+    :func:`pirl.envs.libero.relative_offsets`).  Returns ``out_dir``."""
     from types import SimpleNamespace
 
     from pirl.envs.demo_writer import write_demo_folder
@@ -526,7 +530,7 @@ def generate_libero_demos(suite: str = "libero_spatial", episodes_per_task: int 
     all_tasks = L.suite_tasks(suite)
     tasks = list(range(len(all_tasks))) if tasks is None else list(tasks)
     kept: list[dict[str, Any]] = []
-    pool = _pool(suite, processes)
+    pool = _pool(suite, processes, state_features=state_features)
     try:
         for t in tasks:
             jobs = [(t, (init_offset + k) % L.NUM_INIT_STATES)
@@ -557,10 +561,12 @@ def generate_libero_demos(suite: str = "libero_spatial", episodes_per_task: int 
     if not kept:
         raise RuntimeError(f"the expert had no successful episode on any of tasks {tasks} of "
                            f"{suite}: no demos to write")
-    env_like = SimpleNamespace(state_dim=L.suite_state_dim(suite), action_dim=7,
+    env_like = SimpleNamespace(state_dim=L.state_size(suite, "state", state_features),
+                               action_dim=7,
                                tasks=all_tasks, task_names=[t.name for t in all_tasks],
                                instructions=[t.instruction for t in all_tasks],
                                max_episode_steps=L.MAX_STEPS[suite])
-    meta = dict(env_name=f"libero/{suite}", env_kwargs={"obs_mode": "state"}, seed=seed,
+    meta = dict(env_name=f"libero/{suite}",
+                env_kwargs={"obs_mode": "state", "state_features": state_features}, seed=seed,
                 noise=noise, episodes_per_task=episodes_per_task, source="libero scripted expert")
     return write_demo_folder(Path(out_dir), env_like, kept, meta)

@@ -21,7 +21,9 @@ slots in a loop (:class:`pirl.envs.pool.SlotGroup`).
 Observations: ``state [N, 39]`` float32 is Meta-World's own observation with the goal exposed
 (its "goal-observable" mode): hand xyz (3), gripper opening (1), up to two objects' xyz +
 quaternion (14, zero-padded), the same 18 values of the previous step (frame stacking), and the
-goal position xyz (3, the last three entries).  With ``obs_mode="rgb"`` also ``images
+goal position xyz (3, entries 36-38).  ``state_features="relative"`` appends 12 offsets
+(:func:`relative_state`: object 1, object 2 and goal minus the hand, goal minus object 1):
+``state [N, 51]``.  With ``obs_mode="rgb"`` also ``images
 [N, 1, 3, S, S]`` uint8 from one MuJoCo camera (``camera``, default ``corner``; rendered at
 ``image_size`` with MuJoCo's offscreen renderer: EGL / OSMesa, see
 :func:`pirl.envs.pool.select_mujoco_gl`).  Actions ``[N, 4]`` in ``[-1, 1]``: end-effector
@@ -72,6 +74,10 @@ MAX_CACHED_TASKS = 2
 ACTION_DIM = 4
 REWARD_MODES = ("sparse", "dense", "dense_absorbing")
 STATE_DIM = 39
+STATE_FEATURES = ("raw", "relative")
+#: Entries ``state_features="relative"`` appends to the 39: object 1 - hand, object 2 - hand
+#: (zero when the task has no second object), goal - hand, goal - object 1 (xyz each).
+RELATIVE_DIM = 12
 #: Tasks whose goal (``_target_pos``, the state's last 3 entries) is a free point in space,
 #: with no body at it, that the task must bring the hand (state ``[0:3]``) or the object
 #: (``[4:7]``) to: a failed episode of one is a success for the goal where that point went
@@ -157,6 +163,19 @@ def require_metaworld() -> None:
             f"Install it with: {METAWORLD_INSTALL}")
 
 
+def check_state_features(state_features: str) -> str:
+    """``state_features`` if it is one of :data:`STATE_FEATURES`, else a ``ValueError``."""
+    if state_features not in STATE_FEATURES:
+        raise ValueError(f"state_features: must be one of {', '.join(STATE_FEATURES)}, "
+                         f"got {state_features!r}")
+    return state_features
+
+
+def state_dim(state_features: str = "raw") -> int:
+    """Width of the ``state`` observation: 39 (``raw``) or 51 (``relative``)."""
+    return STATE_DIM + (RELATIVE_DIM if check_state_features(state_features) == "relative" else 0)
+
+
 def check_tasks(tasks: Sequence[str]) -> list[str]:
     """``tasks`` as a list; a name that is not a Meta-World v3 task is a ``ValueError`` naming
     it (and the closest names)."""
@@ -201,6 +220,20 @@ def eval_episode_seeds(task_index: int, n: int) -> list[int]:
 # --------------------------------------------------------------------------------------------
 # One slot: one MuJoCo env at a time (cached per task)
 # --------------------------------------------------------------------------------------------
+
+def relative_state(state: np.ndarray) -> np.ndarray:
+    """``state [..., 39]`` -> ``[..., 51]``: Meta-World's observation followed by the
+    :data:`RELATIVE_DIM` offsets between hand, objects and goal (float32).
+
+    From one demo per task the goal and the objects sit at one place, so how the action depends
+    on where they are is not in the data; as offsets from the hand it is, because the hand
+    moves through the demo (docs/benchmarks/metaworld.md, "Relative state features")."""
+    s = np.asarray(state, dtype=np.float32)
+    hand, obj1, obj2, goal = s[..., 0:3], s[..., 4:7], s[..., 11:14], s[..., 36:39]
+    has2 = np.any(obj2 != 0.0, axis=-1, keepdims=True)  # zero-padded when there is none
+    rel = [obj1 - hand, np.where(has2, obj2 - hand, 0.0), goal - hand, goal - obj1]
+    return np.concatenate([s] + [r.astype(np.float32) for r in rel], axis=-1)
+
 
 @functools.cache  # a process-wide setting: once per process, however many slots it steps
 def _limit_heap_fragmentation() -> bool:
@@ -251,9 +284,10 @@ class MetaWorldSlot:
     def __init__(self, tasks: Sequence[str], obs_mode: str = "state", image_size: int = 64,
                  camera: str = "corner", reward_mode: str = "sparse",
                  max_cached: int = MAX_CACHED_TASKS,
-                 max_episode_steps: int = DEFAULT_MAX_STEPS):
+                 max_episode_steps: int = DEFAULT_MAX_STEPS, state_features: str = "raw"):
         self.tasks = list(tasks)
         self.obs_mode = obs_mode
+        self.state_features = check_state_features(state_features)
         self.image_size = image_size
         self.camera = camera
         self.reward_mode = reward_mode
@@ -278,6 +312,8 @@ class MetaWorldSlot:
 
     def _format(self, state: np.ndarray) -> dict[str, np.ndarray]:
         out = {"state": np.asarray(state, dtype=np.float32)}
+        if self.state_features == "relative":
+            out["state"] = relative_state(out["state"])
         if self.obs_mode == "rgb":
             img = self.envs[self.current].render()  # [S, S, 3] uint8
             out["images"] = np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))[None]
@@ -325,7 +361,8 @@ class MetaWorldEnv(PoolBatchedEnv):
     v3 task names; slot_tasks: ``[N]`` task index of each slot (default ``i mod T``);
     obs_mode: ``"state"`` or ``"rgb"`` (also one camera image ``image_size`` px from ``camera``);
     reward_mode: one of :data:`REWARD_MODES` (module docstring); max_episode_steps: default
-    :data:`DEFAULT_MAX_STEPS`; num_workers: 0 = slots in this process, else that many worker
+    :data:`DEFAULT_MAX_STEPS`; state_features: ``"raw"`` (``state [N, 39]``) or ``"relative"``
+    (``[N, 51]``, :func:`relative_state`); num_workers: 0 = slots in this process, else that many worker
     processes; seed_range: training episode seeds (default by split, see module docstring).
     """
 
@@ -335,8 +372,9 @@ class MetaWorldEnv(PoolBatchedEnv):
                  reward_mode: str = "sparse", max_episode_steps: int | None = None,
                  auto_reset: bool = False, num_workers: int = 0,
                  seed_range: tuple[int, int] | None = None, mujoco_gl: str | None = None,
-                 max_cached: int = MAX_CACHED_TASKS):
+                 max_cached: int = MAX_CACHED_TASKS, state_features: str = "raw"):
         require_metaworld()
+        self.state_features = check_state_features(state_features)
         if split not in ("train", "test"):
             raise ValueError(f"split: must be 'train' or 'test', got {split!r}")
         if obs_mode not in ("state", "rgb"):
@@ -379,7 +417,8 @@ class MetaWorldEnv(PoolBatchedEnv):
         max_steps = int(max_episode_steps or DEFAULT_MAX_STEPS)
         slot = functools.partial(MetaWorldSlot, tasks=task_list, obs_mode=obs_mode,
                                  image_size=image_size, camera=camera, reward_mode=reward_mode,
-                                 max_cached=max_cached, max_episode_steps=max_steps)
+                                 max_cached=max_cached, max_episode_steps=max_steps,
+                                 state_features=state_features)
         pool = GroupedSlotPool(slot, num_envs, num_workers, env_vars=env_vars)
         self.max_cached = max(1, int(max_cached))
         #: mirror of each slot's env cache (task indices, least recently used first)
@@ -391,7 +430,7 @@ class MetaWorldEnv(PoolBatchedEnv):
         self.num_cameras = 1 if obs_mode == "rgb" else 0
         super().__init__(pool, task_names=task_list,
                          instructions=[TASK_INSTRUCTIONS[t] for t in task_list],
-                         action_dim=ACTION_DIM, state_dim=STATE_DIM,
+                         action_dim=ACTION_DIM, state_dim=state_dim(state_features),
                          max_episode_steps=max_steps,
                          auto_reset=auto_reset, seed_space=1, seed_range=seed_range)
 
@@ -470,7 +509,7 @@ class MetaWorldEnv(PoolBatchedEnv):
         task's goal space (within its success radius) and at least :data:`HINDSIGHT_MIN_MOVE`
         from its start; then the episode is replayed again with that goal as ``_target_pos``
         (the goal moves no body of these tasks, so the replay's physics is the episode's) until
-        Meta-World's own ``info["success"]``.  Returns the replay's states ``[K, 39]`` (goal
+        Meta-World's own ``info["success"]``.  Returns the replay's states ``[K, D]`` (goal
         entries = the new goal) at the starts of the ``K`` chunk steps up to that success: with
         the episode's first ``K`` action chunks, a successful episode of the same task.  None
         if the task has no free goal, no reached point qualifies or the second replay does not
@@ -486,7 +525,8 @@ class MetaWorldEnv(PoolBatchedEnv):
         if self._replay is None:
             # state only, one cached env per free-goal task
             self._replay = MetaWorldSlot(self.tasks, max_cached=len(HINDSIGHT_TASKS),
-                                         max_episode_steps=self.max_episode_steps)
+                                         max_episode_steps=self.max_episode_steps,
+                                         state_features=self.state_features)
         slot, task = self._replay, int(task_index)
         points = [slot.reset(task, 0, int(seed))["state"][part]]
         points += [slot.step(a)[0]["state"][part] for a in acts]
@@ -502,7 +542,7 @@ class MetaWorldEnv(PoolBatchedEnv):
         slot.reset(task, 0, int(seed))
         env._target_pos = goal.copy()
         env.model.site("goal").pos = goal  # (the goal marker; no physics)
-        states = [np.asarray(env._get_obs(), dtype=np.float32)]
+        states = [slot._format(env._get_obs())["state"]]
         for a in acts:
             obs, _, success = slot.step(a)
             if success:

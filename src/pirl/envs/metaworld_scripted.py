@@ -20,7 +20,7 @@ import torch
 
 from pirl.envs.metaworld import (ACTION_DIM, DEFAULT_MAX_STEPS, MT50_TASKS, STATE_DIM,
                                  TASK_INSTRUCTIONS, MetaWorldSlot, benchmark_tasks, check_tasks,
-                                 eval_episode_seeds, require_metaworld)
+                                 eval_episode_seeds, require_metaworld, state_dim)
 
 
 def scripted_policy(task: str):
@@ -38,23 +38,25 @@ def scripted_policy(task: str):
 
 def run_scripted(task: str, seeds: Sequence[int], max_episode_steps: int = DEFAULT_MAX_STEPS,
                  obs_mode: str = "state", image_size: int = 64, camera: str = "corner",
-                 ) -> list[dict[str, Any]]:
+                 state_features: str = "raw") -> list[dict[str, Any]]:
     """Run ``task``'s scripted policy once per episode seed on a :class:`MetaWorldSlot`
     (the env pirl trains on).  Returns one dict per episode: ``seed``, ``success``, ``length``
-    (steps until success, or the limit), ``state [T, 39]``, ``actions [T, 4]`` (clipped),
+    (steps until success, or the limit), ``state [T, D]`` (D = 39, or 51 with
+    ``state_features="relative"``; the policy reads the first 39), ``actions [T, 4]`` (clipped),
     ``images [T, 1, 3, S, S]`` in ``rgb`` mode.  Frame t is the observation before action t; an
     episode stops at its first success step."""
     import warnings
 
     policy = scripted_policy(check_tasks([task])[0])
-    slot = MetaWorldSlot([task], obs_mode=obs_mode, image_size=image_size, camera=camera)
+    slot = MetaWorldSlot([task], obs_mode=obs_mode, image_size=image_size, camera=camera,
+                         state_features=state_features)
     out = []
     try:
         for s in seeds:
             o = slot.reset(0, 0, int(s))
             states, actions, images = [], [], []
             ok = False
-            full = o["state"].astype(np.float64)
+            full = o["state"][:STATE_DIM].astype(np.float64)
             for _ in range(max_episode_steps):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # "Constant(s) may be too high"
@@ -64,7 +66,7 @@ def run_scripted(task: str, seeds: Sequence[int], max_episode_steps: int = DEFAU
                 if "images" in o:
                     images.append(o["images"])
                 o, _, ok = slot.step(a)
-                full = o["state"].astype(np.float64)
+                full = o["state"][:STATE_DIM].astype(np.float64)
                 if ok:
                     break
             ep = {"seed": int(s), "success": bool(ok), "length": len(actions),
@@ -119,7 +121,7 @@ def generate_metaworld_demos(tasks: str | Sequence[str] = "mt50", episodes_per_t
                              max_episode_steps: int = DEFAULT_MAX_STEPS,
                              obs_mode: str = "state", image_size: int = 64,
                              camera: str = "corner", max_attempts: int | None = None,
-                             verbose: bool = True) -> tuple[Path, dict[str, dict[str, float]]]:
+                             verbose: bool = True, state_features: str = "raw") -> tuple[Path, dict[str, dict[str, float]]]:
     """Scripted-policy demos (successful episodes only) for every task, written in pirl's demo
     format (:mod:`pirl.envs.demos`).  Episode seeds ``seed * 10_000 + j`` (``j = 0, 1, ...``,
     training range) until ``episodes_per_task`` succeed or ``max_attempts`` (default
@@ -146,7 +148,8 @@ def generate_metaworld_demos(tasks: str | Sequence[str] = "mt50", episodes_per_t
             batch = list(range(base + attempts,
                                base + min(max_attempts, attempts + episodes_per_task - got)))
             attempts += len(batch)
-            for e in run_scripted(t, batch, max_episode_steps, obs_mode, image_size, camera):
+            for e in run_scripted(t, batch, max_episode_steps, obs_mode, image_size, camera,
+                                  state_features):
                 if not e["success"] or got >= episodes_per_task:
                     continue
                 got += 1
@@ -170,11 +173,12 @@ def generate_metaworld_demos(tasks: str | Sequence[str] = "mt50", episodes_per_t
             raise RuntimeError(f"Meta-World task {t!r}: its scripted policy succeeded in none of "
                                f"{attempts} episodes within {max_episode_steps} steps; raise "
                                "max_episode_steps or leave the task out")
-    env_like = SimpleNamespace(state_dim=STATE_DIM, action_dim=ACTION_DIM, tasks=tasks,
+    env_like = SimpleNamespace(state_dim=state_dim(state_features), action_dim=ACTION_DIM, tasks=tasks,
                                task_names=tasks,
                                instructions=[TASK_INSTRUCTIONS[t] for t in tasks],
                                max_episode_steps=max_episode_steps)
     meta = dict(env_name="metaworld", tasks=tasks, seed=seed,
                 episodes_per_task=episodes_per_task, obs_mode=obs_mode,
+                state_features=state_features,
                 source="metaworld scripted policies")
     return write_demo_folder(Path(out_dir), env_like, rows, meta), stats
