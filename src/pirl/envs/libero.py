@@ -444,18 +444,24 @@ def relative_offsets(state: np.ndarray) -> np.ndarray:
     return np.concatenate([s, obj - eef, target - eef, target - obj], axis=-1).astype(np.float32)
 
 
-def state_size(suite: str, obs_mode: str = "state", state_features: str = "raw") -> int:
-    """Width of a suite's ``state`` observation: 8 in ``image`` mode; in ``state`` mode
-    :func:`suite_state_dim`, plus :data:`RELATIVE_DIM` with ``state_features="relative"``."""
+def check_state_features(state_features: str, obs_mode: str = "state") -> str:
+    """``state_features`` if it is one of :data:`STATE_FEATURES` and fits ``obs_mode`` (the
+    offsets need the state mode's object poses), else a ``ValueError``."""
     if state_features not in STATE_FEATURES:
         raise ValueError(f"state_features must be one of {STATE_FEATURES}, got "
                          f"{state_features!r}")
-    if obs_mode != "state":
-        if state_features != "raw":
-            raise ValueError("state_features='relative' needs obs_mode='state' (the image "
-                             "mode's state is the robot's 8 entries)")
-        return ROBOT_STATE_DIM
-    return suite_state_dim(suite) + (RELATIVE_DIM if state_features == "relative" else 0)
+    if obs_mode != "state" and state_features != "raw":
+        raise ValueError("state_features='relative' needs obs_mode='state' (the image "
+                         "mode's state is the robot's 8 entries)")
+    return state_features
+
+
+def state_size(suite: str, obs_mode: str = "state", state_features: str = "raw") -> int:
+    """Width of a suite's ``state`` observation: 8 in ``image`` mode; in ``state`` mode
+    :func:`suite_state_dim`, plus :data:`RELATIVE_DIM` with ``state_features="relative"``."""
+    if check_state_features(state_features, obs_mode) == "relative":
+        return suite_state_dim(suite) + RELATIVE_DIM
+    return suite_state_dim(suite) if obs_mode == "state" else ROBOT_STATE_DIM
 
 
 class LiberoSubEnv:
@@ -476,8 +482,7 @@ class LiberoSubEnv:
                  state_features: str = "raw"):
         if obs_mode not in OBS_MODES:
             raise ValueError(f"obs_mode must be one of {OBS_MODES}, got {obs_mode!r}")
-        state_size(suite, obs_mode, state_features)  # checks the combination
-        self.state_features = state_features
+        self.state_features = check_state_features(state_features, obs_mode)
         import_libero()
         if not allow_download:
             # the parent resolved the folder already (LiberoEnv); a slot built on its own
@@ -625,10 +630,11 @@ class LiberoEnv(PoolBatchedEnv):
         self.obs_mode = obs_mode
         self.task_indices = [int(i) for i in task_indices]
         sel = [tasks[i] for i in self.task_indices]
-        state_dim = suite_state_dim(suite) if obs_mode == "state" else ROBOT_STATE_DIM
+        # the slots' zero-padded object part; the env's state adds the offsets to it
+        padded_dim = suite_state_dim(suite) if obs_mode == "state" else ROBOT_STATE_DIM
         factory = functools.partial(LiberoSubEnv, suite=suite, image_size=image_size,
                                     render_size=render_size, allow_download=allow_download,
-                                    assets=assets, obs_mode=obs_mode, state_dim=state_dim,
+                                    assets=assets, obs_mode=obs_mode, state_dim=padded_dim,
                                     state_features=state_features)
         state_dim = state_size(suite, obs_mode, state_features)
         # True: one worker per slot; False / 0: this process; k: k workers of slot blocks

@@ -362,8 +362,9 @@ class MetaWorldEnv(PoolBatchedEnv):
     obs_mode: ``"state"`` or ``"rgb"`` (also one camera image ``image_size`` px from ``camera``);
     reward_mode: one of :data:`REWARD_MODES` (module docstring); max_episode_steps: default
     :data:`DEFAULT_MAX_STEPS`; state_features: ``"raw"`` (``state [N, 39]``) or ``"relative"``
-    (``[N, 51]``, :func:`relative_state`); num_workers: 0 = slots in this process, else that many worker
-    processes; seed_range: training episode seeds (default by split, see module docstring).
+    (``[N, 51]``, :func:`relative_state`); num_workers: 0 = slots in this process, else that
+    many worker processes; seed_range: training episode seeds (default by split, see module
+    docstring).
     """
 
     def __init__(self, tasks: str | Sequence[str] = "mt50", num_envs: int = 50,

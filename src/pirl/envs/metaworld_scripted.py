@@ -121,7 +121,8 @@ def generate_metaworld_demos(tasks: str | Sequence[str] = "mt50", episodes_per_t
                              max_episode_steps: int = DEFAULT_MAX_STEPS,
                              obs_mode: str = "state", image_size: int = 64,
                              camera: str = "corner", max_attempts: int | None = None,
-                             verbose: bool = True, state_features: str = "raw") -> tuple[Path, dict[str, dict[str, float]]]:
+                             verbose: bool = True, state_features: str = "raw",
+                             ) -> tuple[Path, dict[str, dict[str, float]]]:
     """Scripted-policy demos (successful episodes only) for every task, written in pirl's demo
     format (:mod:`pirl.envs.demos`).  Episode seeds ``seed * 10_000 + j`` (``j = 0, 1, ...``,
     training range) until ``episodes_per_task`` succeed or ``max_attempts`` (default
@@ -173,8 +174,8 @@ def generate_metaworld_demos(tasks: str | Sequence[str] = "mt50", episodes_per_t
             raise RuntimeError(f"Meta-World task {t!r}: its scripted policy succeeded in none of "
                                f"{attempts} episodes within {max_episode_steps} steps; raise "
                                "max_episode_steps or leave the task out")
-    env_like = SimpleNamespace(state_dim=state_dim(state_features), action_dim=ACTION_DIM, tasks=tasks,
-                               task_names=tasks,
+    env_like = SimpleNamespace(state_dim=state_dim(state_features), action_dim=ACTION_DIM,
+                               tasks=tasks, task_names=tasks,
                                instructions=[TASK_INSTRUCTIONS[t] for t in tasks],
                                max_episode_steps=max_episode_steps)
     meta = dict(env_name="metaworld", tasks=tasks, seed=seed,
