@@ -398,3 +398,38 @@ def test_relative_state_features_in_env_demos_and_hindsight(tmp_path):
     rel.close()
     with pytest.raises(ValueError, match="state_features"):
         M.MetaWorldEnv(tasks, 2, state_features="offsets")
+
+
+@needs_mw
+def test_fixed_variations_follow_the_mt_protocol():
+    """fixed_variations: an episode seed s starts the task's variation s % 50, whose placement
+    is that of a plain slot reset with variation_seed(task, s % 50); equal variations start
+    identically, others move the goal; the evaluator and rl.init_states see 50 fixed states.
+    Without it the env has none.  A variation index out of range is an IndexError."""
+    from pirl.envs.base import fixed_init_states
+
+    tasks = ["reach-v3", "push-v3"]
+    env = M.MetaWorldEnv(tasks, 4, fixed_variations=True)
+    assert fixed_init_states(env) == M.NUM_VARIATIONS == 50
+    assert fixed_init_states(M.MetaWorldEnv(tasks, 2)) == 0
+    seeds = torch.tensor([3, 53, 3, 4])
+    obs = env.reset(task_ids=torch.tensor([1, 1, 0, 1]), episode_seeds=seeds)["state"]
+    assert torch.equal(obs[0], obs[1])  # seeds 3 and 53: variation 3 of push
+    assert not torch.allclose(obs[0, 36:], obs[3, 36:])  # variation 4 elsewhere
+    plain = M.MetaWorldSlot(tasks)
+    for row, (task, var) in enumerate([(1, 3), (1, 3), (0, 3), (1, 4)]):
+        ref = plain.reset(task, 0, M.variation_seed(tasks[task], var))["state"]
+        np.testing.assert_array_equal(obs[row].numpy(), ref)
+    # the same variation in another task list (its index there differs): the same placement
+    solo = M.MetaWorldSlot(["push-v3"], fixed_variations=True)
+    np.testing.assert_array_equal(solo.reset(0, 4, 999)["state"], obs[3].numpy())
+    seeds_all = {M.variation_seed(t, v) for t in M.MT50_TASKS for v in range(50)}
+    assert len(seeds_all) == 50 * 50 and min(seeds_all) >= 2 * M.HELDOUT_SEED_OFFSET
+    assert max(seeds_all) < 10**9  # below the evaluator's own seeds
+    with pytest.raises(IndexError, match="variation 50 out of range"):
+        solo.reset(0, 50, 0)
+    with pytest.raises(ValueError, match="fixed_variations"):
+        M.MetaWorldEnv(tasks, 2, fixed_variations="yes")
+    env.close()
+    plain.close()
+    solo.close()

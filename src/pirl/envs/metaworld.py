@@ -46,6 +46,10 @@ Episode seeds: training draws them from ``[0, HELDOUT_SEED_OFFSET)``; :func:`eva
 gives each task fixed evaluation seeds from ``[HELDOUT_SEED_OFFSET, 2 * HELDOUT_SEED_OFFSET)``
 (used by the scripted-policy table); ``split="test"`` of an MT benchmark draws from that
 held-out range.  (``pirl``'s evaluator passes its own fixed seeds, ``>= 10**9``, also disjoint.)
+``fixed_variations=True`` is the MT benchmarks' own protocol instead: each task has
+:data:`NUM_VARIATIONS` fixed goal / object placements (:func:`variation_seed`), an episode seed
+``s`` starts variation ``s % 50``, and training and evaluation run the same placements (the
+evaluator's k-th episode of a task: variation k, like LIBERO's fixed init states).
 
 Demos and the scripted policies' success table: :mod:`pirl.envs.metaworld_scripted`.
 """
@@ -69,6 +73,12 @@ METAWORLD_INSTALL = "pip install 'pirl[metaworld]'"
 #: 97.0% within 200 and 97.0% within Meta-World's own 500; RLinf allows 100 policy steps.
 DEFAULT_MAX_STEPS = 200
 HELDOUT_SEED_OFFSET = 1_000_000
+#: Goal / object variations per task of Meta-World's MT benchmarks (its ``_N_GOALS``): MT10 and
+#: MT50 train and evaluate on these fixed variations of each task (``fixed_variations=``).
+NUM_VARIATIONS = 50
+#: Episode seed of variation 0 of the first MT50 task (:func:`variation_seed`): above the
+#: training and held-out ranges, below the evaluator's own seeds (``>= 10**9``).
+VARIATION_SEED_OFFSET = 2 * HELDOUT_SEED_OFFSET
 #: Envs kept per slot (each ~25 MB of MuJoCo model and data); older ones are closed.
 MAX_CACHED_TASKS = 2
 ACTION_DIM = 4
@@ -217,6 +227,18 @@ def eval_episode_seeds(task_index: int, n: int) -> list[int]:
     return [HELDOUT_SEED_OFFSET + 1000 * int(task_index) + j for j in range(n)]
 
 
+def variation_seed(task: str, variation: int) -> int:
+    """The episode seed of fixed variation ``variation`` of ``task`` (a v3 task name; the same
+    seed whichever benchmark or task list the task runs in): disjoint from the training draws,
+    the held-out seeds, the evaluator's own seeds and the other tasks' variations."""
+    if task not in MT50_TASKS:
+        raise ValueError(f"unknown Meta-World task {task!r}")
+    if not 0 <= int(variation) < NUM_VARIATIONS:
+        raise IndexError(f"variation {variation} out of range: Meta-World tasks have "
+                         f"{NUM_VARIATIONS} fixed variations (0-{NUM_VARIATIONS - 1})")
+    return VARIATION_SEED_OFFSET + 1000 * MT50_TASKS.index(task) + int(variation)
+
+
 # --------------------------------------------------------------------------------------------
 # One slot: one MuJoCo env at a time (cached per task)
 # --------------------------------------------------------------------------------------------
@@ -284,8 +306,11 @@ class MetaWorldSlot:
     def __init__(self, tasks: Sequence[str], obs_mode: str = "state", image_size: int = 64,
                  camera: str = "corner", reward_mode: str = "sparse",
                  max_cached: int = MAX_CACHED_TASKS,
-                 max_episode_steps: int = DEFAULT_MAX_STEPS, state_features: str = "raw"):
+                 max_episode_steps: int = DEFAULT_MAX_STEPS, state_features: str = "raw",
+                 fixed_variations: bool = False):
         self.tasks = list(tasks)
+        # reset's init_index picks one of the task's NUM_VARIATIONS fixed variations
+        self.fixed_variations = bool(fixed_variations)
         self.obs_mode = obs_mode
         self.state_features = check_state_features(state_features)
         self.image_size = image_size
@@ -320,7 +345,10 @@ class MetaWorldSlot:
         return out
 
     def reset(self, task_index: int, init_index: int, seed: int) -> dict[str, np.ndarray]:
-        del init_index  # the initial state is drawn from the seed
+        """Start an episode of task ``task_index`` from episode ``seed``, or with
+        ``fixed_variations`` from the task's variation ``init_index`` (whatever ``seed``)."""
+        if self.fixed_variations:
+            seed = variation_seed(self.tasks[int(task_index)], init_index)
         env = self.env(int(task_index))
         self.current = int(task_index)
         env.seed(int(seed))
@@ -364,7 +392,12 @@ class MetaWorldEnv(PoolBatchedEnv):
     :data:`DEFAULT_MAX_STEPS`; state_features: ``"raw"`` (``state [N, 39]``) or ``"relative"``
     (``[N, 51]``, :func:`relative_state`); num_workers: 0 = slots in this process, else that
     many worker processes; seed_range: training episode seeds (default by split, see module
-    docstring).
+    docstring); fixed_variations: the MT benchmarks' protocol, every episode of a task starts
+    from one of its :data:`NUM_VARIATIONS` fixed variations (episode seed ``s``: variation
+    ``s % 50``, :func:`variation_seed`), so that training and evaluation run the same 50 goal /
+    object placements per task; :attr:`fixed_init_states` then tells the evaluator to run the
+    k-th episode of a task on variation ``first_init_state + k`` and lets ``rl.init_states``
+    choose the training variations.
     """
 
     def __init__(self, tasks: str | Sequence[str] = "mt50", num_envs: int = 50,
@@ -373,9 +406,16 @@ class MetaWorldEnv(PoolBatchedEnv):
                  reward_mode: str = "sparse", max_episode_steps: int | None = None,
                  auto_reset: bool = False, num_workers: int = 0,
                  seed_range: tuple[int, int] | None = None, mujoco_gl: str | None = None,
-                 max_cached: int = MAX_CACHED_TASKS, state_features: str = "raw"):
+                 max_cached: int = MAX_CACHED_TASKS, state_features: str = "raw",
+                 fixed_variations: bool = False):
         require_metaworld()
         self.state_features = check_state_features(state_features)
+        if not isinstance(fixed_variations, bool):
+            raise ValueError(f"fixed_variations: must be true or false, got {fixed_variations!r}")
+        self.fixed_variations = fixed_variations
+        if fixed_variations:
+            # the instance attribute pirl.envs.base.fixed_init_states reads (0: none)
+            self.fixed_init_states = NUM_VARIATIONS
         if split not in ("train", "test"):
             raise ValueError(f"split: must be 'train' or 'test', got {split!r}")
         if obs_mode not in ("state", "rgb"):
@@ -419,7 +459,8 @@ class MetaWorldEnv(PoolBatchedEnv):
         slot = functools.partial(MetaWorldSlot, tasks=task_list, obs_mode=obs_mode,
                                  image_size=image_size, camera=camera, reward_mode=reward_mode,
                                  max_cached=max_cached, max_episode_steps=max_steps,
-                                 state_features=state_features)
+                                 state_features=state_features,
+                                 fixed_variations=fixed_variations)
         pool = GroupedSlotPool(slot, num_envs, num_workers, env_vars=env_vars)
         self.max_cached = max(1, int(max_cached))
         #: mirror of each slot's env cache (task indices, least recently used first)
@@ -433,7 +474,9 @@ class MetaWorldEnv(PoolBatchedEnv):
                          instructions=[TASK_INSTRUCTIONS[t] for t in task_list],
                          action_dim=ACTION_DIM, state_dim=state_dim(state_features),
                          max_episode_steps=max_steps,
-                         auto_reset=auto_reset, seed_space=1, seed_range=seed_range)
+                         auto_reset=auto_reset,
+                         seed_space=NUM_VARIATIONS if fixed_variations else 1,
+                         seed_range=seed_range)
 
     def vocabulary(self) -> list[str]:
         """Every word of every Meta-World instruction (sorted), so the tiny VLA's tokenizer
@@ -527,9 +570,11 @@ class MetaWorldEnv(PoolBatchedEnv):
             # state only, one cached env per free-goal task
             self._replay = MetaWorldSlot(self.tasks, max_cached=len(HINDSIGHT_TASKS),
                                          max_episode_steps=self.max_episode_steps,
-                                         state_features=self.state_features)
+                                         state_features=self.state_features,
+                                         fixed_variations=self.fixed_variations)
         slot, task = self._replay, int(task_index)
-        points = [slot.reset(task, 0, int(seed))["state"][part]]
+        init = int(seed) % self.seed_space  # the variation, with fixed_variations
+        points = [slot.reset(task, init, int(seed))["state"][part]]
         points += [slot.step(a)[0]["state"][part] for a in acts]
         pts = np.stack(points).astype(np.float64)
         env = slot.envs[task]
@@ -540,7 +585,7 @@ class MetaWorldEnv(PoolBatchedEnv):
         if not ok.any():
             return None
         goal = np.clip(pts[int(np.nonzero(ok)[0][-1])], low, high)
-        slot.reset(task, 0, int(seed))
+        slot.reset(task, init, int(seed))
         env._target_pos = goal.copy()
         env.model.site("goal").pos = goal  # (the goal marker; no physics)
         states = [slot._format(env._get_obs())["state"]]
