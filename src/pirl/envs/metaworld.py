@@ -573,8 +573,8 @@ class MetaWorldEnv(PoolBatchedEnv):
                                          state_features=self.state_features,
                                          fixed_variations=self.fixed_variations)
         slot, task = self._replay, int(task_index)
-        init = int(seed) % self.seed_space  # the variation, with fixed_variations
-        points = [slot.reset(task, init, int(seed))["state"][part]]
+        start = self._reset_args(task, seed)  # the batch's own reset (fixed_variations too)
+        points = [slot.reset(*start)["state"][part]]
         points += [slot.step(a)[0]["state"][part] for a in acts]
         pts = np.stack(points).astype(np.float64)
         env = slot.envs[task]
@@ -585,7 +585,7 @@ class MetaWorldEnv(PoolBatchedEnv):
         if not ok.any():
             return None
         goal = np.clip(pts[int(np.nonzero(ok)[0][-1])], low, high)
-        slot.reset(task, init, int(seed))
+        slot.reset(*start)
         env._target_pos = goal.copy()
         env.model.site("goal").pos = goal  # (the goal marker; no physics)
         states = [slot._format(env._get_obs())["state"]]

@@ -311,10 +311,14 @@ class PoolBatchedEnv(BatchedEnv):
                 self._buf[k] = np.zeros((self.num_envs, *v.shape), v.dtype)
             self._buf[k][i] = v
 
+    def _reset_args(self, task: int, seed: int) -> tuple:
+        """A slot's ``reset`` arguments for an episode of ``task`` from episode ``seed``:
+        (task index, init-state index ``seed % seed_space``, seed)."""
+        return int(task), int(seed) % self.seed_space, int(seed)
+
     def _slot_reset_args(self, i: int) -> tuple:
         """Arguments of slot ``i``'s ``reset``: (task index, init-state index, seed)."""
-        seed = int(self._episode_seeds[i])
-        return int(self._task_ids[i]), seed % self.seed_space, seed
+        return self._reset_args(self._task_ids[i], self._episode_seeds[i])
 
     def _reset_slots(self, idx: list[int]) -> None:
         outs = self.pool.call("reset", args=[self._slot_reset_args(i) for i in idx],
