@@ -61,14 +61,17 @@ def maniskill_row(num_envs: int = 1, obs_mode: str = "rgb", vectorization: str =
 
 def libero_row(num_envs: int = 2, suite: str = "libero_spatial", steps: int = 20,
                image_size: int = 224, processes: bool | int = True,
-               obs_mode: str = "image") -> dict[str, Any]:
+               obs_mode: str = "image", fused_substeps: bool = True) -> dict[str, Any]:
     """LIBERO suite, one process per env (or all in this process).  ``image``: agent-view +
     wrist rendered at 256 px and resized to ``image_size``; ``state``: no rendering, robot state
-    + the task's object poses.  Assets: resolved as by ``LiberoEnv`` (the asset package)."""
+    + the task's object poses.  ``fused_substeps``: pirl's split MuJoCo step (the default;
+    bitwise the same trajectory), or robosuite's own loop.  Assets: resolved as by
+    ``LiberoEnv`` (the asset package)."""
     from pirl.envs import libero as L
 
     gl = L.select_mujoco_gl() if obs_mode == "image" else "none"
-    base = {"sim": f"LIBERO {suite}", "backend": f"cpu (MuJoCo, {gl})",
+    loop = "fused substeps" if fused_substeps else "robosuite loop"
+    base = {"sim": f"LIBERO {suite}", "backend": f"cpu (MuJoCo, {gl}, {loop})",
             "num_envs": num_envs,
             "vectorization": ("loop" if not processes else "process" if processes is True
                               else f"{processes} processes"),
@@ -76,7 +79,7 @@ def libero_row(num_envs: int = 2, suite: str = "libero_spatial", steps: int = 20
                     else f"state {L.suite_state_dim(suite)}-D")}
     t0 = time.perf_counter()
     env = L.LiberoEnv(suite, num_envs, image_size=image_size, max_episode_steps=10**6,
-                      processes=processes, obs_mode=obs_mode)
+                      processes=processes, obs_mode=obs_mode, fused_substeps=fused_substeps)
     build = time.perf_counter() - t0
     try:
         sps, setup = _time_steps(env, steps, 7)
@@ -147,9 +150,14 @@ ROWS: dict[str, Callable[[], dict[str, Any]]] = {
     "libero_2": lambda: libero_row(2),
     "libero_state_1": lambda: libero_row(1, processes=False, obs_mode="state", steps=300),
     "libero_state_2": lambda: libero_row(2, obs_mode="state", steps=300),
+    # the same physics through robosuite's own substep loop (three collision passes a substep)
+    "libero_state_1_robosuite": lambda: libero_row(1, processes=False, obs_mode="state",
+                                                   steps=300, fused_substeps=False),
     # the libero_spatial_state preset's 20 envs: in this process, and in 2 worker processes
     "libero_state_20": lambda: libero_row(20, processes=False, obs_mode="state", steps=30),
     "libero_state_20x2": lambda: libero_row(20, processes=2, obs_mode="state", steps=30),
+    "libero_state_20_robosuite": lambda: libero_row(20, processes=False, obs_mode="state",
+                                                    steps=30, fused_substeps=False),
     "metaworld_state_loop": lambda: metaworld_row(8, "state", 0),
     "metaworld_state_pool2": lambda: metaworld_row(8, "state", 2),
     "metaworld_rgb_loop": lambda: metaworld_row(2, "rgb", 0, steps=20),

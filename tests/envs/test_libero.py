@@ -339,6 +339,124 @@ def test_suite_tables_and_init_states():
 FOUR_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
 
 
+# ----------------------------------------------------------------------------- fused substeps
+
+# an actuated two-link arm pushing a free box on a floor: contacts, a hinge with damping, a
+# touch and a force sensor (acceleration stage), Euler integration as in LIBERO's scenes
+_ARM_XML = """
+<mujoco>
+  <option timestep="0.002" integrator="{integrator}"/>
+  <worldbody>
+    <geom type="plane" size="2 2 0.1"/>
+    <body pos="0 0 0.3">
+      <joint name="j0" type="hinge" axis="0 0 1" damping="0.5"/>
+      <geom type="capsule" fromto="0 0 0 0.3 0 0" size="0.03"/>
+      <body pos="0.3 0 0">
+        <joint name="j1" type="hinge" axis="0 1 0" damping="0.5"/>
+        <geom type="capsule" fromto="0 0 0 0.3 0 -0.2" size="0.03"/>
+        <site name="tip" pos="0.3 0 -0.2"/>
+      </body>
+    </body>
+    <body pos="0.45 0.05 0.05">
+      <freejoint/>
+      <geom name="box" type="box" size="0.05 0.05 0.05"/>
+      <site name="box_site"/>
+    </body>
+  </worldbody>
+  <actuator>
+    <motor joint="j0"/>
+    <motor joint="j1"/>
+  </actuator>
+  <sensor>
+    <touch site="box_site"/>
+    <force site="tip"/>
+  </sensor>
+</mujoco>
+"""
+
+
+class _Sim:
+    """robosuite's MjSim interface as the fused context sees it (``model._model``,
+    ``data._data``, ``forward``, ``step``)."""
+
+    def __init__(self, mujoco, integrator: str = "Euler"):
+        self.mj = mujoco
+        self.model = SimpleNamespace(_model=mujoco.MjModel.from_xml_string(
+            _ARM_XML.format(integrator=integrator)))
+        self.data = SimpleNamespace(_data=mujoco.MjData(self.model._model))
+
+    def forward(self):
+        self.mj.mj_forward(self.model._model, self.data._data)
+
+    def step(self, with_udd=True):
+        self.mj.mj_step(self.model._model, self.data._data)
+
+
+def _robosuite_like_step(sim, target: np.ndarray, substeps: int = 25) -> list[np.ndarray]:
+    """robosuite's ``MujocoEnv.step``: per substep forward, a controller that forwards again and
+    reads positions, velocities, the mass matrix and bias forces, then ``step``; the first
+    substep also records the acceleration-stage sensors (as the robot's force buffer does)."""
+    mj, m, d = sim.mj, sim.model._model, sim.data._data
+    recorded = []
+    for i in range(substeps):
+        sim.forward()
+        sim.forward()  # the controller's update
+        full = np.zeros((m.nv, m.nv))
+        mj.mj_fullM(m, full, d.qM)
+        err = target - d.qpos[:2]
+        d.ctrl[:] = full[:2, :2] @ (40.0 * err - 4.0 * d.qvel[:2]) + d.qfrc_bias[:2]
+        if i == 0:
+            recorded.append(d.sensordata.copy())
+        sim.step()
+    return recorded
+
+
+@pytest.mark.sim
+def test_fused_substeps_reproduce_the_robosuite_loop_bitwise():
+    """Inside ``FusedSubsteps`` the same loop (robosuite's three forward passes per substep)
+    runs MuJoCo's split step and yields bitwise the same states, contacts and sensors,
+    including the force sensors read at the policy substep; outside it the sim is unchanged.
+    (Marked sim: the simulator venv's MuJoCo is new enough; the core venv's 3.3.0, from
+    Meta-World, is not, and there the slot runs robosuite's own loop.)"""
+    mujoco = pytest.importorskip("mujoco")
+    plain, fused = _Sim(mujoco), _Sim(mujoco)
+    assert L.FusedSubsteps.supports(fused), mujoco.__version__
+    rng = np.random.default_rng(0)
+    contacts = 0
+    for _ in range(30):
+        target = rng.uniform(-1.5, 1.5, 2)
+        a = _robosuite_like_step(plain, target)
+        with L.FusedSubsteps(fused):
+            b = _robosuite_like_step(fused, target)
+        assert "forward" not in vars(fused) and "step" not in vars(fused)
+        pd, fd = plain.data._data, fused.data._data
+        for name in ("qpos", "qvel", "qacc", "qacc_warmstart", "sensordata", "ctrl"):
+            assert np.array_equal(getattr(pd, name), getattr(fd, name)), name
+        assert pd.time == fd.time and pd.ncon == fd.ncon
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+        contacts += pd.ncon
+    assert contacts > 30  # the box touched the floor (and the arm) throughout
+    assert np.abs(plain.data._data.qpos[2:5] - [0.45, 0.05, 0.05]).max() > 1e-3  # pushed
+
+
+def test_fused_substeps_refuse_other_integrators_and_old_mujoco(monkeypatch):
+    """mj_step1 / mj_step2 equal robosuite's loop only with Euler and an idempotent
+    ``mj_forward`` (MuJoCo >= 3.3.6): otherwise refused, and the LIBERO slot falls back to
+    robosuite's loop (``supports``)."""
+    mujoco = pytest.importorskip("mujoco")
+    euler, rk4 = _Sim(mujoco), _Sim(mujoco, integrator="RK4")
+    for version, ok in [("3.3.5", False), ("3.3.6", True), ("3.10.0", True), ("2.3.7", False),
+                        ("4.0.0rc1", True)]:
+        monkeypatch.setattr(mujoco, "__version__", version)
+        assert L.FusedSubsteps.supports(euler) is ok, version
+        assert not L.FusedSubsteps.supports(rk4)
+    with pytest.raises(ValueError, match="Euler integrator and MuJoCo >= 3.3.6"):
+        L.FusedSubsteps(rk4)
+    monkeypatch.setattr(mujoco, "__version__", "3.3.0")
+    with pytest.raises(ValueError, match="MuJoCo 3.3.0"):
+        L.FusedSubsteps(euler)
+
+
 @pytest.mark.sim
 @pytest.mark.parametrize("suite", FOUR_SUITES)
 def test_real_task0_state_mode(suite):
@@ -409,6 +527,44 @@ def test_real_task0_image_mode(suite):
         assert not out.done.any()
     finally:
         env.close()
+
+
+@pytest.mark.sim
+def test_real_fused_substeps_keep_the_trajectory_bitwise():
+    """A LIBERO slot with ``fused_substeps`` (the default) steps the same simulation bit for
+    bit as robosuite's own loop: a whole scripted-expert episode with its grasp and placement
+    (libero_spatial task 0, init state 0), and random actions on libero_goal's stove task."""
+    pytest.importorskip("libero")
+    from pirl.envs.libero_expert import LiberoExpertSubEnv
+
+    def sim_state(slot):
+        d = slot.env.env.sim.data
+        return [d.qpos.copy(), d.qvel.copy(), d.qacc_warmstart.copy(), np.array([d.time])]
+
+    runs = {}
+    for fused in (False, True):
+        slot = LiberoExpertSubEnv("libero_spatial", fused_substeps=fused)
+        try:
+            runs[fused] = (slot.expert_episode(0, 0, seed=0, record=True), sim_state(slot))
+        finally:
+            slot.close()
+    (a, sa), (b, sb) = runs[False], runs[True]
+    assert a["success"] and b["success"] and a["length"] == b["length"]
+    assert np.array_equal(a["state"], b["state"]) and np.array_equal(a["action"], b["action"])
+    assert all(np.array_equal(x, y) for x, y in zip(sa, sb))
+
+    acts = np.random.default_rng(1).uniform(-1, 1, (30, 7))
+    got = {}
+    for fused in (False, True):
+        slot = L.LiberoSubEnv("libero_goal", obs_mode="state", fused_substeps=fused)
+        try:
+            states = [slot.reset(5, 2, 0)["state"]]
+            states += [slot.step(a)[0]["state"] for a in acts]
+            got[fused] = (np.stack(states), sim_state(slot))
+        finally:
+            slot.close()
+    assert np.array_equal(got[False][0], got[True][0])
+    assert all(np.array_equal(x, y) for x, y in zip(got[False][1], got[True][1]))
 
 
 @pytest.mark.sim

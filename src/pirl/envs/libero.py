@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -464,6 +465,86 @@ def state_size(suite: str, obs_mode: str = "state", state_features: str = "raw")
     return suite_state_dim(suite) if obs_mode == "state" else ROBOT_STATE_DIM
 
 
+#: MuJoCo 3.3.6 moved the solver's warm-start update from ``mj_forward`` to ``mj_step``
+#: (changelog: "makes mj_forward fully idempotent"); :class:`FusedSubsteps` relies on it
+FUSED_MIN_MUJOCO = (3, 3, 6)
+
+
+class FusedSubsteps:
+    """Context: run robosuite's physics substeps with one kinematics / collision pass each.
+
+    robosuite's ``MujocoEnv.step`` runs, per physics substep, ``sim.forward()``, the
+    controller (whose ``update`` calls ``sim.forward()`` again on the same state and controls)
+    and ``sim.step()`` (``mj_step``, a third forward pass, then integration).  The three passes
+    recompute the same positions, contacts and velocities: ~0.17 ms of collision detection
+    each on a LIBERO scene, two thirds of a step's physics.  Inside this context the sim's
+    ``forward`` / ``step`` become MuJoCo's split step: the first ``forward`` of a substep is
+    ``mj_step1`` (checks, position and velocity stages; a full ``mj_forward`` on the policy
+    step, where the robot records force sensors), a ``forward`` before that substep's ``step``
+    is a no-op (nothing but the controller's reads happen in between: positions, Jacobians,
+    the mass matrix, bias forces), and ``step`` is ``mj_step2`` (actuation, acceleration,
+    constraints with the new controls, Euler integration).  That is ``mj_step``'s own sequence,
+    so the trajectory is bitwise the same (tests/envs/test_libero.py compares it over an
+    expert episode with grasps).  Only with the Euler integrator (RK4 would differ) and MuJoCo
+    >= :data:`FUSED_MIN_MUJOCO`: before 3.3.6 every ``mj_forward`` advanced the solver's warm
+    start, so robosuite's extra passes changed the next step in the last bits.
+
+    ``sim``: robosuite's ``MjSim`` of the env, fetched afresh for every step (a hard reset
+    rebuilds it).  Its instance gets ``forward`` / ``step`` attributes for the duration.
+    """
+
+    def __init__(self, sim):
+        import mujoco
+
+        self.sim = sim
+        self._mj = mujoco
+        self._m, self._d = sim.model._model, sim.data._data
+        if not self.supports(sim):
+            raise ValueError(
+                "FusedSubsteps needs the Euler integrator and MuJoCo >= "
+                f"{'.'.join(map(str, FUSED_MIN_MUJOCO))} (mj_step1 / mj_step2 equal robosuite's "
+                f"loop only then), got integrator {self._m.opt.integrator} and MuJoCo "
+                f"{mujoco.__version__}")
+        self._first = True       # the next forward opens the env step's first (policy) substep
+        self._ready = False      # positions / velocities of this substep are computed
+
+    @staticmethod
+    def supports(sim) -> bool:
+        """Whether ``sim``'s model integrates with Euler (LIBERO's scenes all do) and MuJoCo's
+        ``mj_forward`` is idempotent (>= :data:`FUSED_MIN_MUJOCO`)."""
+        import mujoco
+
+        version = tuple(int(p) for p in re.findall(r"\d+", mujoco.__version__)[:3])
+        return (version >= FUSED_MIN_MUJOCO
+                and sim.model._model.opt.integrator == mujoco.mjtIntegrator.mjINT_EULER)
+
+    def forward(self) -> None:
+        if self._ready:
+            return
+        mj, m, d = self._mj, self._m, self._d
+        if self._first:
+            mj.mj_checkPos(m, d)
+            mj.mj_checkVel(m, d)
+            mj.mj_forward(m, d)
+            self._first = False
+        else:
+            mj.mj_step1(m, d)
+        self._ready = True
+
+    def step(self, with_udd: bool = True) -> None:
+        if not self._ready:   # a step without a forward before it: mj_step's whole sequence
+            self._mj.mj_step1(self._m, self._d)
+        self._mj.mj_step2(self._m, self._d)
+        self._ready = False
+
+    def __enter__(self):
+        self.sim.forward, self.sim.step = self.forward, self.step
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.sim.forward, self.sim.step
+
+
 class LiberoSubEnv:
     """One LIBERO env slot: rebuilds its env when the task changes.
 
@@ -473,13 +554,14 @@ class LiberoSubEnv:
     observables; returns ``state [state_dim]`` float32 = :func:`privileged_state` (robot state +
     the task's object poses, :func:`task_objects` order, zero-padded to ``state_dim``, default
     :func:`suite_state_dim`), followed by :func:`relative_offsets` with
-    ``state_features="relative"``.
+    ``state_features="relative"``.  ``fused_substeps``: steps run inside
+    :class:`FusedSubsteps` (bitwise robosuite's trajectory, fewer collision passes).
     """
 
     def __init__(self, suite: str, image_size: int = 224, render_size: int = 256,
                  allow_download: bool = False, assets: str | None = None,
                  obs_mode: str = "image", state_dim: int | None = None,
-                 state_features: str = "raw"):
+                 state_features: str = "raw", fused_substeps: bool = True):
         if obs_mode not in OBS_MODES:
             raise ValueError(f"obs_mode must be one of {OBS_MODES}, got {obs_mode!r}")
         self.state_features = check_state_features(state_features, obs_mode)
@@ -495,6 +577,7 @@ class LiberoSubEnv:
         self.obs_mode = obs_mode
         self.state_dim = (state_dim or suite_state_dim(suite)) if obs_mode == "state" \
             else ROBOT_STATE_DIM
+        self.fused_substeps = bool(fused_substeps)
         self.env = None
         self.task_index: int | None = None
         self.objects: list[str] = []
@@ -543,8 +626,17 @@ class LiberoSubEnv:
         self.env.reset()
         raw = self.env.set_init_state(self._init_states[init_index])
         for _ in range(NUM_STEPS_WAIT):
-            raw, _, _, _ = self.env.step(DUMMY_ACTION)
+            raw, _, _, _ = self._env_step(DUMMY_ACTION)
         return self._format(raw)
+
+    def _env_step(self, action: np.ndarray) -> tuple:
+        """LIBERO's ``env.step``, inside :class:`FusedSubsteps` unless that is off or the
+        scene's integrator is not Euler."""
+        sim = self.env.env.sim
+        if not (self.fused_substeps and FusedSubsteps.supports(sim)):
+            return self.env.step(action)
+        with FusedSubsteps(sim):
+            return self.env.step(action)
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool]:
         """One 7-D action -> (obs, reward, success)."""
@@ -552,7 +644,7 @@ class LiberoSubEnv:
         if action.shape != (7,):
             raise ValueError(f"a LIBERO action is 7-D (delta eef pose 6 + gripper), got shape "
                              f"{list(action.shape)}")
-        raw, reward, done, _ = self.env.step(action)
+        raw, reward, done, _ = self._env_step(action)
         success = bool(done)
         return self._format(raw), float(success), success
 
@@ -584,6 +676,10 @@ class LiberoEnv(PoolBatchedEnv):
     entries (:func:`relative_offsets`).  Both add ``instruction``, ``task_id``.
     Actions ``[N, 7]``.
 
+    fused_substeps: step the physics with one kinematics / collision pass per substep
+    (:class:`FusedSubsteps`; the same trajectory bit for bit, ~1.2-1.7x the steps/s in state
+    mode); ``False`` runs robosuite's own loop.
+
     split: only ``"train"`` (what ``pirl train`` passes; LIBERO has no held-out split).
     :attr:`fixed_init_states` tells :func:`pirl.runners.evaluate.evaluate_env` to run the
     benchmark protocol (the k-th episode of a task from fixed initial state k).
@@ -598,7 +694,8 @@ class LiberoEnv(PoolBatchedEnv):
                  auto_reset: bool = False, processes: bool | int = True,
                  mujoco_gl: str | None = None, allow_download: bool = False,
                  assets_dir: str | os.PathLike | None = None, obs_mode: str = "image",
-                 split: str = "train", state_features: str = "raw"):
+                 split: str = "train", state_features: str = "raw",
+                 fused_substeps: bool = True):
         if split != "train":
             raise ValueError(f"split: LIBERO has one set of fixed initial states per task "
                              f"(split 'train'), not {split!r}")
@@ -635,7 +732,8 @@ class LiberoEnv(PoolBatchedEnv):
         factory = functools.partial(LiberoSubEnv, suite=suite, image_size=image_size,
                                     render_size=render_size, allow_download=allow_download,
                                     assets=assets, obs_mode=obs_mode, state_dim=padded_dim,
-                                    state_features=state_features)
+                                    state_features=state_features,
+                                    fused_substeps=fused_substeps)
         state_dim = state_size(suite, obs_mode, state_features)
         # True: one worker per slot; False / 0: this process; k: k workers of slot blocks
         workers = num_envs if processes is True else int(processes)
