@@ -415,7 +415,8 @@ def _robosuite_like_step(sim, target: np.ndarray, substeps: int = 25) -> list[np
 def test_fused_substeps_reproduce_the_robosuite_loop_bitwise():
     """Inside ``FusedSubsteps`` the same loop (robosuite's three forward passes per substep)
     runs MuJoCo's split step and yields bitwise the same states, contacts and sensors,
-    including the force sensors read at the policy substep; outside it the sim is unchanged.
+    including the force sensors read at the policy substep and the accelerations and sensors
+    of a forward after the substeps; outside it the sim is unchanged.
     (Marked sim: the simulator venv's MuJoCo is new enough; the core venv's 3.3.0, from
     Meta-World, is not, and there the slot runs robosuite's own loop.)"""
     mujoco = pytest.importorskip("mujoco")
@@ -426,8 +427,10 @@ def test_fused_substeps_reproduce_the_robosuite_loop_bitwise():
     for _ in range(30):
         target = rng.uniform(-1.5, 1.5, 2)
         a = _robosuite_like_step(plain, target)
+        plain.forward()  # a forward after the substeps (as rewards / observations may run)
         with L.FusedSubsteps(fused):
             b = _robosuite_like_step(fused, target)
+            fused.forward()
         assert "forward" not in vars(fused) and "step" not in vars(fused)
         pd, fd = plain.data._data, fused.data._data
         for name in ("qpos", "qvel", "qacc", "qacc_warmstart", "sensordata", "ctrl"):
@@ -440,9 +443,9 @@ def test_fused_substeps_reproduce_the_robosuite_loop_bitwise():
 
 
 def test_fused_substeps_refuse_other_integrators_and_old_mujoco(monkeypatch):
-    """mj_step1 / mj_step2 equal robosuite's loop only with Euler and an idempotent
-    ``mj_forward`` (MuJoCo >= 3.3.6): otherwise refused, and the LIBERO slot falls back to
-    robosuite's loop (``supports``)."""
+    """The split step (mj_forward, checks, mj_step2) equals robosuite's loop only with Euler
+    and an idempotent ``mj_forward`` (MuJoCo >= 3.3.6): otherwise refused, and the LIBERO slot
+    falls back to robosuite's loop (``supports``)."""
     mujoco = pytest.importorskip("mujoco")
     euler, rk4 = _Sim(mujoco), _Sim(mujoco, integrator="RK4")
     for version, ok in [("3.3.5", False), ("3.3.6", True), ("3.10.0", True), ("2.3.7", False),

@@ -477,17 +477,19 @@ class FusedSubsteps:
     controller (whose ``update`` calls ``sim.forward()`` again on the same state and controls)
     and ``sim.step()`` (``mj_step``, a third forward pass, then integration).  The three passes
     recompute the same positions, contacts and velocities: ~0.17 ms of collision detection
-    each on a LIBERO scene, two thirds of a step's physics.  Inside this context the sim's
-    ``forward`` / ``step`` become MuJoCo's split step: the first ``forward`` of a substep is
-    ``mj_step1`` (checks, position and velocity stages; a full ``mj_forward`` on the policy
-    step, where the robot records force sensors), a ``forward`` before that substep's ``step``
-    is a no-op (nothing but the controller's reads happen in between: positions, Jacobians,
-    the mass matrix, bias forces), and ``step`` is ``mj_step2`` (actuation, acceleration,
-    constraints with the new controls, Euler integration).  That is ``mj_step``'s own sequence,
-    so the trajectory is bitwise the same (tests/envs/test_libero.py compares it over an
-    expert episode with grasps).  Only with the Euler integrator (RK4 would differ) and MuJoCo
-    >= :data:`FUSED_MIN_MUJOCO`: before 3.3.6 every ``mj_forward`` advanced the solver's warm
-    start, so robosuite's extra passes changed the next step in the last bits.
+    each on a LIBERO scene, two thirds of a step's physics.  Inside this context a ``forward``
+    is ``mj_forward``, except a second one before the substep's ``step``, which is skipped (in
+    robosuite's loop only the controller runs there: it forwards, reads positions, Jacobians,
+    the mass matrix and bias forces, and writes the controls after its forward, so it reads
+    what the first pass computed), and a ``step`` after a ``forward`` is ``mj_step``'s checks followed
+    by ``mj_step2`` (actuation, acceleration, constraints with the new controls, Euler
+    integration) instead of a second full pass.  ``mj_step`` is checks, ``mj_forward`` and the
+    same integration, so the trajectory is bitwise the same (tests/envs/test_libero.py
+    compares it over an expert episode with grasps); a ``forward`` after the substeps (in
+    rewards or observations) is a full ``mj_forward`` as before.  Only with the Euler
+    integrator (RK4 would differ) and MuJoCo >= :data:`FUSED_MIN_MUJOCO`: before 3.3.6 every
+    ``mj_forward`` advanced the solver's warm start, so robosuite's extra passes changed the
+    next step in the last bits.
 
     ``sim``: robosuite's ``MjSim`` of the env, fetched afresh for every step (a hard reset
     rebuilds it).  Its instance gets ``forward`` / ``step`` attributes for the duration.
@@ -502,11 +504,11 @@ class FusedSubsteps:
         if not self.supports(sim):
             raise ValueError(
                 "FusedSubsteps needs the Euler integrator and MuJoCo >= "
-                f"{'.'.join(map(str, FUSED_MIN_MUJOCO))} (mj_step1 / mj_step2 equal robosuite's "
+                f"{'.'.join(map(str, FUSED_MIN_MUJOCO))} (the split step equals robosuite's "
                 f"loop only then), got integrator {self._m.opt.integrator} and MuJoCo "
                 f"{mujoco.__version__}")
-        self._first = True       # the next forward opens the env step's first (policy) substep
-        self._ready = False      # positions / velocities of this substep are computed
+        self._ready = False      # data are mj_forward's for the current state and controls
+        self._checked = (mujoco.mjtWarning.mjWARN_BADQPOS, mujoco.mjtWarning.mjWARN_BADQVEL)
 
     @staticmethod
     def supports(sim) -> bool:
@@ -519,22 +521,22 @@ class FusedSubsteps:
                 and sim.model._model.opt.integrator == mujoco.mjtIntegrator.mjINT_EULER)
 
     def forward(self) -> None:
-        if self._ready:
-            return
-        mj, m, d = self._mj, self._m, self._d
-        if self._first:
-            mj.mj_checkPos(m, d)
-            mj.mj_checkVel(m, d)
-            mj.mj_forward(m, d)
-            self._first = False
-        else:
-            mj.mj_step1(m, d)
-        self._ready = True
+        if not self._ready:
+            self._mj.mj_forward(self._m, self._d)
+            self._ready = True
 
     def step(self, with_udd: bool = True) -> None:
-        if not self._ready:   # a step without a forward before it: mj_step's whole sequence
-            self._mj.mj_step1(self._m, self._d)
-        self._mj.mj_step2(self._m, self._d)
+        mj, m, d = self._mj, self._m, self._d
+        if not self._ready:   # no forward since the last step: mj_step as it is
+            mj.mj_step(m, d)
+            return
+        # mj_step's checks; one that resets a bad state invalidates the forward before it
+        bad = [d.warning[w].number for w in self._checked]
+        mj.mj_checkPos(m, d)
+        mj.mj_checkVel(m, d)
+        if [d.warning[w].number for w in self._checked] != bad:
+            mj.mj_forward(m, d)
+        mj.mj_step2(m, d)
         self._ready = False
 
     def __enter__(self):
@@ -677,8 +679,8 @@ class LiberoEnv(PoolBatchedEnv):
     Actions ``[N, 7]``.
 
     fused_substeps: step the physics with one kinematics / collision pass per substep
-    (:class:`FusedSubsteps`; the same trajectory bit for bit, ~1.2-1.7x the steps/s in state
-    mode); ``False`` runs robosuite's own loop.
+    (:class:`FusedSubsteps`; the same trajectory bit for bit, 1.6-2.0x the steps/s in state
+    mode, ``benchmarks/sim_throughput.py``); ``False`` runs robosuite's own loop.
 
     split: only ``"train"`` (what ``pirl train`` passes; LIBERO has no held-out split).
     :attr:`fixed_init_states` tells :func:`pirl.runners.evaluate.evaluate_env` to run the
