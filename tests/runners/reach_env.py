@@ -50,3 +50,12 @@ class ReachEnv(BatchedEnv):
 
     def render(self):
         return torch.zeros(self.num_envs, 3, 8, 8, dtype=torch.uint8)
+
+
+def reach_policy(seed: int = 0):
+    """A small TinyVLA sized for :class:`ReachEnv` (chunks of 2 steps of 2-D actions)."""
+    from pirl.models import build_policy
+
+    torch.manual_seed(seed)
+    return build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
+                        width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"])
