@@ -287,8 +287,9 @@ def _has_curves(rows: list[dict[str, Any]]) -> bool:
 
 
 def figure(rows: list[dict[str, Any]], out: Path) -> Path | None:
-    """Evaluation success against env steps: one colour per row, solid train, dashed OOD; None
-    (nothing written) when no record has evaluation metrics."""
+    """Evaluation success against env steps: one panel per benchmark, one colour per row, solid
+    train, dashed OOD, each panel's legend to its right (the image grows with the rows, so that
+    no label covers a curve); None (nothing written) when no record has evaluation metrics."""
     if not _has_curves(rows):
         return None
     import matplotlib
@@ -296,26 +297,39 @@ def figure(rows: list[dict[str, Any]], out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, row in enumerate(rows):
-        colour = f"C{i % 10}"
-        for split, style in (("train", "-"), ("ood", "--")):
-            for j, run in enumerate(row["members"]):
-                pts = _curve(run, split)
-                if not pts:
-                    continue
-                label = (f"{row['benchmark']}, {row['method']} ({_split_name(split)})"
-                         if j == 0 else None)
-                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, color=colour,
-                        marker="o", markersize=3, label=label, alpha=0.9)
-    ax.set_xlabel("env steps")
-    ax.set_ylabel("evaluation success (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    panels: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if any(_curve(run, s) for run in row["members"] for s in ("train", "ood")):
+            panels.setdefault(row["benchmark"], []).append(row)
+    entries = {b: sum(1 for r in rs for s in ("train", "ood")
+                      if any(_curve(run, s) for run in r["members"])) for b, rs in panels.items()}
+    # a panel at least as tall as its legend: one 6-pt line (~0.14 in with spacing) per entry
+    heights = [max(2.6, 0.14 * entries[b] + 0.2) for b in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(6, sum(heights) + 0.6 * len(panels)),
+                             squeeze=False, gridspec_kw={"height_ratios": heights, "hspace": 0.4})
+    for ax, (bench, brows) in zip(axes[:, 0], panels.items()):
+        # tab20 where a panel has more rows than the default cycle's 10 colours
+        cmap = plt.get_cmap("tab10" if len(brows) <= 10 else "tab20")
+        for i, row in enumerate(brows):
+            colour = cmap(i % cmap.N)
+            for split, style in (("train", "-"), ("ood", "--")):
+                for j, run in enumerate(row["members"]):
+                    pts = _curve(run, split)
+                    if not pts:
+                        continue
+                    label = f"{row['method']} ({_split_name(split)})" if j == 0 else None
+                    ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style,
+                            color=colour, marker="o", markersize=3, label=label, alpha=0.9)
+        ax.set_title(bench, fontsize=9, loc="left")
+        ax.set_xlabel("env steps", fontsize=8)
+        ax.set_ylabel("evaluation success (%)", fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False,
+                  borderaxespad=0.0)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
 
