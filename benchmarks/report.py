@@ -297,12 +297,14 @@ def figure(rows: list[dict[str, Any]], out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels: dict[str, list[dict[str, Any]]] = {}
+    # per benchmark: its rows with curves, and each row's curves per split, one per member
+    panels: dict[str, list[tuple[dict[str, Any], dict[str, list]]]] = {}
     for row in rows:
-        if any(_curve(run, s) for run in row["members"] for s in ("train", "ood")):
-            panels.setdefault(row["benchmark"], []).append(row)
-    entries = {b: sum(1 for r in rs for s in ("train", "ood")
-                      if any(_curve(run, s) for run in r["members"])) for b, rs in panels.items()}
+        curves = {s: [_curve(run, s) for run in row["members"]] for s in ("train", "ood")}
+        if any(any(c) for c in curves.values()):
+            panels.setdefault(row["benchmark"], []).append((row, curves))
+    entries = {b: sum(1 for _, c in rs for pts in c.values() if any(pts))
+               for b, rs in panels.items()}
     # a panel at least as tall as its legend: one 6-pt line (~0.14 in with spacing) per entry
     heights = [max(2.6, 0.14 * entries[b] + 0.2) for b in panels]
     fig, axes = plt.subplots(len(panels), 1, figsize=(6, sum(heights) + 0.6 * len(panels)),
@@ -310,11 +312,10 @@ def figure(rows: list[dict[str, Any]], out: Path) -> Path | None:
     for ax, (bench, brows) in zip(axes[:, 0], panels.items()):
         # tab20 where a panel has more rows than the default cycle's 10 colours
         cmap = plt.get_cmap("tab10" if len(brows) <= 10 else "tab20")
-        for i, row in enumerate(brows):
+        for i, (row, curves) in enumerate(brows):
             colour = cmap(i % cmap.N)
             for split, style in (("train", "-"), ("ood", "--")):
-                for j, run in enumerate(row["members"]):
-                    pts = _curve(run, split)
+                for j, pts in enumerate(curves[split]):
                     if not pts:
                         continue
                     label = f"{row['method']} ({_split_name(split)})" if j == 0 else None
