@@ -52,10 +52,14 @@ class ReachEnv(BatchedEnv):
         return torch.zeros(self.num_envs, 3, 8, 8, dtype=torch.uint8)
 
 
-def reach_policy(seed: int = 0):
-    """A small TinyVLA sized for :class:`ReachEnv` (chunks of 2 steps of 2-D actions)."""
+def reach_policy(seed: int | None = 0, **kwargs):
+    """A small TinyVLA sized for :class:`ReachEnv` (chunks of 2 steps of 2-D actions), its
+    weights drawn after ``torch.manual_seed(seed)`` (``None``: from the RNG as it stands);
+    ``kwargs`` add to or override the model's settings (``normalization``, ``critic_time``)."""
     from pirl.models import build_policy
 
-    torch.manual_seed(seed)
-    return build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
-                        width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"])
+    if seed is not None:
+        torch.manual_seed(seed)
+    return build_policy("tiny", **{"action_horizon": 2, "action_dim": 2, "state_dim": 2,
+                                   "num_cameras": 0, "width": 32, "depth": 1, "heads": 2,
+                                   "value_hidden": 32, "vocab": ["reach the point"], **kwargs})

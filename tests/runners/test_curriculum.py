@@ -10,11 +10,10 @@ import torch
 from pirl.algos.grpo import make_groups
 from pirl.config.loading import apply_overrides
 from pirl.flow import SamplerConfig, build_sampler
-from pirl.models import build_policy
 from pirl.config.schema import RLConfig
 from pirl.runners.curriculum import FailureCurriculum, FailureReplay
 from pirl.runners.rl import RLTrainer
-from tests.runners.reach_env import ReachEnv
+from tests.runners.reach_env import ReachEnv, reach_policy
 
 
 def test_no_data_gives_uniform_draws():
@@ -84,9 +83,7 @@ class TwoTaskReach(ReachEnv):
 
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
 def test_trainer_draws_tasks_from_the_curriculum_and_updates_it(algo):
-    torch.manual_seed(0)
-    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
-                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"])
+    pol = reach_policy()
     smp = build_sampler("flow_sde", 2, pol.feature_dim, pol.action_dim,
                         config=SamplerConfig(kind="flow_sde", num_steps=2))
     cfg = apply_overrides(RLConfig(algo=algo), ["task_sampling=failure", "task_sampling_mix=1.0",
@@ -141,9 +138,7 @@ def test_replay_keeps_the_newest_failures_and_draws_without_replacement():
 
 
 def test_trainer_replays_failed_initial_states():
-    torch.manual_seed(0)
-    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
-                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"])
+    pol = reach_policy()
     smp = build_sampler("flow_sde", 2, pol.feature_dim, pol.action_dim,
                         config=SamplerConfig(kind="flow_sde", num_steps=2))
     cfg = apply_overrides(RLConfig(), ["task_sampling=failure", "replay_failures=0.5",
@@ -180,9 +175,7 @@ def test_trainer_replays_failed_initial_states():
 def test_round_robin_gives_env_i_task_i_mod_t_every_iteration():
     """rl.task_sampling=round_robin: env i runs task i mod T in every rollout (an env that
     rebuilds its simulation on a task change, LIBERO, builds it once), fresh episode seeds."""
-    torch.manual_seed(0)
-    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
-                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"])
+    pol = reach_policy()
     smp = build_sampler("flow_sde", 2, pol.feature_dim, pol.action_dim,
                         config=SamplerConfig(kind="flow_sde", num_steps=2))
     cfg = apply_overrides(RLConfig(), ["task_sampling=round_robin"])

@@ -104,11 +104,10 @@ def test_fixed_init_states_follow_the_benchmark_protocol(num_envs):
     whatever the number of envs and the evaluation seed; more episodes than fixed states is an
     error naming both."""
     from pirl.flow import SamplerConfig, build_sampler
-    from pirl.models import build_policy
     from pirl.runners.evaluate import evaluate_env
+    from tests.runners.reach_env import reach_policy
 
-    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
-                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"])
+    pol = reach_policy(None)
     smp = build_sampler("ode", 2, pol.feature_dim, pol.action_dim,
                         config=SamplerConfig(kind="ode", num_steps=2))
     for seed in (0, 123):
@@ -135,12 +134,10 @@ def test_evaluation_from_a_later_fixed_init_state():
     """eval.first_init_state=f: the k-th episode of every task starts from fixed state f + k;
     past the env's last state, or on an env without fixed states, it is an error."""
     from pirl.flow import SamplerConfig, build_sampler
-    from pirl.models import build_policy
     from pirl.runners.evaluate import evaluate_env
-    from tests.runners.reach_env import ReachEnv
+    from tests.runners.reach_env import ReachEnv, reach_policy
 
-    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
-                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"])
+    pol = reach_policy(None)
     smp = build_sampler("ode", 2, pol.feature_dim, pol.action_dim,
                         config=SamplerConfig(kind="ode", num_steps=2))
     env = _FixedStartsReach.make(6, fixed=5)
@@ -164,13 +161,10 @@ def test_evaluation_does_not_depend_on_the_number_of_envs():
     import torch
 
     from pirl.flow import SamplerConfig, build_sampler
-    from pirl.models import build_policy
     from pirl.runners.evaluate import evaluate_env
-    from tests.runners.reach_env import ReachEnv
+    from tests.runners.reach_env import ReachEnv, reach_policy
 
-    torch.manual_seed(0)
-    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
-                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"])
+    pol = reach_policy()
     smp = build_sampler("ode", 2, pol.feature_dim, pol.action_dim,
                         config=SamplerConfig(kind="ode", num_steps=2))
 

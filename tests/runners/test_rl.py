@@ -12,13 +12,13 @@ from pirl.config.schema import RLConfig, TrainConfig
 from pirl.runners.rl import RLTrainer
 from pirl.runners.rollout import collect
 from pirl.envs.base import ChunkedEnv
-from tests.runners.reach_env import ReachEnv, reach_policy as _policy
+from tests.runners.reach_env import ReachEnv, reach_policy
 from tests.runners.tiny_run import TINY_RUN_OVERRIDES
 
 
 def test_rollout_logprob_matches_recompute_and_masks():
     """Rollout log-probs equal the sampler's recomputation; rewards/valid follow the episodes."""
-    pol = _policy()
+    pol = reach_policy()
     smp = build_sampler("flow_noise", 3, pol.feature_dim, pol.action_dim, config=SamplerConfig())
     env = ChunkedEnv(ReachEnv(16, max_episode_steps=4))
     ro = collect(pol, smp, env, num_chunks=2, reset_kwargs={"seed": 0},
@@ -36,7 +36,7 @@ def test_rollout_logprob_matches_recompute_and_masks():
 @pytest.mark.parametrize("algo,kind", [("ppo", "flow_noise"), ("grpo", "flow_sde")])
 def test_short_rl_run_increases_success(algo, kind):
     torch.manual_seed(0)
-    pol = _policy()
+    pol = reach_policy()
     scfg = SamplerConfig(kind=kind, num_steps=3, min_std=0.1, max_std=0.3, hybrid=False)
     smp = build_sampler(kind, 3, pol.feature_dim, pol.action_dim, config=scfg)
     cfg = apply_overrides(RLConfig(algo=algo), [
@@ -54,7 +54,7 @@ def test_grpo_logs_fraction_of_episodes_with_signal():
     """``grpo/nonzero_adv_fraction`` (episodes with a non-zero advantage) equals, for ReachEnv's
     0/1 returns, the share of episodes whose group's returns differ, counted here with a plain
     loop over the groups."""
-    pol = _policy()
+    pol = reach_policy()
     smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
                         config=SamplerConfig(kind="flow_sde", num_steps=3, hybrid=False))
     cfg = apply_overrides(RLConfig(algo="grpo"), ["grpo.group_size=4", "train_mode=full"])
@@ -234,9 +234,7 @@ def test_reused_frozen_prefix_equals_reencoding(algo, kind, critic_time, monkeyp
 
 def test_rollout_sends_unnormalised_actions_to_the_env():
     """Chains stay in model space; the env gets ``policy.postprocess_actions`` of them."""
-    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
-                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"],
-                       normalization="mean_std")
+    pol = reach_policy(None, normalization="mean_std")
     pol.normalizer.actions_mean.copy_(torch.tensor([0.3, -0.2]))
     pol.normalizer.actions_std.copy_(torch.tensor([0.05, 2.0]))
     smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim, config=SamplerConfig())
@@ -259,7 +257,7 @@ def test_critic_warmup_trains_only_the_critic_first():
     """With ppo.critic_warmup_iters=2 the first two updates leave the policy and the noise net
     exactly as they were and move the critic; the third moves the policy."""
     torch.manual_seed(0)
-    pol = _policy()
+    pol = reach_policy()
     smp = build_sampler("flow_noise", 3, pol.feature_dim, pol.action_dim,
                         config=SamplerConfig(kind="flow_noise", num_steps=3))
     cfg = apply_overrides(RLConfig(algo="ppo"), [
@@ -290,7 +288,7 @@ def test_lr_prefix_gives_the_prefix_its_own_learning_rate():
     """train_mode=full with ppo.lr_prefix: the prefix parameters (and only they) form the
     "prefix" group, and Adam's first step moves each of them by at most lr_prefix (its first
     step is lr * g / (|g| + eps) per element), the expert's by up to lr_policy."""
-    pol = _policy()
+    pol = reach_policy()
     smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
                         config=SamplerConfig(kind="flow_sde", num_steps=3))
     cfg = apply_overrides(RLConfig(algo="ppo"), [
@@ -349,7 +347,7 @@ def test_time_limit_truncation_in_gae(monkeypatch, truncation):
 
     monkeypatch.setattr(rl_mod, "gae", spy)
     torch.manual_seed(0)
-    pol = _policy()
+    pol = reach_policy()
     with torch.no_grad():  # a critic far from 0, so that the two modes really differ
         pol.value_mlp[-1].bias.fill_(0.5)
     smp = build_sampler("flow_noise", 3, pol.feature_dim, pol.action_dim, config=SamplerConfig())
@@ -441,7 +439,7 @@ def test_noise_schedule_scales_the_rollout_std_and_keeps_ratios_exact(kind):
     log-probs equal the recomputed ones under the same scale (PPO's ratio starts at 1)."""
     from pirl.algos.ppo import lr_scale
 
-    pol = _policy()
+    pol = reach_policy()
     scfg = SamplerConfig(kind=kind, num_steps=3, hybrid=False)
     smp = build_sampler(kind, 3, pol.feature_dim, pol.action_dim, config=scfg)
     cfg = apply_overrides(RLConfig(), ["iterations=4", "noise_schedule=linear",
@@ -482,7 +480,7 @@ def test_noise_schedule_also_scales_grpo_kl_reference():
     """With GRPO's KL penalty the frozen reference sampler follows the schedule too, so that
     right after the first rollout (policy == reference) the reference's log-probs of the
     rollout's chains equal the rollout's own."""
-    pol = _policy()
+    pol = reach_policy()
     smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
                         config=SamplerConfig(kind="flow_sde", num_steps=3, hybrid=False))
     cfg = apply_overrides(RLConfig(algo="grpo"), [
@@ -501,9 +499,7 @@ def test_time_aware_critic_reads_the_time_left_of_each_chunk_step():
     """With ``critic_time`` the rollout stores ``time_left = 1 - t / T`` with the observations of
     chunk step t, the rollout's values are the critic's at that time (recomputed here), the
     bootstrap value after the last step reads time 0, and the critic's output depends on it."""
-    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
-                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"],
-                       critic_time=True)
+    pol = reach_policy(None, critic_time=True)
     smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
                         config=SamplerConfig(kind="flow_sde", num_steps=3))
     env = ChunkedEnv(ReachEnv(8, max_episode_steps=8, radius=0.01))  # (rarely solved)
@@ -534,9 +530,7 @@ def test_time_aware_critic_reads_the_time_left_of_each_chunk_step():
 def test_time_aware_critic_bootstraps_at_time_zero(monkeypatch):
     """The value after the last chunk step (``next_values[-1]``) is the critic's at the final
     observation with ``time_left = 0``."""
-    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
-                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"],
-                       critic_time=True)
+    pol = reach_policy(None, critic_time=True)
     smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
                         config=SamplerConfig(kind="flow_sde", num_steps=3))
     seen = []
@@ -575,9 +569,7 @@ def test_time_aware_critic_loads_an_sft_checkpoint_without_it(tmp_path):
     # the prefix came from the checkpoint (and stays frozen in RL)
     prefix = train_mod.make_policy(cfg, train_mod.make_train_env(cfg)).prefix_parameter_names()
     assert prefix and all(torch.equal(rl_sd[k], sd[k]) for k in prefix)
-    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
-                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"],
-                       critic_time=True)
+    pol = reach_policy(None, critic_time=True)
     part = {k: v for k, v in pol.state_dict().items() if k != "action_out.weight"}
     with pytest.raises(CheckpointError, match="action_out.weight"):
         load_module_state(pol, part, "policy", allow_missing=pol.critic_parameter_names())
@@ -614,7 +606,7 @@ def test_several_rollouts_per_update(algo, monkeypatch):
     seeds and makes one update on all their valid chunk steps, whose advantages are each
     rollout's own (PPO: Monte-Carlo return minus value, gamma = lambda = 1; GRPO: return minus
     the group mean over the rollout's groups, written out here), PPO's normalised over both."""
-    pol = _policy()
+    pol = reach_policy()
     smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
                         config=SamplerConfig(kind="flow_sde", num_steps=3, hybrid=False))
     over = ["rollouts_per_update=2", "train_mode=full"]
@@ -696,7 +688,7 @@ def test_rollouts_start_from_the_chosen_fixed_init_states(algo):
     (seed // F)."""
     F = 50
     states = [0, 3, 7]
-    pol = _policy()
+    pol = reach_policy()
     smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
                         config=SamplerConfig(kind="flow_sde", num_steps=3, hybrid=False))
     over = [f"init_states={states}"] + (["grpo.group_size=4"] if algo == "grpo" else [])
@@ -723,7 +715,7 @@ def test_rollouts_start_from_the_chosen_fixed_init_states(algo):
 
 
 def test_init_states_are_checked():
-    pol = _policy()
+    pol = reach_policy()
     smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
                         config=SamplerConfig(kind="flow_sde", num_steps=3, hybrid=False))
     with pytest.raises(ValueError, match="no fixed initial states"):

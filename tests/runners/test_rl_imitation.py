@@ -9,9 +9,8 @@ import torch
 from pirl.config.loading import apply_overrides
 from pirl.config.schema import RLConfig, TrainConfig
 from pirl.flow import SamplerConfig, build_sampler
-from pirl.models import build_policy
 from pirl.runners.rl import RLTrainer
-from tests.runners.reach_env import ReachEnv, reach_policy as _policy
+from tests.runners.reach_env import ReachEnv, reach_policy
 
 
 def test_self_imitation_term_is_the_flow_matching_loss_on_successful_chunks():
@@ -21,7 +20,7 @@ def test_self_imitation_term_is_the_flow_matching_loss_on_successful_chunks():
     from pirl.runners.rollout import cat_chains, stack_obs
     from pirl.models.base import index_batch
 
-    pol = _policy()
+    pol = reach_policy()
     smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
                         config=SamplerConfig(kind="flow_sde", num_steps=3))
     cfg = apply_overrides(RLConfig(algo="ppo", action_chunk=1), ["ppo.sil_coef=0.7"])
@@ -64,7 +63,7 @@ def test_self_imitation_from_the_success_buffer():
     from pirl.runners.rollout import cat_chains, stack_obs
     from pirl.models.base import index_batch
 
-    pol = _policy()
+    pol = reach_policy()
     smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
                         config=SamplerConfig(kind="flow_sde", num_steps=3))
     cfg = apply_overrides(RLConfig(algo="ppo", action_chunk=1),
@@ -114,7 +113,7 @@ def test_self_imitation_from_the_success_buffer():
 def _one_step_trainer(kind, overrides, env):
     """``(policy, sampler, RLTrainer)``: the tiny reach policy, a 3-step ``kind`` sampler and
     PPO executing one action per chunk, with ``overrides`` of the RL config."""
-    pol = _policy()
+    pol = reach_policy()
     smp = build_sampler(kind, 3, pol.feature_dim, pol.action_dim,
                         config=SamplerConfig(kind=kind, num_steps=3))
     cfg = apply_overrides(RLConfig(algo="ppo", action_chunk=1), overrides)
@@ -182,7 +181,7 @@ def test_success_buffer_resumes_exactly():
     import io
 
     def make():
-        pol = _policy()
+        pol = reach_policy()
         smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
                             config=SamplerConfig(kind="flow_sde", num_steps=3))
         cfg = apply_overrides(RLConfig(algo="ppo", action_chunk=1, iterations=3),
@@ -314,7 +313,7 @@ def test_demo_loss_term_is_the_flow_matching_loss_on_demo_rows():
     """With ``rl.bc_coef`` the minibatch loss gains ``bc_coef * FM`` where FM is the
     flow-matching loss of the policy on the drawn demo rows' valid steps (computed here directly
     from the policy's velocity)."""
-    pol = _policy()
+    pol = reach_policy()
     demos = _reach_demos()
     bc, rows, diff, s = _demo_loss_case(pol, demos)
     assert bc["actions"].shape == (16, 2, 2)
@@ -332,10 +331,7 @@ def test_demo_loss_runs_on_normalised_actions():
     the flow-matching loss on the *normalised* demo actions, as SFT's: the env-space demos go
     through ``policy.preprocess_actions``.  Reference: the standardisation written out with
     known statistics."""
-    torch.manual_seed(0)
-    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
-                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"],
-                       normalization="mean_std")
+    pol = reach_policy(normalization="mean_std")
     demos = _reach_demos()
     demos.actions.mul_(10.0).add_(3.0)  # env units far from the model's
     pol.fit_normalization(demos.obs["state"], demos.actions, demos.mask)
@@ -365,7 +361,7 @@ def test_demo_loss_alone_fits_the_demos():
 
     out = {}
     for coef in (0.0, 1.0):
-        pol = _policy()
+        pol = reach_policy()
         smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
                             config=SamplerConfig(kind="flow_sde", num_steps=3))
         cfg = apply_overrides(RLConfig(algo="ppo"), [
@@ -385,7 +381,7 @@ def test_demo_loss_alone_fits_the_demos():
 
 
 def test_demo_loss_is_checked():
-    pol = _policy()
+    pol = reach_policy()
     smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim,
                         config=SamplerConfig(kind="flow_sde", num_steps=3))
     cfg = apply_overrides(RLConfig(algo="grpo"), ["bc_coef=0.5"])

@@ -9,19 +9,16 @@ from pirl.config.loading import apply_overrides
 from pirl.config.schema import TrainConfig
 from pirl.envs.base import ChunkedEnv
 from pirl.flow import SamplerConfig, build_sampler
-from pirl.models import build_policy
 from pirl.runners import train as train_mod
 from pirl.runners.rollout import collect
-from tests.runners.reach_env import ReachEnv
+from tests.runners.reach_env import ReachEnv, reach_policy
 from tests.runners.tiny_run import TINY_RUN_OVERRIDES
 
 
 def test_rollout_times_env_and_policy_apart(monkeypatch):
     """With an env whose chunk step sleeps 30 ms and a policy whose prefix sleeps 20 ms, the
     rollout's ``env_s`` / ``policy_s`` hold each one's sleeps (and not the other's)."""
-    torch.manual_seed(0)
-    pol = build_policy("tiny", action_horizon=2, action_dim=2, state_dim=2, num_cameras=0,
-                       width=32, depth=1, heads=2, value_hidden=32, vocab=["reach the point"])
+    pol = reach_policy()
     smp = build_sampler("flow_sde", 3, pol.feature_dim, pol.action_dim, config=SamplerConfig())
     env = ChunkedEnv(ReachEnv(8, max_episode_steps=8, radius=0.0))   # never succeeds: 4 chunks
     step, enc = env.step_chunk, type(pol).encode_prefix
