@@ -550,8 +550,9 @@ class LiberoSubEnv:
         return self._format(raw)
 
     def _env_step(self, action: np.ndarray) -> tuple:
-        """LIBERO's ``env.step``, inside :class:`FusedSubsteps` unless that is off or the
-        scene's integrator is not Euler."""
+        """LIBERO's ``env.step``, inside :class:`FusedSubsteps` unless that is off or
+        :meth:`FusedSubsteps.supports` refuses the sim (an integrator other than Euler, MuJoCo
+        older than :data:`~pirl.envs.mujoco_substeps.FUSED_MIN_MUJOCO`)."""
         sim = self.env.env.sim
         if not (self.fused_substeps and FusedSubsteps.supports(sim)):
             return self.env.step(action)
